@@ -1,0 +1,77 @@
+"""128x128 block quantization of weights into `weight` / `weight_scale_inv`, and back.
+
+DESIGN.md "Weights": for each block (partial at the bottom and right edges when N or K is not a
+multiple of the block),
+
+    weight_scale_inv[i, j] = max(|W[block]|, eps) / QMAX      (the multiplier that dequantizes)
+    weight                 = clamp(W / weight_scale_inv, +-QMAX) rounded to the dtype
+
+QMAX is 448 for fp8 e4m3fn, 127 for int8 (int8 rounds half to even). Optional power-of-two scales
+(`scale_ue8m0=True`) round weight_scale_inv up to 2**ceil(log2(.)) as the activations do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import QMAX, ceil_to_power_of_two
+
+__all__ = ["quantize_weight_blockwise", "dequantize_weight_blockwise", "expand_block_scales"]
+
+
+def _check_block(block_size: tuple[int, int]) -> tuple[int, int]:
+    if len(block_size) != 2 or any(not isinstance(b, int) or b <= 0 for b in block_size):
+        raise ValueError(f"block_size must be two positive ints (rows, cols); got {block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def expand_block_scales(scale: torch.Tensor, N: int, K: int, block_size: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """[ceil(N/bn), ceil(K/bk)] block scales -> [N, K], each block's scale repeated over its elements."""
+    bn, bk = _check_block(block_size)
+    return scale.repeat_interleave(bn, dim=0)[:N].repeat_interleave(bk, dim=1)[:, :K]
+
+
+def quantize_weight_blockwise(
+    weight: torch.Tensor,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    block_size: tuple[int, int] = (128, 128),
+    scale_ue8m0: bool = False,
+    eps: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] (any float dtype) -> (weight [N, K] in `dtype`, weight_scale_inv fp32 [ceil(N/bn), ceil(K/bk)]).
+
+    Computed in fp32 on W's device; W itself is not modified.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K]; got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor; got {weight.dtype}")
+    if dtype not in QMAX:
+        raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.int8; got {dtype}")
+    bn, bk = _check_block(block_size)
+    N, K = weight.shape
+    nb, kb = -(-N // bn), -(-K // bk)
+    w = weight.detach().float()
+    # Pad to whole blocks with zeros: zeros never raise a block's amax.
+    padded = torch.nn.functional.pad(w, (0, kb * bk - K, 0, nb * bn - N))
+    blocks = padded.reshape(nb, bn, kb, bk)
+    amax = blocks.abs().amax(dim=(1, 3))  # [nb, kb]
+    amax = torch.maximum(amax, torch.full_like(amax, eps))
+    scale_inv = amax / torch.full_like(amax, QMAX[dtype])
+    if scale_ue8m0:
+        scale_inv = ceil_to_power_of_two(scale_inv)
+    q = w / expand_block_scales(scale_inv, N, K, (bn, bk))
+    qmax = QMAX[dtype]
+    if dtype == torch.int8:
+        q = torch.round(q).clamp(-128.0, 127.0).to(torch.int8)
+    else:
+        q = q.clamp(-qmax, qmax).to(dtype)
+    return q, scale_inv
+
+
+def dequantize_weight_blockwise(
+    weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """(weight [N, K], weight_scale_inv [ceil(N/bn), ceil(K/bk)]) -> fp32 [N, K]."""
+    N, K = weight.shape
+    return weight.float() * expand_block_scales(weight_scale_inv.float(), N, K, block_size)

@@ -1,0 +1,53 @@
+"""Shared test fixtures: the `gpu` marker, seeds, poisoned buffers and a byte-exact comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+#: 0x7F7F7F7F as fp32 is ~3.4e38 and as fp8 bytes is NaN: any element a kernel forgets to write shows.
+POISON_BYTE = 0x7F
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill t's whole storage (padding included) with POISON_BYTE; returns t."""
+    storage = t.untyped_storage()
+    torch.tensor([], dtype=torch.uint8, device=t.device).set_(storage).fill_(POISON_BYTE)
+    return t
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> None:
+    """Compare as raw bytes; on a mismatch report the first differing coordinate, both bytes and values."""
+    assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    a = actual.detach().cpu().contiguous()
+    e = expected.detach().cpu().contiguous()
+    width = a.element_size()
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
+    ai, ei = a.view(as_int), e.view(as_int)
+    diff = ai != ei
+    if bool(diff.any()):
+        idx = tuple(int(i) for i in diff.nonzero()[0])
+        count = int(diff.sum())
+        raise AssertionError(
+            f"{name}: {count} of {a.numel()} elements differ; first at {idx}: "
+            f"got {a[idx].float().item()!r} (0x{int(ai[idx]) & ((1 << 8 * width) - 1):0{2 * width}x}), "
+            f"expected {e[idx].float().item()!r} (0x{int(ei[idx]) & ((1 << 8 * width) - 1):0{2 * width}x})"
+        )
