@@ -1,0 +1,147 @@
+"""`auto`: choose a backend per (M bucket, N, K, dtype) from measurements taken on this card.
+
+The table, `auto_table.json` beside this file, is written by `scripts/tune_auto.py`:
+
+    {"<torch.cuda.get_device_name()>": {
+        "meta": {"date": ..., "torch": ..., "cuda": ..., "commit": ...},
+        "rows": [{"dtype": "e4m3", "N": 7168, "K": 7168, "M_max": 64, "backend": "cublas",
+                  "us": {...}, "bf16_us": ..., "bf16_faster": false}, ...]}}
+
+A row serves M <= M_max for its exact (dtype, N, K); the row with the smallest M_max >= M wins, and
+M beyond the largest M_max uses the largest row. Shapes the table lacks (or a card it lacks) get
+`heuristic()`, from DESIGN.md's H100 measurements, and a log line saying it is a heuristic. Whatever
+the table or heuristic names, a backend that cannot serve the shape is skipped for the next one in
+`fp8linear.backends.FALLBACK_ORDER`; every choice is logged at DEBUG (logger `fp8linear.backends.auto`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+
+import torch
+
+from . import FALLBACK_ORDER, unsupported_reason
+
+__all__ = ["choose", "heuristic", "load_table", "table_path", "lookup", "M_BUCKETS"]
+
+log = logging.getLogger(__name__)
+
+#: The M buckets scripts/tune_auto.py measures (upper bounds; beyond the last, the last row holds).
+M_BUCKETS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
+
+_DTYPE_KEY = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
+
+
+def table_path() -> pathlib.Path:
+    """`$FP8LINEAR_AUTO_TABLE` if set, else fp8linear/backends/auto_table.json."""
+    env = os.environ.get("FP8LINEAR_AUTO_TABLE")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).with_name("auto_table.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> dict:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        return {}
+    with open(p) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: the auto table must be a JSON object keyed by GPU name; got {type(data).__name__}")
+    return data
+
+
+def load_table(device_name: str) -> list[dict]:
+    """The measured rows for this card (empty when the table has none)."""
+    entry = _load(str(table_path())).get(device_name)
+    return list(entry.get("rows", [])) if isinstance(entry, dict) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str | None":
+    """The table's backend for this shape, or None when the table has no row for (dtype, N, K)."""
+    key = _DTYPE_KEY.get(dtype)
+    mine = sorted((r for r in rows if r.get("dtype") == key and r.get("N") == N and r.get("K") == K),
+                  key=lambda r: r["M_max"])
+    if not mine:
+        return None
+    for r in mine:
+        if M <= r["M_max"]:
+            return r["backend"]
+    return mine[-1]["backend"]
+
+
+def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
+    """A first choice without measurements, from DESIGN.md's H100 table (torch 2.11, CUDA 13):
+
+    - int8: only triton has an int8 GEMM.
+    - M <= 64: cuBLASLt (3.0 vs DeepGEMM 1.4 TFLOP/s at 1x7168x7168, 47 vs 19-28 at M = 16).
+    - M >= 1024 on layers with N, K >= 7168: DeepGEMM (1310 vs 1169 at 4096x7168x7168).
+    - M >= 1024 otherwise: cuBLASLt (1178 vs DeepGEMM 439 at 2048x4096x4096).
+    - 64 < M < 1024: triton, the mid-M hole where DeepGEMM measured 208 and cuBLASLt between 270 and
+      735 TFLOP/s (two runs) against bf16's ~500: unmeasured for triton; tune the card to decide.
+    """
+    if dtype == torch.int8:
+        return "triton"
+    if M <= 64:
+        return "cublas"
+    if M >= 1024:
+        return "deepgemm" if (N >= 7168 and K >= 7168) else "cublas"
+    return "triton"
+
+
+def choose(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The name of the backend that serves this shape (see the module docstring)."""
+    if device.type != "cuda":
+        first, source = "reference", f"{device.type} device"
+    else:
+        name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+        first = lookup(load_table(name), M, N, K, dtype)
+        source = f"measured table for {name!r}"
+        if first is None:
+            first = heuristic(M, N, K, dtype)
+            source = f"heuristic (no row for {name!r} in {table_path().name}; run scripts/tune_auto.py)"
+    tried = []
+    for candidate in (first, *[b for b in FALLBACK_ORDER if b != first]):
+        why = unsupported_reason(candidate, M, N, K, dtype, device)
+        if why is None:
+            if tried:
+                log.debug("auto M=%d N=%d K=%d %s: %s named %s; %s -> %s", M, N, K, dtype, source, first,
+                          "; ".join(tried), candidate)
+            else:
+                log.debug("auto M=%d N=%d K=%d %s: %s -> %s", M, N, K, dtype, source, candidate)
+            return candidate
+        tried.append(f"{candidate} unsupported ({why})")
+    raise RuntimeError(
+        f"auto: no backend can serve M={M}, N={N}, K={K}, dtype={dtype} on {device}: " + "; ".join(tried)
+    )
+
+
+def plan(N: int, K: int, dtype: torch.dtype, device: torch.device) -> list[tuple[int, str]]:
+    """[(M_max, backend), ...] over M_BUCKETS with equal neighbours merged; the last row serves every
+    larger M. What `FP8Linear.extra_repr` shows for backend='auto'."""
+    rows: list[tuple[int, str]] = []
+    for M in M_BUCKETS:
+        name = choose(M, N, K, dtype, device)
+        if rows and rows[-1][1] == name:
+            rows[-1] = (M, name)
+        else:
+            rows.append((M, name))
+    return rows
+
+
+def describe(N: int, K: int, dtype: torch.dtype, device: torch.device) -> str:
+    """'M<=64: cublas, M<=512: triton, M>512: deepgemm' for this layer on this device."""
+    rows = plan(N, K, dtype, device)
+    if len(rows) == 1:
+        return f"all M: {rows[0][1]}"
+    parts = [f"M<={m}: {b}" for m, b in rows[:-1]]
+    parts.append(f"M>{rows[-2][0]}: {rows[-1][1]}")
+    return ", ".join(parts)

@@ -1,0 +1,148 @@
+"""cuBLASLt backend: torch's blockwise scaled matmul, 1x128 activation x 128x128 weight scales.
+
+    torch.nn.functional.scaled_mm(a, b, sa, ScalingType.BlockWise1x128, sb, ScalingType.BlockWise128x128,
+                                  output_dtype=torch.bfloat16)           torch >= 2.10, SM90, cuBLASLt >= 12.9
+
+with, as torch's checks (aten/src/ATen/native/cuda/ScaledBlas.cpp, `_scaled_block1x128_block128x128`)
+and DESIGN.md "GEMM backends" require:
+  a   fp8 e4m3 [M, K] row-major                    q, with M a multiple of 4 (below)
+  b   fp8 e4m3 [K, N] column-major                 weight.t()
+  sa  fp32 [M, K/128], strides exactly (1, M)      our `col` layout over M_pad rows
+  sb  fp32 [L4, ceil(N/128)], strides (1, L4)      L4 = ceil(ceil(K/128) / 4) * 4: weight_scale_inv
+                                                   padded to [ceil(N/128), L4] once, passed as .t()
+and K % 16 == 0, N % 16 == 0.
+
+Rows: sa's strides must be (1, M), and cuBLASLt wants that column 16-byte aligned, so M is a multiple
+of 4: ROW_ALIGN = 4 makes FP8Linear quantize into q [M_pad, K] and s `col` [M_pad, K/128] (rows
+M..M_pad-1 unwritten: an output row depends on its own input row only, and FP8Linear drops y's
+padding rows). K: we ask for K % 128 == 0, since FP8Linear's zero padding of x to a multiple of 128
+would need a padded weight copy here; the triton backend serves other K without one.
+
+Correctness note (issue 3): earlier torch releases gave silent wrong answers when ceil(K/128) % 4 != 0;
+tests/test_backends_gpu.py covers K = 640 and 1664 (5 and 13 blocks) against the reference.
+
+Older torch without `torch.nn.functional.scaled_mm` but with blockwise support in `torch._scaled_mm`
+(2.9) infers the recipe from the scale shapes: we fall back to it with the same tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..layouts import ScaleLayout
+
+NAME = "cublas"
+SCALE_LAYOUT = ScaleLayout.COL
+ROW_ALIGN = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _api() -> "tuple[str | None, str]":
+    """("scaled_mm" | "_scaled_mm", detail) or (None, why not)."""
+    F = torch.nn.functional
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") and hasattr(F.ScalingType, "BlockWise1x128"):
+        return "scaled_mm", "torch.nn.functional.scaled_mm"
+    if hasattr(torch, "_scaled_mm"):
+        return "_scaled_mm", "torch._scaled_mm (recipe inferred from scale shapes)"
+    return None, f"torch {torch.__version__} has neither torch.nn.functional.scaled_mm nor torch._scaled_mm"
+
+
+def api_name() -> str:
+    return _api()[1]
+
+
+def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
+    if dtype != torch.float8_e4m3fn:
+        return f"fp8 e4m3 only; got {dtype}"
+    if device.type != "cuda":
+        return f"needs a CUDA device; got {device.type}"
+    if torch.version.hip is not None:
+        return "blockwise 1x128/128x128 scaling is CUDA-only in torch"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"needs sm90 (torch supports this recipe on Hopper only); this GPU is {major}.{minor}"
+    if N % 16 != 0:
+        return f"N % 16 != 0 (N={N})"
+    if K % 128 != 0:
+        return f"K % 128 != 0 (K={K}; the triton backend serves it)"
+    name, why = _api()
+    if name is None:
+        return why
+    return None
+
+
+def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (b fp8 [K, N] column-major view of weight, sb fp32 [L4, ceil(N/128)] with strides (1, L4)).
+
+    weight_scale_inv [ceil(N/128), ceil(K/128)] is copied once into zero-padded storage
+    [ceil(N/128), L4]; the zero columns pair with no K block, they only satisfy cuBLASLt's alignment.
+    """
+    nb, kb = weight_scale_inv.shape
+    L4 = -(-kb // 4) * 4
+    padded = torch.zeros((nb, L4), dtype=torch.float32, device=weight_scale_inv.device)
+    padded[:, :kb] = weight_scale_inv
+    return weight.contiguous().t(), padded.t()
+
+
+def _fix_col(s: torch.Tensor) -> torch.Tensor:
+    # Eagerly s already has strides (1, M); a compiler may hand the op a re-laid copy.
+    M, G = s.shape
+    if s.stride(0) == 1 and (s.stride(1) == M or G == 1):
+        return s
+    fixed = torch.empty((G, M), dtype=s.dtype, device=s.device).t()
+    fixed.copy_(s)
+    return fixed
+
+
+def _gemm_impl(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    name, _ = _api()
+    s = _fix_col(s)
+    # sa shape [M, ceil(K/128)] but sb was padded to L4 columns of K blocks: torch takes sa unpadded.
+    if name == "scaled_mm":
+        F = torch.nn.functional
+        return F.scaled_mm(
+            q, b, s, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+            output_dtype=torch.bfloat16,
+        )
+    return torch._scaled_mm(q, b, s, sb, out_dtype=torch.bfloat16)
+
+
+def gemm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    prepared: tuple[torch.Tensor, torch.Tensor],
+    out_dtype: torch.dtype,
+    bias: "torch.Tensor | None",
+) -> torch.Tensor:
+    """q fp8 [M_pad, K] contiguous (M_pad % 4 == 0), s fp32 `col` [M_pad, K/128] -> y [M_pad, N] out_dtype."""
+    b, sb = prepared
+    if _is_compiling():
+        y = torch.ops.fp8linear.cublaslt_blockwise_mm(q, s, b, sb)
+    else:
+        y = _gemm_impl(q, s, b, sb)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+# -- the opaque op torch.compile sees: it keeps inductor from re-laying the scales or lowering the
+# matmul to a template that does not know this recipe. ------------------------------------------------
+_lib = torch.library.Library("fp8linear", "FRAGMENT")
+_lib.define("cublaslt_blockwise_mm(Tensor q, Tensor s, Tensor b, Tensor sb) -> Tensor")
+
+
+@torch.library.register_fake("fp8linear::cublaslt_blockwise_mm", lib=_lib)
+def _gemm_fake(q, s, b, sb):
+    return q.new_empty((q.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.impl(_lib, "cublaslt_blockwise_mm", "CUDA")
+def _gemm_cuda(q, s, b, sb):
+    return _gemm_impl(q, s, b, sb)

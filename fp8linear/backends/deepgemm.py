@@ -1,0 +1,123 @@
+"""DeepGEMM backend: DeepSeek's JIT-compiled SM90 FP8 GEMM, 1x128 activation x 128x128 weight scales.
+
+Two APIs, found by feature detection (DESIGN.md "GEMM backends"):
+- legacy (sgl-kernel 0.1-0.2 wheels, DeepGEMM before mid-2025):
+  `deep_gemm.gemm_fp8_fp8_bf16_nt((a, sa), (b, sb), out)`;
+- current: `deep_gemm.fp8_gemm_nt((a, sa), (b, sb), d)`.
+Both read, on SM90:
+  a   fp8 e4m3 [M, K] contiguous                 (our q)
+  sa  fp32 [M, K/128], strides (1, M_pad)         (our `col` layout: no transpose kernel runs between)
+  b   fp8 e4m3 [N, K] contiguous                  (weight)
+  sb  fp32 [ceil(N/128), ceil(K/128)] contiguous  (weight_scale_inv)
+  out bf16 [M, N] contiguous, preallocated
+and need N % 64 == 0 and K % 128 == 0; no bias (added after) and bf16 output only (cast after for
+fp16/fp32 inputs). M is free: the legacy source asserts nothing on M, returns early for M == 0, and
+pads the scale rows by TMA alignment exactly as our `col` layout does (get_tma_aligned_size, 16 bytes).
+
+Its first call per (N, K, tile config) JIT-compiles with nvcc (seconds); later calls launch a cached
+kernel on the current stream, which CUDA graphs capture. Under torch.compile, `gemm` goes through the
+opaque op `fp8linear::deepgemm_gemm_nt` so dynamo never traces DeepGEMM's Python.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..layouts import ScaleLayout
+
+NAME = "deepgemm"
+SCALE_LAYOUT = ScaleLayout.COL
+ROW_ALIGN = 1
+
+
+@functools.lru_cache(maxsize=None)
+def _api() -> "tuple[object | None, str]":
+    """(the GEMM function, "legacy" | "current") or (None, why not)."""
+    try:
+        import deep_gemm
+    except Exception as exc:  # ImportError, or its own import-time failures
+        return None, f"deep_gemm not importable ({type(exc).__name__}: {exc})"
+    if hasattr(deep_gemm, "fp8_gemm_nt"):
+        return deep_gemm.fp8_gemm_nt, "current"
+    if hasattr(deep_gemm, "gemm_fp8_fp8_bf16_nt"):
+        return deep_gemm.gemm_fp8_fp8_bf16_nt, "legacy"
+    return None, "deep_gemm has neither fp8_gemm_nt nor gemm_fp8_fp8_bf16_nt"
+
+
+def api_name() -> str:
+    """'current', 'legacy', or the reason DeepGEMM is unavailable (for logs and benchmark headers)."""
+    fn, what = _api()
+    return what
+
+
+def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
+    if dtype != torch.float8_e4m3fn:
+        return f"fp8 e4m3 only; got {dtype}"
+    if device.type != "cuda":
+        return f"needs a CUDA device; got {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"needs sm90 (Hopper) for fp32 scales; this GPU is {major}.{minor}"
+    if N % 64 != 0:
+        return f"N % 64 != 0 (N={N})"
+    if K % 128 != 0:
+        return f"K % 128 != 0 (K={K})"
+    fn, why = _api()
+    if fn is None:
+        return why
+    return None
+
+
+def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight fp8 [N, K] and weight_scale_inv fp32 [N/128, K/128], both made contiguous (a copy only if
+    they were not)."""
+    return weight.contiguous(), weight_scale_inv.float().contiguous()
+
+
+def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    fn, _ = _api()
+    y = torch.empty((q.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=q.device)  # [M, N]
+    if q.shape[0] > 0:
+        fn((q, s), (weight, weight_scale_inv), y)
+    return y
+
+
+def gemm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    prepared: tuple[torch.Tensor, torch.Tensor],
+    out_dtype: torch.dtype,
+    bias: "torch.Tensor | None",
+) -> torch.Tensor:
+    """q fp8 [M, K] contiguous, s fp32 [M, K/128] `col` -> y [M, N] out_dtype (bias added after)."""
+    weight, weight_scale_inv = prepared
+    if _is_compiling():
+        y = torch.ops.fp8linear.deepgemm_gemm_nt(q, s, weight, weight_scale_inv)
+    else:
+        y = _gemm_impl(q, s, weight, weight_scale_inv)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+# -- the opaque op torch.compile sees -----------------------------------------------------------------
+_lib = torch.library.Library("fp8linear", "FRAGMENT")
+_lib.define("deepgemm_gemm_nt(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv) -> Tensor")
+
+
+@torch.library.register_fake("fp8linear::deepgemm_gemm_nt", lib=_lib)
+def _gemm_fake(q, s, weight, weight_scale_inv):
+    return q.new_empty((q.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.impl(_lib, "deepgemm_gemm_nt", "CUDA")
+def _gemm_cuda(q, s, weight, weight_scale_inv):
+    # DeepGEMM's legacy API re-lays s itself (a slow copy) should the compiler have changed its strides.
+    return _gemm_impl(q, s, weight, weight_scale_inv)

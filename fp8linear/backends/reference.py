@@ -1,0 +1,46 @@
+"""Reference backend: dequantize both operands and matmul in fp32, on any device.
+
+The CPU path of FP8Linear and the oracle of every GEMM test: slow and memory-hungry (an fp32 copy of the
+weight per call) but exact up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts import ScaleLayout
+from ..reference import dequantize_groups
+from ..weights import dequantize_weight_blockwise
+
+NAME = "reference"
+SCALE_LAYOUT = ScaleLayout.ROW
+ROW_ALIGN = 1
+
+
+def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
+    if dtype not in (torch.float8_e4m3fn, torch.int8):
+        return f"dtype {dtype} is not fp8 e4m3 or int8"
+    return None
+
+
+def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nothing to prepare: (weight [N, K], weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]) as given."""
+    return weight, weight_scale_inv
+
+
+def gemm(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    prepared: tuple[torch.Tensor, torch.Tensor],
+    out_dtype: torch.dtype,
+    bias: "torch.Tensor | None",
+) -> torch.Tensor:
+    """q [M, Kp] fp8/int8, s fp32 [M, Kp/128] row-major -> y [M, N] in out_dtype (bias added in fp32)."""
+    weight, weight_scale_inv = prepared
+    K = weight.shape[1]
+    a = dequantize_groups(q, s.contiguous())[:, :K]  # [M, K] fp32; columns >= K are the zero padding
+    w = dequantize_weight_blockwise(weight, weight_scale_inv)  # [N, K] fp32
+    y = a @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -1,0 +1,307 @@
+"""FP8Linear: a drop-in nn.Linear with 128x128-block FP8 (or INT8) weights and a blockwise GEMM.
+
+forward(x), for x [..., K] in bf16, fp16 or fp32 (DESIGN.md "The data path"):
+
+    x2d = x.reshape(M, K)                                  M = product of the leading dims
+    x2d = pad(x2d, K -> Kp = ceil(K/128)*128) with zeros   only when K % 128 != 0 (see below)
+    q, s = per_token_group_quant(x2d, 128, dtype, scale_layout=<the backend's>, scale_ue8m0=...)
+    y = backend.gemm(q, s, prepared weight, x.dtype, bias)  dequant(q) @ dequant(W)^T + bias, fp32 accumulation
+    return y.reshape(..., N)
+
+Padding rule for K % 128 != 0: the quant op needs whole groups, so x gets zero columns up to Kp. Zeros
+never raise a group's amax (the scales of the real columns are unchanged) and contribute nothing to the
+product; the weight's columns K..Kp-1 are absent (the triton backend masks them, the reference slices
+q), so the result is exactly that of the unpadded layer. N % 128 != 0 needs nothing: edge weight blocks
+are partial (fp8linear.weights).
+
+Parameters follow the checkpoint convention (DeepSeek-V3, transformers' FineGrainedFP8), so
+`state_dict()` holds exactly `weight` (fp8 e4m3 or int8, [N, K]), `weight_scale_inv` (fp32
+[ceil(N/128), ceil(K/128)], the multiplier that dequantizes) and `bias` (if any, [N], any float dtype).
+
+Backend state lives in two Python dicts, never in the state dict:
+- the backend per M, filled on the first forward with that M (`auto` consults its table then), so
+  forward after a warm-up call does no lookup beyond a dict get: CUDA-graph capture and
+  torch.compile(fullgraph=True) see no host synchronisation and no data-dependent branch;
+- each backend's prepared weight (e.g. cuBLASLt's padded scales), derived lazily from the current
+  `weight`/`weight_scale_inv`, keyed on their data_ptr and version, and dropped when they are replaced
+  (attribute assignment, load_state_dict, .to()/.cuda()), so it is never stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import backends
+from .backends import padded_k
+from .config import FP8Config, dtype_short_str
+from .layouts import empty_scales
+from .ops import per_token_group_quant
+from .weights import quantize_weight_blockwise
+
+__all__ = ["FP8Linear"]
+
+log = logging.getLogger(__name__)
+
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_WEIGHT_NAMES = ("weight", "weight_scale_inv")
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+class FP8Linear(nn.Module):
+    """y = x @ W^T + b with W stored as 128x128-block fp8 e4m3 (or int8) and x quantized per 1x128 group.
+
+    Args:
+        in_features: K. Any positive int (K % 128 != 0 is served by zero padding, module docstring).
+        out_features: N. Any positive int (partial edge blocks).
+        bias: whether the layer has a bias [N].
+        dtype: `torch.float8_e4m3fn` (default) or `torch.int8`, for weights and activations.
+        block_size: (128, 128) only (the checkpoint convention; fp8linear.config).
+        scale_ue8m0: power-of-two scales for activations (and for weights quantized by `from_linear`).
+        backend: "auto" (default), "deepgemm", "cublas", "triton" or "reference" (fp8linear.config.Backend).
+            An explicit backend that cannot serve a shape raises on that forward, naming the reason.
+        device: where the parameters live; "meta" costs nothing (the checkpoint loader builds on meta,
+            then `load_state_dict(..., assign=True)`).
+
+    A module built directly holds zero weights, unit scales and a zero bias (in torch's default dtype);
+    fill it with `load_state_dict`, or build it with `from_linear` / `from_quantized`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        dtype: torch.dtype = torch.float8_e4m3fn,
+        block_size: tuple[int, int] = (128, 128),
+        scale_ue8m0: bool = False,
+        backend: str = "auto",
+        device: "torch.device | str | None" = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        self.config = FP8Config(dtype=dtype, block_size=block_size, scale_ue8m0=scale_ue8m0, backend=backend)
+        self.in_features = in_features
+        self.out_features = out_features
+        self._choice: dict[int, types.ModuleType] = {}
+        self._prepared: dict[str, tuple[tuple, Any]] = {}
+
+        N, K = out_features, in_features
+        bn, bk = self.config.block_size
+        shape_s = (-(-N // bn), -(-K // bk))
+        meta = torch.device(device).type == "meta" if device is not None else False
+        make = torch.empty if meta else torch.zeros
+        self.weight = nn.Parameter(make((N, K), dtype=self.config.dtype, device=device), requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.empty(shape_s, dtype=torch.float32, device=device) if meta
+            else torch.ones(shape_s, dtype=torch.float32, device=device),
+            requires_grad=False,
+        )
+        if bias:
+            self.bias = nn.Parameter(make((N,), device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._register_load_state_dict_pre_hook(FP8Linear._drop_prepared_hook, with_module=True)
+
+    # -- configuration views ---------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.dtype
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return self.config.block_size
+
+    @property
+    def scale_ue8m0(self) -> bool:
+        return self.config.scale_ue8m0
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend.value
+
+    # -- construction from other modules -------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> "FP8Linear":
+        """Quantize an nn.Linear (weight [N, K], any float dtype, any device) into a new FP8Linear on the
+        same device. `options` are the constructor's keywords (dtype, block_size, scale_ue8m0, backend).
+        The weight is quantized per DESIGN.md "Weights" (fp8linear.weights.quantize_weight_blockwise);
+        the bias is copied in its dtype. `linear` is not modified and shares no storage with the result.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear; got {type(linear).__name__}")
+        if "device" in options:
+            raise TypeError("from_linear takes no device: the result lives where linear.weight does")
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **options)
+        with torch.no_grad():
+            weight, weight_scale_inv = quantize_weight_blockwise(
+                linear.weight.detach(), module.dtype, module.block_size, module.scale_ue8m0
+            )
+            module.weight = nn.Parameter(weight, requires_grad=False)
+            module.weight_scale_inv = nn.Parameter(weight_scale_inv, requires_grad=False)
+            if linear.bias is not None:
+                module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    @classmethod
+    def from_quantized(
+        cls,
+        weight: torch.Tensor,
+        weight_scale_inv: torch.Tensor,
+        bias: "torch.Tensor | None" = None,
+        **options: Any,
+    ) -> "FP8Linear":
+        """Wrap already-quantized tensors without copying them: weight [N, K] (fp8 e4m3 or int8; its dtype
+        sets `dtype` unless given), weight_scale_inv fp32 [ceil(N/128), ceil(K/128)], bias [N] or None."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [N, K]; got {getattr(weight, 'shape', type(weight))}")
+        options.setdefault("dtype", weight.dtype)
+        if "device" in options:
+            raise TypeError("from_quantized takes no device: the result lives where weight does")
+        N, K = weight.shape
+        module = cls(K, N, bias=bias is not None, device="meta", **options)
+        module._check_weights(weight, weight_scale_inv, bias)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.weight_scale_inv = nn.Parameter(weight_scale_inv, requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias, requires_grad=False)
+        return module
+
+    def _check_weights(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: "torch.Tensor | None") -> None:
+        N, K = self.out_features, self.in_features
+        if weight.dtype != self.dtype:
+            raise TypeError(f"weight must have dtype {self.dtype} (the module's dtype); got {weight.dtype}")
+        if tuple(weight.shape) != (N, K):
+            raise ValueError(
+                f"weight must have shape [{N}, {K}] ([out_features, in_features]); got {list(weight.shape)}"
+            )
+        shape_s = tuple(self.weight_scale_inv.shape)
+        if weight_scale_inv.dtype != torch.float32 or tuple(weight_scale_inv.shape) != shape_s:
+            raise ValueError(
+                f"weight_scale_inv must be float32 of shape {list(shape_s)} ([ceil(N/128), ceil(K/128)]); "
+                f"got {weight_scale_inv.dtype} {list(weight_scale_inv.shape)}"
+            )
+        if bias is not None and (tuple(bias.shape) != (N,) or not bias.is_floating_point()):
+            raise ValueError(f"bias must be a float tensor of shape [{N}]; got {bias.dtype} {list(bias.shape)}")
+
+    # -- cache invalidation --------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WEIGHT_NAMES and "_prepared" in self.__dict__:
+            self._prepared.clear()
+        super().__setattr__(name, value)
+
+    @staticmethod
+    def _drop_prepared_hook(module: "FP8Linear", *args: Any, **kwargs: Any) -> None:
+        module._prepared.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared.clear()
+        self._choice.clear()  # the choice depends on the device
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- the hot path ----------------------------------------------------------------------------------
+    def _backend_for(self, M: int, device: torch.device) -> types.ModuleType:
+        backend = self._choice.get(M)
+        if backend is None:
+            backend = backends.select(self.backend, M, self.out_features, self.in_features, self.dtype, device)
+            log.debug(
+                "FP8Linear(N=%d, K=%d, %s) M=%d on %s: %s (backend=%s)",
+                self.out_features, self.in_features, dtype_short_str(self.dtype), M, device, backend.NAME,
+                self.backend,
+            )
+            self._choice[M] = backend
+        return backend
+
+    def _prepared_for(self, backend: types.ModuleType) -> Any:
+        weight, weight_scale_inv = self.weight, self.weight_scale_inv
+        entry = self._prepared.get(backend.NAME)
+        if _is_compiling():
+            # Dynamo cannot trace data_ptr(); the warm-up call filled the cache and replacing the
+            # weights clears it (which makes dynamo's guards on the dict fail and retrace).
+            if entry is not None:
+                return entry[1]
+            key = None
+        else:
+            key = (weight.data_ptr(), weight._version, weight_scale_inv.data_ptr(), weight_scale_inv._version)
+            if entry is not None and entry[0] == key:
+                return entry[1]
+            self._check_weights(weight, weight_scale_inv, None)
+        prepared = backend.prepare_weight(weight, weight_scale_inv)
+        self._prepared[backend.NAME] = (key, prepared)
+        return prepared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] bf16/fp16/fp32 (any leading dims, any strides) -> y [..., N] in x's dtype."""
+        K, N = self.in_features, self.out_features
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != K:
+            raise ValueError(f"x's last dim must be in_features={K}; got x of shape {list(x.shape)}")
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"x must be bfloat16, float16 or float32; got {x.dtype}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}; move one of them")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, K)  # [M, K]
+        M = x2d.shape[0]
+        if M == 0:
+            return x.new_empty((*lead, N))
+        backend = self._backend_for(M, x.device)
+        prepared = self._prepared_for(backend)
+
+        Kp = padded_k(K)
+        if Kp != K:
+            x2d = torch.nn.functional.pad(x2d, (0, Kp - K))  # [M, Kp], zero columns (module docstring)
+        elif x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
+        g = self.config.activation_group_size
+        if backend.ROW_ALIGN == 1:
+            q, s = per_token_group_quant(
+                x2d, g, self.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0
+            )
+        else:
+            # The backend reads M_pad rows (cuBLASLt: scale strides exactly (1, M_pad)). Rows M..M_pad-1 of
+            # q and s stay unwritten: each output row depends on its own input row only, and y's padding
+            # rows are sliced off below.
+            M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
+            q = torch.empty((M_pad, Kp), dtype=self.dtype, device=x.device)
+            s = empty_scales((), M_pad, Kp // g, backend.SCALE_LAYOUT, x.device)
+            per_token_group_quant(
+                x2d, g, self.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0,
+                out=q[:M], scale_out=s[:M],
+            )
+        y = backend.gemm(q, s, prepared, x.dtype, self.bias)  # [M or M_pad, N]
+        if y.shape[0] != M:
+            y = y[:M]
+        return y.reshape(*lead, N)
+
+    # -- display ---------------------------------------------------------------------------------------
+    def _backend_str(self) -> str:
+        device = self.weight.device
+        if self.backend != "auto":
+            layout = backends.get(self.backend).SCALE_LAYOUT.value
+            return f"{self.backend} ({layout} scales)"
+        if device.type == "meta":
+            return "auto (chosen per M on first forward)"
+        from .backends import auto
+
+        return f"auto ({auto.describe(self.out_features, self.in_features, self.dtype, device)})"
+
+    def extra_repr(self) -> str:
+        bn, bk = self.block_size
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"dtype={dtype_short_str(self.dtype)}, block_size={bn}x{bk}, scale_ue8m0={self.scale_ue8m0}, "
+            f"backend={self._backend_str()}"
+        )

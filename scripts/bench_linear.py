@@ -1,0 +1,238 @@
+"""Benchmark FP8Linear per backend and `auto` against bf16 nn.Linear on the GPU (issue 3's grid).
+
+Per (N, K, M): median time of one layer forward, quantization included (triton.testing.do_bench: L2
+flushed before each call, warm-up first), in TFLOP/s (2*M*N*K / t) and as a speedup over bf16
+F.linear timed in the same process. Peers: "dg-gemm", DeepGEMM's GEMM alone on pre-quantized operands
+(our `col` scales; the legacy DeepGEMM package ships no quant helper), and "quant", our
+per_token_group_quant alone, whose share of auto's layer time is reported at M = 4096.
+
+DeepGEMM JIT-compiles each (N, K, tile config) on first sight (seconds each): every backend is called
+once per shape before timing, and that build time is reported apart, never timed.
+
+    python scripts/bench_linear.py                    # the full grid (~5 min on an H100)
+    python scripts/bench_linear.py --quick            # 3 shapes x 4 M
+    python scripts/bench_linear.py --N 7168 --K 7168 --M 1 4096 --backends cublas triton
+    python scripts/bench_linear.py --out bench-linear.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# (N, K) from issue 3: Llama-3-8B, Llama-3-70B, DeepSeek-V3.
+SHAPES = [
+    (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336),
+    (10240, 8192), (57344, 8192), (8192, 28672),
+    (7168, 7168), (24576, 7168), (7168, 18432), (2112, 7168),
+]
+M_LIST = [1, 16, 64, 256, 1024, 4096, 16384]
+QUICK_SHAPES = [(4096, 4096), (7168, 7168), (2112, 7168)]
+QUICK_M = [1, 64, 512, 4096]
+BACKENDS = ("deepgemm", "cublas", "triton")
+
+
+def header() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except Exception:
+        commit = "unknown"
+    from fp8linear.backends import cublaslt, deepgemm
+
+    return (
+        f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
+        f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {commit} | "
+        f"deepgemm: {deepgemm.api_name()} | cublas: {cublaslt.api_name()}"
+    )
+
+
+def bench_us(fn, warmup_ms: float = 5, rep_ms: float = 25) -> float:
+    """Median microseconds per call (triton.testing.do_bench flushes L2 before each)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def make_layer(N: int, K: int, device="cuda"):
+    """A bf16 nn.Linear (no bias, as LLM projections) with a realistic weight range."""
+    lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    return lin
+
+
+def tflops(M: int, N: int, K: int, us: float) -> float:
+    return 2 * M * N * K / (us * 1e-6) / 1e12 if us and math.isfinite(us) else float("nan")
+
+
+def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float) -> tuple[list[dict], dict]:
+    """Rows {N, K, M, provider, us, tflops, speedup, pick} for one layer shape; and build seconds."""
+    from fp8linear import FP8Linear, per_token_group_quant
+    from fp8linear.backends import deepgemm as dg_backend
+    from fp8linear.backends import unsupported_reason
+
+    dev = torch.device("cuda")
+    lin = make_layer(N, K)
+    mods = {name: FP8Linear.from_linear(lin, backend=name) for name in names}
+    rows, build_s = [], {}
+    for M in Ms:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        results: dict[str, float] = {}
+        results["bf16"] = bench_us(lambda: torch.nn.functional.linear(x, lin.weight), rep_ms=rep_ms)
+        for name, mod in mods.items():
+            if name != "auto" and unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
+                continue
+            t0 = time.perf_counter()
+            mod(x)  # first call: backend choice, prepared weight, JIT builds: not timed
+            torch.cuda.synchronize()
+            build_s[f"{name} M={M}"] = time.perf_counter() - t0
+            results[name] = bench_us(lambda: mod(x), rep_ms=rep_ms)
+        if "deepgemm" in names and unsupported_reason("deepgemm", M, N, K, torch.float8_e4m3fn, dev) is None:
+            q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
+            prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
+            results["dg-gemm"] = bench_us(lambda: dg_backend._gemm_impl(q, s, *prepared), rep_ms=rep_ms)
+        results["quant"] = bench_us(lambda: per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col"),
+                                    rep_ms=rep_ms)
+        pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""
+        for provider, us in results.items():
+            rows.append(dict(N=N, K=K, M=M, provider=provider, us=us,
+                             tflops=tflops(M, N, K, us) if provider != "quant" else float("nan"),
+                             speedup=results["bf16"] / us if provider not in ("bf16", "quant") else float("nan"),
+                             pick=pick))
+        del x
+    del mods, lin
+    torch.cuda.empty_cache()
+    return rows, build_s
+
+
+def format_table(rows: list[dict], providers: list[str]) -> str:
+    """Markdown: one line per (N, K, M): TFLOP/s per provider, speedup vs bf16, auto's pick, quant share."""
+    cols = ["bf16"] + [p for p in providers if p != "bf16"] + ["dg-gemm"]
+    lines = ["| N x K | M | " + " | ".join(f"{c} TFLOP/s (x bf16)" if c != "bf16" else "bf16 TFLOP/s" for c in cols)
+             + " | auto pick | quant % of auto |",
+             "|" + " --- |" * (len(cols) + 4)]
+    key = {}
+    for r in rows:
+        key.setdefault((r["N"], r["K"], r["M"]), {})[r["provider"]] = r
+    for (N, K, M), by in key.items():
+        cells = []
+        for c in cols:
+            r = by.get(c)
+            if r is None:
+                cells.append("-")
+            elif c == "bf16":
+                cells.append(f"{r['tflops']:.1f}")
+            else:
+                cells.append(f"{r['tflops']:.1f} ({r['speedup']:.2f}x)")
+        share = ""
+        if "auto" in by and "quant" in by:
+            share = f"{100 * by['quant']['us'] / by['auto']['us']:.1f}%"
+        pick = next(iter(by.values()))["pick"]
+        lines.append(f"| {N}x{K} | {M} | " + " | ".join(cells) + f" | {pick} | {share} |")
+    return "\n".join(lines)
+
+
+def summarize(rows: list[dict]) -> str:
+    """The issue's targets for auto: >= 1.5x at M >= 2048 (median >= 1.7x), >= 1.3x median at M <= 64,
+    never slower than bf16; quant <= 7% at M = 4096."""
+    auto = [r for r in rows if r["provider"] == "auto"]
+    if not auto:
+        return ""
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if xs else float("nan")
+
+    big = [r["speedup"] for r in auto if r["M"] >= 2048]
+    small = [r["speedup"] for r in auto if r["M"] <= 64]
+    slower = [f"{r['N']}x{r['K']} M={r['M']} ({r['speedup']:.2f}x)" for r in auto if r["speedup"] < 1.0]
+    quant = {(r["N"], r["K"]): r["us"] for r in rows if r["provider"] == "quant" and r["M"] == 4096}
+    shares = [100 * quant[(r["N"], r["K"])] / r["us"] for r in auto if r["M"] == 4096 and (r["N"], r["K"]) in quant]
+    return "\n".join([
+        f"auto M>=2048: min {min(big, default=float('nan')):.2f}x, median {med(big):.2f}x (targets 1.5x / 1.7x)",
+        f"auto M<=64: median {med(small):.2f}x (target 1.3x)",
+        f"auto slower than bf16 at: {', '.join(slower) if slower else 'none'}",
+        f"quant share at M=4096: max {max(shares, default=float('nan')):.1f}% (target <= 7%)",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 shapes x 4 M")
+    ap.add_argument("--N", type=int, nargs="+", help="output widths (pairs with --K)")
+    ap.add_argument("--K", type=int, nargs="+", help="input widths (pairs with --N)")
+    ap.add_argument("--M", type=int, nargs="+", help="token counts")
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    ap.add_argument("--no-auto", action="store_true", help="skip the auto provider")
+    ap.add_argument("--rep-ms", type=float, default=25.0, help="do_bench measuring time per point")
+    ap.add_argument("--out", help="write the table (markdown) here, and raw rows next to it as .json")
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_linear.py needs a CUDA GPU (none found); the CPU path is the reference backend only.",
+              file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401  (do_bench)
+    except ImportError:
+        print("bench_linear.py needs triton for triton.testing.do_bench: pip install triton", file=sys.stderr)
+        return 2
+
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.N or args.K:
+        if not (args.N and args.K) or len(args.N) != len(args.K):
+            ap.error("--N and --K take the same number of values (pairs)")
+        shapes = list(zip(args.N, args.K))
+    Ms = args.M or (QUICK_M if args.quick else M_LIST)
+    names = list(args.backends) + ([] if args.no_auto else ["auto"])
+
+    head = header()
+    print(head, flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    all_rows, builds = [], {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for N, K in shapes:
+            t0 = time.perf_counter()
+            rows, build_s = time_shape(N, K, Ms, names, args.rep_ms)
+            all_rows += rows
+            builds.update({f"{N}x{K} {k}": v for k, v in build_s.items()})
+            print(f"  {N}x{K}: {time.perf_counter() - t0:.1f}s "
+                  f"(first calls {sum(build_s.values()):.1f}s)", flush=True)
+    table = format_table(all_rows, ["bf16"] + names)
+    summary = summarize(all_rows)
+    print()
+    print(table)
+    print()
+    print(summary)
+    slow_builds = sorted(builds.items(), key=lambda kv: -kv[1])[:5]
+    print("slowest first calls (JIT, untimed): " + ", ".join(f"{k} {v:.1f}s" for k, v in slow_builds))
+    print(f"total {time.perf_counter() - start:.0f}s")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"{head}\n\n{table}\n\n{summary}\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump({"header": head, "rows": all_rows, "first_call_s": builds}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Measure every FP8 backend per (M bucket, N, K) on this card and write `auto`'s table.
+
+For each layer shape and each M in fp8linear.backends.auto.M_BUCKETS, times FP8Linear's forward
+(quantization included) with each backend that can serve the shape, and bf16 F.linear, in one process
+(bench_linear.bench_us: do_bench, L2 flushed). Writes, under torch.cuda.get_device_name(), one row per
+(N, K, M bucket) with the fastest FP8 backend, all timings, and whether bf16 was faster (the issue's
+"never slower than bf16" target: FP8Linear has no bf16 fallback, so such rows are reported, not fixed).
+Rows of other cards in the file are kept. fp8 only: int8 has a single GEMM (triton).
+
+    python scripts/tune_auto.py                  # issue 3's shapes (~4 min on an H100)
+    python scripts/tune_auto.py --quick          # 3 shapes
+    python scripts/tune_auto.py --N 5120 --K 5120 --out /tmp/table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+import bench_linear  # noqa: E402  (scripts/ is not a package)
+
+
+def tune_shape(N: int, K: int, Ms, names, rep_ms: float) -> list[dict]:
+    from fp8linear import FP8Linear
+    from fp8linear.backends import unsupported_reason
+
+    dev = torch.device("cuda")
+    lin = bench_linear.make_layer(N, K)
+    mods = {name: FP8Linear.from_linear(lin, backend=name) for name in names}
+    rows = []
+    for M in Ms:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        bf16_us = bench_linear.bench_us(lambda: torch.nn.functional.linear(x, lin.weight), rep_ms=rep_ms)
+        us = {}
+        for name, mod in mods.items():
+            if unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
+                continue
+            mod(x)  # JIT builds and the prepared weight, untimed
+            torch.cuda.synchronize()
+            us[name] = round(bench_linear.bench_us(lambda: mod(x), rep_ms=rep_ms), 2)
+        if not us:
+            print(f"  {N}x{K} M={M}: no FP8 backend serves it; no row (auto falls back by availability)")
+            continue
+        best = min(us, key=us.get)
+        rows.append(dict(dtype="e4m3", N=N, K=K, M_max=M, backend=best, us=us, bf16_us=round(bf16_us, 2),
+                         bf16_faster=bf16_us < us[best]))
+        flag = "  (bf16 faster)" if bf16_us < us[best] else ""
+        print(f"  {N}x{K} M<={M}: {best} {us[best]:.1f} us vs bf16 {bf16_us:.1f} us{flag}", flush=True)
+        del x
+    del mods, lin
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    from fp8linear.backends import auto
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 shapes only")
+    ap.add_argument("--N", type=int, nargs="+")
+    ap.add_argument("--K", type=int, nargs="+")
+    ap.add_argument("--M", type=int, nargs="+", help=f"bucket bounds (default {list(auto.M_BUCKETS)})")
+    ap.add_argument("--backends", nargs="+", default=list(bench_linear.BACKENDS), choices=list(bench_linear.BACKENDS))
+    ap.add_argument("--rep-ms", type=float, default=15.0)
+    ap.add_argument("--out", help=f"table to update (default {auto.table_path()})")
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("tune_auto.py needs a CUDA GPU (none found): the table is per card.", file=sys.stderr)
+        return 2
+    shapes = bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES
+    if args.N or args.K:
+        if not (args.N and args.K) or len(args.N) != len(args.K):
+            ap.error("--N and --K take the same number of values (pairs)")
+        shapes = list(zip(args.N, args.K))
+    Ms = sorted(args.M or auto.M_BUCKETS)
+
+    head = bench_linear.header()
+    print(head, flush=True)
+    start = time.perf_counter()
+    rows = []
+    with torch.inference_mode():
+        for N, K in shapes:
+            rows += tune_shape(N, K, Ms, args.backends, args.rep_ms)
+
+    path = args.out or str(auto.table_path())
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    card = torch.cuda.get_device_name()
+    old = table.get(card, {}).get("rows", []) if isinstance(table.get(card), dict) else []
+    measured = {(r["N"], r["K"]) for r in rows}
+    kept = [r for r in old if (r.get("N"), r.get("K")) not in measured or r.get("dtype") != "e4m3"]
+    table[card] = {
+        "meta": {"header": head, "date": datetime.date.today().isoformat(), "buckets": Ms},
+        "rows": kept + rows,
+    }
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    n_bf16 = sum(r["bf16_faster"] for r in rows)
+    print(f"wrote {len(rows)} rows for {card!r} to {path} in {time.perf_counter() - start:.0f}s; "
+          f"bf16 was faster in {n_bf16} of them")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
