@@ -159,13 +159,18 @@ def pack_ue8m0(s_row: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ue8m0(packed: torch.Tensor, G: int) -> torch.Tensor:
-    """Inverse of `pack_ue8m0`: int32 words [..., M, ceil(G/4)] -> fp32 scales [..., M, G] (row-major)."""
+    """Inverse of `pack_ue8m0`: int32 words [..., M, ceil(G/4)] -> fp32 scales [..., M, G] (row-major).
+
+    Byte 0xFF (UE8M0's NaN) unpacks to NaN."""
     if packed.dtype != torch.int32:
         raise TypeError(f"packed must be int32; got {packed.dtype}")
     shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=packed.device)
     exponent = (packed.unsqueeze(-1) >> shifts) & 0xFF  # [..., M, W, 4]
     exponent = exponent.reshape(*packed.shape[:-1], -1)[..., :G]
-    return (exponent << 23).to(torch.int32).view(torch.float32)
+    bits = (exponent << 23).to(torch.int32)
+    # 0xFF is UE8M0's NaN (a poisoned group's scale); shifted as is it would read back as +inf.
+    bits = torch.where(exponent == 0xFF, torch.full_like(bits, 0x7FC00000), bits)
+    return bits.view(torch.float32)
 
 
 def scales_to_row(s: torch.Tensor, G: int, layout: "str | ScaleLayout") -> torch.Tensor:
