@@ -241,8 +241,23 @@ class FP8Linear(nn.Module):
         self._prepared[backend.NAME] = (key, prepared)
         return prepared
 
+    def __getstate__(self) -> dict:
+        # The caches hold backend modules (not picklable) and device-bound tensors: copies start empty.
+        state = dict(self.__dict__)
+        state["_choice"] = {}
+        state["_prepared"] = {}
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] bf16/fp16/fp32 (any leading dims, any strides) -> y [..., N] in x's dtype."""
+        if x.is_cuda and not _is_compiling() and x.device.index != torch.cuda.current_device():
+            # Triton and DeepGEMM launch on the *current* device: a layer on cuda:1 called while cuda:0 is
+            # current (device_map across GPUs) must switch, or it reads cuda:1 memory from cuda:0.
+            with torch.cuda.device(x.device):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         K, N = self.in_features, self.out_features
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")

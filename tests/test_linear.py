@@ -432,3 +432,16 @@ def test_triton_kernel_interpreted(triton_interpreter, dtype, M, N, K):
     yb = m(x.bfloat16())
     assert yb.dtype == torch.bfloat16
     assert_close_to(yb, emulate(x.bfloat16(), m.weight, m.weight_scale_inv, m.bias, dtype))
+
+
+def test_deepcopy_after_forward_gives_an_independent_equal_layer():
+    """The per-M backend cache holds Python modules, which cannot be copied: a copy starts with empty caches."""
+    import copy
+
+    layer = FP8Linear.from_linear(torch.nn.Linear(256, 192), backend="reference")
+    x = torch.randn(5, 256)
+    y = layer(x)
+    clone = copy.deepcopy(layer)
+    assert clone._choice == {} and clone._prepared == {}
+    assert clone.weight.data_ptr() != layer.weight.data_ptr()
+    assert torch.equal(clone(x), y)
