@@ -1,0 +1,341 @@
+// Per-token-group 8-bit quantization: the CUDA implementation of `fp8linear::per_token_group_quant_`.
+//
+// What it computes (DESIGN.md "Quantization semantics", bit for bit as fp8linear/reference.py):
+//   for every row r of x [B, M, K] and group j of g consecutive elements (G = K / g groups per row):
+//     amax = max(max|x[r, jg : jg+g]|, eps); scale = amax / QMAX (448 fp8 e4m3fn, 127 int8);
+//     optionally scale = 2^ceil(log2 scale); q = x * (1 / scale), saturated to fp8 / rounded to int8.
+//   A group holding a NaN or Inf gets scale NaN (UE8M0 byte 0xFF) and fp8 bytes 0x7F / int8 bytes 0.
+// and where it writes (DESIGN.md "Scale layouts"):
+//   q: contiguous [B, M, K]; s: fp32 at s[b*sb + m*sr + j*sc] for `row` and `col` (the strides come
+//   from the tensor), or for `ue8m0_packed` byte j%4 of int32 word (b, m, j/4), the bytes of groups
+//   >= G in a row's last word written as 0. Padding rows M..M_pad-1 are never touched.
+//
+// Thread-to-data mapping. A chunk is 16 bytes of input (8 bf16/fp16 or 4 fp32). A group of g elements
+// is C = g / chunk chunks and is owned by a sub-warp of TPG = min(C, 32) adjacent lanes; lane i loads
+// chunks i and i + TPG (the second only for g = 256 fp32, C = 64), so each LDG.128 of a warp reads 512
+// contiguous bytes. The group amax is a max over unsigned abs-bit patterns (exact, NaN-ordering; see
+// common.cuh) reduced by log2(TPG) xor-shuffles inside the sub-warp; every lane then computes the
+// same scale and quantizes its own chunk(s); lane 0 of the sub-warp writes the scale.
+//
+// Work: the flattened groups 0 .. B*M*G-1 (in memory order of q) are cut into tiles of one group per
+// sub-warp of a block (256 threads: 256 / TPG groups per tile). Block b takes tiles b, b + grid,
+// b + 2 grid, ... and handles kLoadsPerThread / (chunks per lane) of them per iteration, loading all of
+// them before reducing any, so every thread has 64 bytes of loads in flight. The grid is at most one
+// resident wave (SMs x blocks per SM from the occupancy calculator), shrunk so that every block gets
+// the same number of tiles; a decode-sized call (M <= 16) launches a few blocks doing one tile each.
+//
+// Bytes moved per element: sizeof(x) read + 1 written + 4/g for the scale: about 3.03 B for bf16 ->
+// fp8 at g = 128. Floor at the H100's 3.0 TB/s copy bandwidth (read + write): 4096 x 7168 bf16 moves
+// 89 MB, about 30 us; 16384 x 7168 about 119 us.
+//
+// Build: torch.utils.cpp_extension via fp8linear/_build.py, for the device's own arch, no fast math.
+// The kernel takes plain pointers, sizes and strides; the torch glue is the launcher at the bottom.
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace fp8linear {
+
+constexpr int kThreads = 256;
+// 16-byte loads issued by each thread before its first reduction: 64 bytes in flight per thread.
+constexpr int kLoadsPerThread = 4;
+
+struct QuantParams {
+  // pointers
+  const void* x;  // T, [B, M, K], element (b, m, k) at b * x_stride_batch + m * x_stride_row + k
+  uint8_t* q;     // fp8 e4m3fn / int8 bytes, contiguous [B, M, K]
+  void* s;        // fp32 (row, col) or int32 words (ue8m0_packed)
+  // sizes
+  uint32_t num_groups;  // B * M * G  (< 2^31)
+  FastDivmod groups_per_row;  // G
+  FastDivmod rows;            // M
+  // strides, in elements of x and of s (fp32 or int32)
+  int64_t x_stride_batch, x_stride_row;
+  int64_t s_stride_batch, s_stride_row, s_stride_col;
+  // semantics
+  float eps;
+  bool scale_ue8m0;
+  bool q_aligned;  // q is 16-byte aligned: chunk stores may be 4 or 8 bytes wide (the scalar path)
+};
+
+template <typename T, int kGroup>
+struct TileShape {
+  static constexpr int kPerChunk = InputTraits<T>::kPerChunk;  // elements per 16-byte chunk
+  static constexpr int kChunks = kGroup / kPerChunk;            // chunks per group: 2 .. 64
+  static constexpr int kTPG = kChunks < kWarpSize ? kChunks : kWarpSize;  // lanes per group
+  static constexpr int kChunksPerLane = kChunks / kTPG;         // 1, or 2 for g = 256 fp32
+  static constexpr int kUnroll = kLoadsPerThread / kChunksPerLane;  // groups per lane per iteration
+  static constexpr int kGroupsPerTile = kThreads / kTPG;
+  static_assert(kGroup % kPerChunk == 0 && kChunks % kTPG == 0, "group size must be whole chunks");
+  static_assert(kUnroll >= 1, "kLoadsPerThread too small");
+};
+
+// Store one chunk's quantized bytes (kPerChunk = 8 or 4 bytes) at q + offset (offset % kPerChunk == 0).
+template <int kWords, bool kVec>
+__device__ __forceinline__ void store_chunk(uint8_t* dst, const uint32_t (&w)[kWords], bool q_aligned) {
+  if (kVec || q_aligned) {
+    if constexpr (kWords == 2) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(dst) = w[0];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4 * kWords; ++i) dst[i] = static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)));
+  }
+}
+
+// kVec: x's base pointer, row and batch strides and q are all 16-byte aligned (the launcher checks).
+template <typename T, typename Out, int kGroup, bool kPacked, bool kVec>
+__global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const QuantParams p) {
+  using Shape = TileShape<T, kGroup>;
+  constexpr int kPerChunk = Shape::kPerChunk;
+  constexpr int kTPG = Shape::kTPG;
+  constexpr int kL = Shape::kChunksPerLane;
+  constexpr int kU = Shape::kUnroll;
+  constexpr int kGroupsPerTile = Shape::kGroupsPerTile;
+  constexpr int kGroupsPerWarp = kWarpSize / kTPG;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const int lane = threadIdx.x % kTPG;                 // lane within the group's sub-warp
+  const uint32_t sub = threadIdx.x / kTPG;             // the sub-warp's group within the tile
+  const uint32_t warp_first = (threadIdx.x / kWarpSize) * kGroupsPerWarp;
+  const uint32_t tile_stride = gridDim.x * kGroupsPerTile;  // groups between a block's tiles
+
+  for (uint32_t base = blockIdx.x * kGroupsPerTile; base < p.num_groups; base += kU * tile_stride) {
+    uint4 v[kU][kL];
+    uint32_t row[kU], col[kU];  // flattened row b*M + m, and group j within the row
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const uint32_t gi = base + u * tile_stride + sub;
+      row[u] = col[u] = 0;
+      if (gi < p.num_groups) {
+        row[u] = p.groups_per_row.div(gi);
+        col[u] = gi - row[u] * p.groups_per_row.divisor;
+        const uint32_t b = p.rows.div(row[u]);
+        const uint32_t m = row[u] - b * p.rows.divisor;
+        const T* group = x + b * p.x_stride_batch + m * p.x_stride_row + static_cast<int64_t>(col[u]) * kGroup;
+#pragma unroll
+        for (int l = 0; l < kL; ++l) v[u][l] = load_chunk<T, kVec>(group + (lane + l * kTPG) * kPerChunk);
+      } else {
+#pragma unroll
+        for (int l = 0; l < kL; ++l) v[u][l] = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const uint32_t first = base + u * tile_stride;
+      // Warp-uniform: slots past the end (small calls, the last iteration) skip the arithmetic. The
+      // shuffles below then run with every lane of the warp, valid group or not.
+      if (first + warp_first >= p.num_groups) continue;
+      const uint32_t gi = first + sub;
+      const bool valid = gi < p.num_groups;
+
+      uint32_t amax_bits = InputTraits<T>::abs_max_bits(v[u][0]);
+#pragma unroll
+      for (int l = 1; l < kL; ++l) amax_bits = max(amax_bits, InputTraits<T>::abs_max_bits(v[u][l]));
+#pragma unroll
+      for (int offset = kTPG / 2; offset > 0; offset /= 2) {
+        amax_bits = max(amax_bits, __shfl_xor_sync(0xFFFFFFFFu, amax_bits, offset));
+      }
+      const GroupScale g = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
+      if (!valid) continue;
+
+#pragma unroll
+      for (int l = 0; l < kL; ++l) {
+        float f[kPerChunk];
+        InputTraits<T>::to_float(v[u][l], f);
+        uint32_t w[kPerChunk / 4];
+        quantize_chunk<Out, kPerChunk>(f, g.inv, g.nonfinite, w);
+        const int64_t q_offset = static_cast<int64_t>(gi) * kGroup + (lane + l * kTPG) * kPerChunk;
+        store_chunk<kPerChunk / 4, kVec>(p.q + q_offset, w, p.q_aligned);
+      }
+
+      if (lane == 0) {
+        const uint32_t b = p.rows.div(row[u]);
+        const uint32_t m = row[u] - b * p.rows.divisor;
+        const uint32_t j = col[u];
+        const int64_t row_offset = b * p.s_stride_batch + m * p.s_stride_row;
+        if constexpr (kPacked) {
+          // Byte j % 4 of word j / 4 (little-endian: bits 8*(j%4) ..). The last group of a row also
+          // zeroes the bytes of the groups >= G that share its word (DESIGN.md "Scale layouts").
+          uint8_t* word = static_cast<uint8_t*>(p.s) + 4 * (row_offset + (j / 4) * p.s_stride_col);
+          word[j % 4] = static_cast<uint8_t>(g.exponent_byte);
+          if (j + 1 == p.groups_per_row.divisor) {
+            for (uint32_t k = j % 4 + 1; k < 4; ++k) word[k] = 0;
+          }
+        } else {
+          static_cast<float*>(p.s)[row_offset + j * p.s_stride_col] = g.scale;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: pick the instantiation, size the grid, launch on the current stream.
+// ------------------------------------------------------------------------------------------------
+
+int sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // written once per device with the same value
+  if (device < 0 || device >= kMaxDevices) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }
+  int n = __atomic_load_n(&cache[device], __ATOMIC_RELAXED);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
+  }
+  return n;
+}
+
+template <typename T, typename Out, int kGroup, bool kPacked, bool kVec>
+void launch(const QuantParams& p, int device, cudaStream_t stream) {
+  using Shape = TileShape<T, kGroup>;
+  const auto kernel = per_token_group_quant_kernel<T, Out, kGroup, kPacked, kVec>;
+  static const int blocks_per_sm = [&] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    return n > 0 ? n : 1;
+  }();
+  const uint32_t tiles = ceil_div<uint32_t>(p.num_groups, Shape::kGroupsPerTile);
+  const uint32_t max_grid = static_cast<uint32_t>(sm_count(device) * blocks_per_sm);
+  // Same number of tiles for every block: no block runs one tile longer than the rest.
+  const uint32_t tiles_per_block = ceil_div(tiles, max_grid);
+  const uint32_t grid = ceil_div(tiles, tiles_per_block);
+  kernel<<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Out, bool kPacked, bool kVec>
+void dispatch_group(int64_t group_size, const QuantParams& p, int device, cudaStream_t stream) {
+  switch (group_size) {
+    case 16: return launch<T, Out, 16, kPacked, kVec>(p, device, stream);
+    case 32: return launch<T, Out, 32, kPacked, kVec>(p, device, stream);
+    case 64: return launch<T, Out, 64, kPacked, kVec>(p, device, stream);
+    case 128: return launch<T, Out, 128, kPacked, kVec>(p, device, stream);
+    case 256: return launch<T, Out, 256, kPacked, kVec>(p, device, stream);
+    default: TORCH_CHECK(false, "per_token_group_quant_: group_size must be one of 16, 32, 64, 128, 256; got ", group_size);
+  }
+}
+
+template <typename T, typename Out>
+void dispatch_layout(bool packed, bool vec, int64_t group_size, const QuantParams& p, int device, cudaStream_t stream) {
+  if (packed) {
+    if constexpr (std::is_same_v<Out, OutFp8E4M3>) {
+      return vec ? dispatch_group<T, Out, true, true>(group_size, p, device, stream)
+                 : dispatch_group<T, Out, true, false>(group_size, p, device, stream);
+    } else {
+      TORCH_CHECK(false, "per_token_group_quant_: layout 'ue8m0_packed' is for fp8 output only; q is int8");
+    }
+  }
+  return vec ? dispatch_group<T, Out, false, true>(group_size, p, device, stream)
+             : dispatch_group<T, Out, false, false>(group_size, p, device, stream);
+}
+
+template <typename T>
+void dispatch_output(at::ScalarType q_dtype, bool packed, bool vec, int64_t group_size, const QuantParams& p,
+                     int device, cudaStream_t stream) {
+  if (q_dtype == at::ScalarType::Float8_e4m3fn) {
+    return dispatch_layout<T, OutFp8E4M3>(packed, vec, group_size, p, device, stream);
+  }
+  return dispatch_layout<T, OutInt8>(packed, vec, group_size, p, device, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// The CUDA kernel of the schema in fp8linear/ops.py:
+//   per_token_group_quant_(Tensor x, Tensor(a!) q, Tensor(b!) s, int group_size, bool scale_ue8m0,
+//                          float eps, str layout) -> ()
+// The public wrapper (fp8linear.per_token_group_quant) has validated everything already; these
+// checks only keep a direct call of the op from writing out of bounds, and cost a few branches.
+void per_token_group_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& s, int64_t group_size,
+                                bool scale_ue8m0, double eps, c10::string_view layout) {
+  const bool packed = layout == "ue8m0_packed";
+  TORCH_CHECK(packed || layout == "row" || layout == "col",
+              "per_token_group_quant_: layout must be 'row', 'col' or 'ue8m0_packed'; got '", layout, "'");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "per_token_group_quant_: x must be [M, K] or [E, M, K]; got ", x.sizes());
+  TORCH_CHECK(x.is_cuda() && q.device() == x.device() && s.device() == x.device(),
+              "per_token_group_quant_: x, q and s must be on the same CUDA device; got ", x.device(), ", ",
+              q.device(), ", ", s.device());
+  const at::ScalarType x_dtype = x.scalar_type();
+  TORCH_CHECK(x_dtype == at::ScalarType::BFloat16 || x_dtype == at::ScalarType::Half || x_dtype == at::ScalarType::Float,
+              "per_token_group_quant_: x must be bfloat16, float16 or float32; got ", x_dtype);
+  TORCH_CHECK(q.scalar_type() == at::ScalarType::Float8_e4m3fn || q.scalar_type() == at::ScalarType::Char,
+              "per_token_group_quant_: q must be float8_e4m3fn or int8; got ", q.scalar_type());
+  TORCH_CHECK(s.scalar_type() == (packed ? at::ScalarType::Int : at::ScalarType::Float),
+              "per_token_group_quant_: s must be ", packed ? "int32" : "float32", " for layout '", layout, "'; got ",
+              s.scalar_type());
+  TORCH_CHECK(group_size == 16 || group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256,
+              "per_token_group_quant_: group_size must be one of 16, 32, 64, 128, 256; got ", group_size);
+  const bool batched = x.dim() == 3;
+  const int64_t B = batched ? x.size(0) : 1;
+  const int64_t M = x.size(-2);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K % group_size == 0, "per_token_group_quant_: K=", K, " must be divisible by group_size=", group_size);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(q.sizes() == x.sizes() && q.is_contiguous(),
+              "per_token_group_quant_: q must be contiguous with x's shape ", x.sizes(), "; got ", q.sizes(),
+              " with strides ", q.strides());
+  TORCH_CHECK(s.dim() == x.dim() && s.size(-2) == M && s.size(-1) == (packed ? (G + 3) / 4 : G) &&
+                  (!batched || s.size(0) == B),
+              "per_token_group_quant_: s has shape ", s.sizes(), ", which does not fit x of shape ", x.sizes(),
+              " with group_size=", group_size, " and layout '", layout, "'");
+  if (x.numel() == 0) return;
+  TORCH_CHECK(x.stride(-1) == 1, "per_token_group_quant_: x's last dim must be contiguous; got strides ", x.strides());
+  TORCH_CHECK(B * M * G < (int64_t{1} << 31), "per_token_group_quant_: at most 2^31 - 1 groups per call; got ",
+              B * M * G);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  QuantParams p;
+  p.x = x.data_ptr();
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.s = s.data_ptr();
+  p.num_groups = static_cast<uint32_t>(B * M * G);
+  p.groups_per_row = FastDivmod(static_cast<uint32_t>(G));
+  p.rows = FastDivmod(static_cast<uint32_t>(M));
+  // Strides of size-1 dims never address anything: zero them so they cannot spoil the alignment test.
+  p.x_stride_batch = (batched && B > 1) ? x.stride(0) : 0;
+  p.x_stride_row = M > 1 ? x.stride(-2) : 0;
+  p.s_stride_batch = (batched && B > 1) ? s.stride(0) : 0;
+  p.s_stride_row = M > 1 ? s.stride(-2) : 0;
+  p.s_stride_col = s.size(-1) > 1 ? s.stride(-1) : 0;
+  p.eps = static_cast<float>(eps);  // round to nearest, as the reference's full_like(amax, eps)
+  p.scale_ue8m0 = scale_ue8m0;
+  p.q_aligned = aligned16(p.q);
+
+  const int64_t elem = x.element_size();
+  const bool vec = aligned16(p.x) && p.q_aligned && (p.x_stride_row * elem) % 16 == 0 &&
+                   (p.x_stride_batch * elem) % 16 == 0;
+
+  switch (x_dtype) {
+    case at::ScalarType::BFloat16:
+      return dispatch_output<__nv_bfloat16>(q.scalar_type(), packed, vec, group_size, p, device, stream);
+    case at::ScalarType::Half:
+      return dispatch_output<__half>(q.scalar_type(), packed, vec, group_size, p, device, stream);
+    default:
+      return dispatch_output<float>(q.scalar_type(), packed, vec, group_size, p, device, stream);
+  }
+}
+
+}  // namespace fp8linear
+
+TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
+  m.impl("per_token_group_quant_", &fp8linear::per_token_group_quant_cuda);
+}
