@@ -69,12 +69,14 @@ def cuda_arch(capability: tuple[int, int]) -> str:
 
 def nvcc_flags(arch: str) -> list[str]:
     # No --use_fast_math: the quantization must match the CPU reference bit for bit (DESIGN.md).
+    # FP8LINEAR_NVCC_EXTRA (for re-tuning, scripts/tune_quant_kernel.py) appends flags such as -DFP8L_...
     return [
         "-O3",
         "-std=c++17",
         f"-gencode=arch=compute_{arch},code=sm_{arch}",
         "--expt-relaxed-constexpr",
         "-lineinfo",
+        *os.environ.get("FP8LINEAR_NVCC_EXTRA", "").split(),
     ]
 
 
@@ -110,14 +112,15 @@ def ensure_loaded() -> None:
                 "nvcc on PATH nor CUDA_HOME. Install the CUDA toolkit, or use CPU tensors for the reference path."
             )
         arch = cuda_arch(torch.cuda.get_device_capability())
-        key = f"{_source_hash()}-sm{arch}-torch{torch.__version__}-cuda{torch.version.cuda}"
+        flags_hash = hashlib.sha256(" ".join(nvcc_flags(arch)).encode()).hexdigest()[:8]
+        key = f"{_source_hash()}-{flags_hash}-sm{arch}-torch{torch.__version__}-cuda{torch.version.cuda}"
         key = key.replace("+", "_").replace(".", "_")
         build_dir = cache_dir() / key
         build_dir.mkdir(parents=True, exist_ok=True)
         verbose = os.environ.get("FP8LINEAR_VERBOSE_BUILD", "0") not in ("", "0")
         try:
             cpp_extension.load(
-                name=f"fp8linear_kernels_{key[:16]}",
+                name="fp8linear_kernels_" + key[:25].replace("-", "_"),
                 sources=[str(p) for p in kernel_sources()],
                 extra_cuda_cflags=nvcc_flags(arch),
                 extra_cflags=["-O3", "-std=c++17"],

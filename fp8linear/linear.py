@@ -51,6 +51,12 @@ _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WEIGHT_NAMES = ("weight", "weight_scale_inv")
 
 
+def _version(t: torch.Tensor) -> int:
+    # Tensors made under torch.inference_mode() keep no version counter (reading it raises); they cannot
+    # be modified in place outside inference mode, so their data_ptr alone identifies them.
+    return -1 if t.is_inference() else t._version
+
+
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
@@ -233,7 +239,7 @@ class FP8Linear(nn.Module):
                 return entry[1]
             key = None
         else:
-            key = (weight.data_ptr(), weight._version, weight_scale_inv.data_ptr(), weight_scale_inv._version)
+            key = (weight.data_ptr(), _version(weight), weight_scale_inv.data_ptr(), _version(weight_scale_inv))
             if entry is not None and entry[0] == key:
                 return entry[1]
             self._check_weights(weight, weight_scale_inv, None)

@@ -31,6 +31,7 @@
 // Build: torch.utils.cpp_extension via fp8linear/_build.py, for the device's own arch, no fast math.
 // The kernel takes plain pointers, sizes and strides; the torch glue is the launcher at the bottom.
 
+#include <algorithm>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -45,9 +46,21 @@
 
 namespace fp8linear {
 
-constexpr int kThreads = 256;
-// 16-byte loads issued by each thread before its first reduction: 64 bytes in flight per thread.
-constexpr int kLoadsPerThread = 4;
+// Tuning knobs, fixed at compile time; the defaults are what scripts/tune_quant_kernel.py measured best
+// on the H100 (docs/benchmarks.md). Override only to re-tune (FP8LINEAR_NVCC_EXTRA="-DFP8L_...").
+#ifndef FP8L_THREADS
+#define FP8L_THREADS 256
+#endif
+#ifndef FP8L_LOADS_PER_THREAD
+#define FP8L_LOADS_PER_THREAD 4
+#endif
+#ifndef FP8L_MAX_WAVES
+#define FP8L_MAX_WAVES 1  // 0: no persistent cap, one loop iteration per block once the tensor fills a wave
+#endif
+constexpr int kThreads = FP8L_THREADS;
+// 16-byte loads issued by each thread before its first reduction (64 bytes in flight at 4).
+constexpr int kLoadsPerThread = FP8L_LOADS_PER_THREAD;
+constexpr int kMaxWaves = FP8L_MAX_WAVES;
 
 struct QuantParams {
   // pointers
@@ -212,9 +225,14 @@ void launch(const QuantParams& p, int device, cudaStream_t stream) {
     return n > 0 ? n : 1;
   }();
   const uint32_t tiles = ceil_div<uint32_t>(p.num_groups, Shape::kGroupsPerTile);
-  const uint32_t max_grid = static_cast<uint32_t>(sm_count(device) * blocks_per_sm);
+  const uint32_t wave = static_cast<uint32_t>(sm_count(device) * blocks_per_sm);
   // Same number of tiles for every block: no block runs one tile longer than the rest.
-  const uint32_t tiles_per_block = ceil_div(tiles, max_grid);
+  uint32_t tiles_per_block;
+  if constexpr (kMaxWaves > 0) {
+    tiles_per_block = ceil_div(tiles, wave * kMaxWaves);
+  } else {
+    tiles_per_block = std::min<uint32_t>(std::max<uint32_t>(ceil_div(tiles, wave), 1u), Shape::kUnroll);
+  }
   const uint32_t grid = ceil_div(tiles, tiles_per_block);
   kernel<<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -445,3 +445,12 @@ def test_deepcopy_after_forward_gives_an_independent_equal_layer():
     assert clone._choice == {} and clone._prepared == {}
     assert clone.weight.data_ptr() != layer.weight.data_ptr()
     assert torch.equal(clone(x), y)
+
+
+def test_forward_on_a_layer_built_under_inference_mode():
+    """Inference tensors keep no version counter: the prepared-weight cache must not read it."""
+    with torch.inference_mode():
+        layer = FP8Linear.from_linear(torch.nn.Linear(256, 128), backend="reference")
+        x = torch.randn(3, 256)
+        y = layer(x)
+        assert torch.equal(layer(x), y)
