@@ -6,8 +6,9 @@ of a Hugging Face config.json (DESIGN.md "Weights"):
     {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
 
 which DeepSeek-V3, Qwen3-FP8, transformers' FineGrainedFP8, vLLM and SGLang all read. Power-of-two
-scales are written as `"scale_fmt": "ue8m0"` (DeepSeek-V3.1's key); INT8 as `"fmt": "int8"`, which only
-fp8linear reads back. Our own knobs (backend) go under `"fp8linear"`, a key other readers ignore.
+scales are written as `"scale_fmt": "ue8m0"` (DeepSeek-V3.1's key). INT8 checkpoints are ours alone:
+they say `"quant_method": "fp8linear_int8"` (and `"fmt": "int8"`), so transformers, vLLM and SGLang refuse
+them instead of reading int8 bytes as fp8 (all three ignore `fmt`). Our own knobs (backend) go under `"fp8linear"`, a key other readers ignore.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import enum
 from typing import Any, Mapping
 
 import torch
+
+#: INT8 checkpoints' quant_method: a name no other reader knows, so they refuse rather than misread.
+INT8_QUANT_METHOD = "fp8linear_int8"
 
 __all__ = ["Backend", "FP8Config", "SUPPORTED_BLOCK_SIZE", "SUPPORTED_DTYPES"]
 
@@ -127,7 +131,7 @@ class FP8Config:
     def to_quantization_config(self) -> dict[str, Any]:
         """The `quantization_config` dict of config.json (see this module's docstring)."""
         d: dict[str, Any] = {
-            "quant_method": "fp8",
+            "quant_method": "fp8" if self.dtype == torch.float8_e4m3fn else INT8_QUANT_METHOD,
             "fmt": dtype_short_str(self.dtype),
             "weight_block_size": list(self.block_size),
             "activation_scheme": "dynamic",
@@ -147,15 +151,22 @@ class FP8Config:
         if not isinstance(d, Mapping):
             raise TypeError(f"quantization_config must be a dict; got {type(d).__name__}")
         method = d.get("quant_method")
-        if method != "fp8":
-            raise ValueError(f"quantization_config['quant_method'] must be 'fp8'; got {method!r}")
+        if method not in ("fp8", INT8_QUANT_METHOD):
+            raise ValueError(
+                f"quantization_config['quant_method'] must be 'fp8' (or {INT8_QUANT_METHOD!r}); got {method!r}"
+            )
         scheme = d.get("activation_scheme", "dynamic")
         if scheme != "dynamic":
             raise ValueError(
                 f"quantization_config['activation_scheme'] must be 'dynamic' (per-token-group scales computed at "
                 f"run time); got {scheme!r}"
             )
-        fmt = d.get("fmt", "e4m3")
+        fmt = d.get("fmt", "e4m3" if method == "fp8" else "int8")
+        if (fmt == "int8") != (method == INT8_QUANT_METHOD):
+            raise ValueError(
+                f"quantization_config has quant_method={method!r} with fmt={fmt!r}: int8 weights go with "
+                f"quant_method={INT8_QUANT_METHOD!r} only (other readers ignore fmt and would read them as fp8)"
+            )
         by_fmt = {v: k for k, v in _FMT.items()}
         if fmt not in by_fmt:
             raise ValueError(f"quantization_config['fmt'] must be one of {sorted(by_fmt)}; got {fmt!r}")

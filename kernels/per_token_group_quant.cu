@@ -20,9 +20,10 @@
 // Work: the flattened groups 0 .. B*M*G-1 (in memory order of q) are cut into tiles of one group per
 // sub-warp of a block (256 threads: 256 / TPG groups per tile). Block b takes tiles b, b + grid,
 // b + 2 grid, ... and handles kLoadsPerThread / (chunks per lane) of them per iteration, loading all of
-// them before reducing any, so every thread has 64 bytes of loads in flight. The grid is at most one
-// resident wave (SMs x blocks per SM from the occupancy calculator), shrunk so that every block gets
-// the same number of tiles; a decode-sized call (M <= 16) launches a few blocks doing one tile each.
+// them before reducing any (2 x 16 bytes in flight per thread by default). By default (FP8L_MAX_WAVES 0)
+// the grid gives every block one iteration once the tensor fills a resident wave and one tile each
+// before that, so a decode-sized call (M <= 16) launches a few blocks doing one tile each; with
+// FP8L_MAX_WAVES > 0 the grid is capped at that many waves and blocks loop (persistent).
 //
 // Bytes moved per element: sizeof(x) read + 1 written + 4/g for the scale: about 3.03 B for bf16 ->
 // fp8 at g = 128. Floor at the H100's 3.0 TB/s copy bandwidth (read + write): 4096 x 7168 bf16 moves
@@ -47,15 +48,17 @@
 namespace fp8linear {
 
 // Tuning knobs, fixed at compile time; the defaults are what scripts/tune_quant_kernel.py measured best
-// on the H100 (docs/benchmarks.md). Override only to re-tune (FP8LINEAR_NVCC_EXTRA="-DFP8L_...").
+// on the H100 (docs/benchmarks.md, 2026-11-25): no persistent cap with 2 loads per thread was fastest
+// at every large shape (16384x7168 row: 125.0 us vs 134.2 us for the one-wave, 4-load persistent grid)
+// and in graph replay at M <= 128 (1.45-2.3 us). Override only to re-tune (FP8LINEAR_NVCC_EXTRA="-DFP8L_...").
 #ifndef FP8L_THREADS
 #define FP8L_THREADS 256
 #endif
 #ifndef FP8L_LOADS_PER_THREAD
-#define FP8L_LOADS_PER_THREAD 4
+#define FP8L_LOADS_PER_THREAD 2
 #endif
 #ifndef FP8L_MAX_WAVES
-#define FP8L_MAX_WAVES 1  // 0: no persistent cap, one loop iteration per block once the tensor fills a wave
+#define FP8L_MAX_WAVES 0  // 0: no persistent cap, one loop iteration per block once the tensor fills a wave
 #endif
 constexpr int kThreads = FP8L_THREADS;
 // 16-byte loads issued by each thread before its first reduction (64 bytes in flight at 4).

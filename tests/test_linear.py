@@ -363,7 +363,9 @@ def test_shipped_auto_table_is_valid_json():
 )
 def test_config_round_trip(config):
     d = config.to_quantization_config()
-    assert d["quant_method"] == "fp8" and d["weight_block_size"] == [128, 128] and d["activation_scheme"] == "dynamic"
+    # INT8 folders name a method no other reader knows, so transformers/vLLM/SGLang refuse them.
+    assert d["quant_method"] == ("fp8" if config.dtype == torch.float8_e4m3fn else "fp8linear_int8")
+    assert d["weight_block_size"] == [128, 128] and d["activation_scheme"] == "dynamic"
     assert FP8Config.from_quantization_config(d) == config
     m = FP8Linear(256, 256, device="meta", **config.module_kwargs())
     assert m.config == config
@@ -379,11 +381,12 @@ def test_config_reads_deepseek_v3():
 @pytest.mark.parametrize(
     "d,match",
     [
-        ({"quant_method": "gptq"}, "quant_method'\\] must be 'fp8'; got 'gptq'"),
+        ({"quant_method": "gptq"}, "quant_method'\\] must be 'fp8' \\(or 'fp8linear_int8'\\); got 'gptq'"),
         ({"quant_method": "fp8", "activation_scheme": "static"}, "must be 'dynamic'.*got 'static'"),
         ({"quant_method": "fp8", "weight_block_size": None}, "per-tensor"),
         ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"block_size must be \(128, 128\)"),
         ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt'\\] must be one of"),
+        ({"quant_method": "fp8", "fmt": "int8"}, "int8 weights go with quant_method='fp8linear_int8'"),
     ],
 )
 def test_config_rejects(d, match):

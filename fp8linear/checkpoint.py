@@ -1,0 +1,462 @@
+"""FP8 checkpoints: save_quantized / load_quantized, in the format DeepSeek-V3 and Qwen3-FP8 ship.
+
+On disk (a Hugging Face model folder):
+
+    config.json                      the model's config plus
+                                     "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                       "weight_block_size": [128, 128], "activation_scheme": "dynamic",
+                                       "modules_to_not_convert": [...], "fp8linear": {...}}
+    model.safetensors                or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                     ({"metadata": {"total_size": bytes}, "weight_map": {name: file}})
+    generation_config.json, tokenizer files   copied when present
+
+Tensor names (TENSOR_NAMES below): for every FP8Linear `<m>`, `<m>.weight` (F8_E4M3 [N, K], or I8 in
+INT8 mode), `<m>.weight_scale_inv` (F32 [ceil(N/128), ceil(K/128)], the multiplier that dequantizes:
+DeepSeek-V3's name and meaning) and `<m>.bias` as it is; every other tensor under its state_dict name.
+transformers' FineGrainedFP8 (`integrations/finegrained_fp8.py`) declares exactly these parameters on
+its FP8Linear, so these folders load there too.
+
+`modules_to_not_convert` lists every module left unquantized by its full name: the skipped nn.Linear
+layers and the fused MoE expert modules. transformers matches the entries as prefixes at module
+boundaries, so a full name covers that module only (`...mlp.gate` does not cover `...mlp.gate_proj`).
+
+INT8 (fp8linear's extension, `fmt: "int8"`, fp8linear.config): weights are I8 with amax/127 scales.
+Only fp8linear reads INT8 folders back: they say `quant_method: "fp8linear_int8"`, which other readers refuse.
+
+The `quantization_config` dict comes from fp8linear.config.FP8Config, the one owner of that format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["save_quantized", "load_quantized", "TENSOR_NAMES", "SCALE_ALIASES"]
+
+log = logging.getLogger("fp8linear")
+
+#: The tensors of one quantized linear layer, under the module's name.
+TENSOR_NAMES = ("weight", "weight_scale_inv", "bias")
+#: Other names of `weight_scale_inv` found in published block-FP8 checkpoints, read as the same tensor
+#: (same meaning: the per-block multiplier that dequantizes). Checked for shape on load.
+SCALE_ALIASES = ("weight_scale_inv", "weight_scale")
+#: Scale dtypes accepted on load (DeepSeek-V3 stores fp32; Qwen3-FP8 bf16); all become fp32.
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+# -- saving -----------------------------------------------------------------------------------------------
+
+def _parse_size(size: "int | str") -> int:
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive; got {size}")
+        return size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
+        if m:
+            unit = m.group(2).upper()
+            base = 1024 if "I" in unit else 1000
+            power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+            return int(float(m.group(1)) * base**power)
+    raise ValueError(f"max_shard_size must be an int (bytes) or a string like '5GB' / '500MiB'; got {size!r}")
+
+
+def _fp8_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from .linear import FP8Linear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def _modules_to_not_convert(model: nn.Module) -> list[str]:
+    """Full names of every weight-holding module left unquantized: nn.Linear layers and fused experts."""
+    from .convert import _fused_weight_reason
+
+    names = set()
+    summary = getattr(model, "fp8linear_summary", None)
+    if summary is not None:
+        names.update(summary.modules_to_not_convert)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or _fused_weight_reason(module):
+            names.add(name)
+    names.discard("")
+    return sorted(names)
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does)
+    and FP8Linear modules reduced to TENSOR_NAMES."""
+    fp8 = _fp8_modules(model)
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        if module in fp8 and leaf not in TENSOR_NAMES:
+            continue  # backend caches are never state, but be strict about what the format holds
+        if tensor.device.type == "meta":
+            raise ValueError(f"cannot save {name!r}: it is on the meta device (never loaded)")
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype) \
+            if tensor.numel() else None
+        if key is not None and key in seen:
+            log.debug("save_quantized: %s shares storage with %s (tied): not written", name, seen[key])
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def _quantization_config(model: nn.Module) -> dict[str, Any]:
+    from .config import FP8Config
+
+    fp8 = _fp8_modules(model)
+    if not fp8:
+        raise ValueError("save_quantized: the model has no FP8Linear layer; run fp8linear.quantize_model first")
+    first = next(iter(fp8.values())).config
+    for name, m in fp8.items():
+        c = m.config
+        if (c.dtype, c.block_size, c.scale_ue8m0) != (first.dtype, first.block_size, first.scale_ue8m0):
+            raise ValueError(
+                f"save_quantized: every FP8Linear must share dtype, block_size and scale_ue8m0 (one "
+                f"quantization_config per checkpoint); {name!r} has {c.short_str()}, others {first.short_str()}"
+            )
+    qc = FP8Config(dtype=first.dtype, block_size=first.block_size, scale_ue8m0=first.scale_ue8m0).to_quantization_config()
+    qc["modules_to_not_convert"] = _modules_to_not_convert(model)
+    return qc
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _copy_tokenizer(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+        return
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or not Path(source).is_dir() or Path(source).resolve() == path.resolve():
+        return  # a hub id or nothing: offline, so no tokenizer to fetch
+    for name in _TOKENIZER_FILES:
+        f = Path(source) / name
+        if f.is_file():
+            shutil.copy2(f, path / name)
+
+
+def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
+                   tokenizer: Any = None) -> Path:
+    """Write `model` (after fp8linear.quantize_model) as an FP8 checkpoint folder (module docstring).
+
+    Args:
+        model: holds FP8Linear layers; a Hugging Face model also gets its config.json (plus
+            quantization_config) and generation_config.json; a bare nn.Module gets a config.json holding
+            only quantization_config.
+        path: output folder (created; existing files of the same names are replaced).
+        max_shard_size: bytes per safetensors file (int, or "5GB", "500MiB"); one file when it all fits.
+        tokenizer: saved alongside when given; otherwise tokenizer files are copied from the local folder
+            the model came from (model.name_or_path), when there is one.
+
+    Returns the folder's Path. Tensors are moved to CPU one shard at a time.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    max_bytes = _parse_size(max_shard_size)
+    qc = _quantization_config(model)
+    state = _state_to_save(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in list(path.glob("model*.safetensors")) + [path / _INDEX]:
+        old.unlink(missing_ok=True)  # stale shards of an earlier save would shadow the index
+
+    shards = _shards(state, max_bytes)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, names in enumerate(shards, start=1):
+        filename = _SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {name: state[name].detach().contiguous().cpu() for name in names}
+        save_file(tensors, str(path / filename), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = filename
+            total += t.numel() * t.element_size()
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config = copy.deepcopy(config)
+        config.quantization_config = qc
+        config.save_pretrained(str(path))
+    else:
+        (path / "config.json").write_text(json.dumps({"quantization_config": qc}, indent=2) + "\n")
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(str(path))
+    _copy_tokenizer(model, tokenizer, path)
+    log.info("save_quantized: %d tensors, %.1f MB in %d file(s) -> %s", len(state), total / 1e6, n, path)
+    return path
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / _INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / _SINGLE).is_file():
+        files = [_SINGLE]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {str(path)!r} (looked for {_INDEX}, {_SINGLE}, *.safetensors)")
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{_INDEX} in {str(path)!r} names shard(s) that are missing: {missing}")
+    return [path / f for f in files]
+
+
+def _keep_fp32(model: nn.Module, name: str) -> bool:
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    )
+    return any(k in name for k in keep)
+
+
+class _Resolver:
+    """Checkpoint key -> the model's own name, allowing the base-model prefix to be present or absent
+    (a BertModel checkpoint saved from BertForX carries `bert.`; one saved from BertModel does not)."""
+
+    def __init__(self, model: nn.Module, targets: set[str]):
+        self.targets = targets
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def __call__(self, key: str) -> "str | None":
+        if key in self.targets:
+            return key
+        p = self.prefix
+        if p:
+            if f"{p}.{key}" in self.targets:
+                return f"{p}.{key}"
+            if key.startswith(p + ".") and key[len(p) + 1:] in self.targets:
+                return key[len(p) + 1:]
+        return None
+
+
+def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | None" = None,
+                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> nn.Module:
+    """Build the Hugging Face model of an FP8 checkpoint folder with FP8Linear in place, offline.
+
+    Args:
+        path: a local folder written by save_quantized, or a DeepSeek-V3 / Qwen3-FP8-style block-FP8
+            checkpoint (weight_scale_inv stored fp32, bf16 or fp16; also named weight_scale).
+        device: where every tensor goes; None means "cuda" when a GPU is present, else "cpu".
+        dtype: the dtype of every non-quantized floating tensor (embeddings, norms, lm_head, biases);
+            modules the model keeps in fp32 (`_keep_in_fp32_modules`) stay fp32. Quantized weights stay
+            fp8/int8 and scales fp32.
+        backend: the FP8Linear GEMM backend for every quantized layer.
+
+    The model is built on the meta device from config.json (quantization_config removed first, so
+    transformers' own FP8 quantizer stays out), layers with scales in the checkpoint become
+    FP8Linear, and tensors are read shard by shard with safetensors (one tensor in host memory at a
+    time), then tied weights are re-tied. Raises if a checkpoint tensor has no place in the model, a
+    quantized layer misses a tensor, or anything is left on the meta device.
+    """
+    from safetensors import safe_open
+
+    from . import hf
+    from .config import FP8Config
+    from .convert import QuantizeSummary
+    from .linear import FP8Linear
+
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32; got {dtype!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    folder = Path(path)
+    config = hf.load_config(folder)
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise ValueError(
+            f"{str(path)!r} is not a quantized checkpoint (config.json has no quantization_config); "
+            "load it with transformers and run fp8linear.quantize_model"
+        )
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
+    options = fp8_config.module_kwargs()
+    del config.quantization_config  # else transformers' own FP8 quantizer would rebuild the layers
+    model = hf.build_model(config, dtype, params_on_meta=True)
+
+    files = _shard_files(folder)
+    keys: dict[str, Path] = {}  # checkpoint key -> the shard it is read from
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                keys.setdefault(k, f)
+    if (folder / _INDEX).is_file():  # a key in two shards: the index decides
+        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
+        keys.update({k: folder / v for k, v in weight_map.items() if k in keys})
+
+    modules = dict(model.named_modules())
+    targets = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+        n for n, _ in model.named_buffers(remove_duplicate=False)
+    }
+    resolve = _Resolver(model, targets)
+
+    # The quantized layers: every module with a block scale in the checkpoint.
+    quantized: dict[str, dict[str, str]] = {}  # model module name -> {tensor name: checkpoint key}
+    for key in keys:
+        module_key, _, leaf = key.rpartition(".")
+        if leaf not in SCALE_ALIASES:
+            continue
+        weight_name = resolve(f"{module_key}.weight")
+        if weight_name is None:
+            raise ValueError(f"checkpoint tensor {key!r} belongs to no weight of the model ({type(model).__name__})")
+        name = weight_name.rpartition(".")[0]
+        if type(modules[name]) is not nn.Linear:
+            raise ValueError(
+                f"checkpoint has block scales for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear: "
+                "only quantized nn.Linear layers are supported (fused FP8 MoE experts are not)"
+            )
+        entry = quantized.setdefault(name, {})
+        if "weight_scale_inv" in entry:
+            raise ValueError(f"checkpoint has two scales for {name!r}: {entry['weight_scale_inv']!r} and {key!r}")
+        entry["weight_scale_inv"] = key
+    by_target = {}
+    for key in keys:
+        target = resolve(key)
+        if target is not None:
+            by_target.setdefault(target, key)
+    for name, entry in quantized.items():
+        for leaf in ("weight", "bias"):
+            if f"{name}.{leaf}" in by_target:
+                entry[leaf] = by_target[f"{name}.{leaf}"]
+        if "weight" not in entry:
+            raise ValueError(f"checkpoint has a scale for {name!r} but no {name}.weight")
+        if modules[name].bias is not None and "bias" not in entry:
+            raise ValueError(f"checkpoint misses {name}.bias (the model's layer has a bias)")
+    key_to_quantized = {key: (name, leaf) for name, entry in quantized.items() for leaf, key in entry.items()}
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    def swap_in(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        linear = modules[name]
+        weight, scale = tensors["weight"], tensors["weight_scale_inv"]
+        N, K = linear.out_features, linear.in_features
+        if tuple(weight.shape) != (N, K):
+            raise ValueError(f"{name}.weight: checkpoint shape {list(weight.shape)}, the model's layer is [{N}, {K}]")
+        if weight.dtype != fp8_config.dtype:
+            raise ValueError(
+                f"{name}.weight: dtype {weight.dtype}, but quantization_config says {fp8_config.dtype} "
+                "(float8_e5m2 and per-tensor formats are not supported)"
+            )
+        bn, bk = fp8_config.block_size
+        if tuple(scale.shape) != (-(-N // bn), -(-K // bk)):
+            raise ValueError(
+                f"{name}: scale shape {list(scale.shape)}, expected [ceil({N}/{bn}), ceil({K}/{bk})] = "
+                f"[{-(-N // bn)}, {-(-K // bk)}] (block scales)"
+            )
+        new = FP8Linear.from_quantized(weight, scale, tensors.get("bias"), **options)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, new)
+        modules[name] = new
+
+    def assign(name: str, tensor: torch.Tensor) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name] if module_name else model
+        current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
+        if current is not None and tuple(current.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: checkpoint shape {list(tensor.shape)}, the model's is {list(current.shape)}")
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if _keep_fp32(model, name) else dtype)
+        tensor = tensor.to(device)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[leaf] = tensor
+
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if keys[key] != f:
+                    continue  # listed in another shard too: the index decides
+                if key in key_to_quantized:
+                    name, leaf = key_to_quantized[key]
+                    t = sf.get_tensor(key)
+                    if leaf == "weight_scale_inv":
+                        if t.dtype not in SCALE_DTYPES:
+                            raise ValueError(f"{key}: scale dtype {t.dtype}; expected one of {SCALE_DTYPES}")
+                        t = t.float()
+                    elif leaf == "bias":
+                        t = t.to(dtype)
+                    pending.setdefault(name, {})[leaf] = t.to(device)
+                    if set(pending[name]) == set(quantized[name]):
+                        swap_in(name, pending.pop(name))
+                    continue
+                name = resolve(key)
+                if name is None:
+                    unexpected.append(key)
+                    continue
+                assign(name, sf.get_tensor(key))
+                loaded.add(name)
+    if unexpected:
+        raise ValueError(
+            f"{len(unexpected)} checkpoint tensor(s) have no place in {type(model).__name__}: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    if pending:
+        raise ValueError(f"quantized layer(s) missing tensors after reading every shard: {sorted(pending)}")
+
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # lm_head <- embed_tokens when tie_word_embeddings (not stored twice)
+    for module in model.modules():
+        for leaf, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device and buf.device.type != "meta":
+                module._buffers[leaf] = buf.to(device)  # constructor-made buffers (rotary inv_freq)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise RuntimeError(
+            f"load_quantized: {len(on_meta)} tensor(s) were not in the checkpoint and stay on the meta device: "
+            f"{on_meta[:8]}{' ...' if len(on_meta) > 8 else ''}"
+        )
+
+    hf.load_generation_config(model, folder)
+    summary = QuantizeSummary(dtype=fp8_config.dtype)
+    summary.swapped = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
+    summary.skipped = {n: "not quantized in the checkpoint" for n in qc.get("modules_to_not_convert") or []}
+    model.fp8linear_summary = summary
+    model.fp8linear_quantization_config = qc
+    return model.eval()

@@ -1,0 +1,109 @@
+"""Where one FP8Linear forward spends its time, per backend: host, GPU, and each kernel.
+
+    python3 scripts/profile_linear.py [--N 4096] [--K 4096] [--M 1 64 512]
+
+Per (backend, M): host microseconds per call (a loop of calls, one synchronize at the end), GPU
+microseconds per call (CUDA-graph replay of 20 calls: no host in the way), and the kernels of one
+call from torch.profiler with their device time. bf16 F.linear is the yardstick. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def host_us(fn, n: int = 200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def graph_us(fn, n: int = 20, reps: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def kernels(fn) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    parts = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            parts.append(f"{evt.key[:60]} {t:.1f}us")
+    return "; ".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=4096)
+    ap.add_argument("--K", type=int, default=4096)
+    ap.add_argument("--M", type=int, nargs="+", default=[1, 64, 512])
+    ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "auto"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_linear.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from fp8linear import FP8Linear
+    from fp8linear.backends import unsupported_reason
+
+    N, K = args.N, args.K
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    mods = {b: FP8Linear.from_linear(lin, backend=b) for b in args.backends}
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}  N={N} K={K}")
+    print(f"{'provider':10s} {'M':>6s} {'host us':>9s} {'graph us':>9s}  kernels of one call")
+    with torch.inference_mode():
+        for M in args.M:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
+            for b, mod in mods.items():
+                if b != "auto" and unsupported_reason(b, M, N, K, torch.float8_e4m3fn, x.device) is not None:
+                    continue
+                fns[b] = (lambda m: (lambda: m(x)))(mod)
+            for name, fn in fns.items():
+                try:
+                    h = host_us(fn)
+                    g = graph_us(fn)
+                    k = kernels(fn)
+                except Exception as exc:  # keep profiling the rest
+                    print(f"{name:10s} {M:6d} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                print(f"{name:10s} {M:6d} {h:9.1f} {g:9.1f}  {k}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
