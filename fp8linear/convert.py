@@ -1,0 +1,287 @@
+"""quantize_model: swap a model's nn.Linear layers for FP8Linear, in place, with a skip list.
+
+What stays in the original dtype, and why (each reason lands in the summary):
+- the rules of `models/recipes.json` for the model's `config.model_type` plus its "*" rules: the output
+  head (`lm_head`) and MoE routers / shared-expert gates. Embeddings are never nn.Linear, so never swapped;
+- the user's `skip`: exact module names or regexes, each matched against the *whole* qualified name
+  (re.fullmatch). A published tool skipped routers with the substring rule `mlp.gate.`, which also
+  caught every `mlp.gate_proj`; under fullmatch `.*mlp\\.gate` names the router and nothing else;
+- an nn.Linear whose weight is shared with another module (tied to the embeddings): quantizing it would
+  silently untie the pair;
+- subclasses of nn.Linear (e.g. nn.MultiheadAttention's out_proj): their owners may read `.weight`
+  directly instead of calling forward, so only exact nn.Linear is swapped.
+
+Modules that hold 3-D+ weights and are not nn.Linear (the fused MoE experts of transformers 5.x:
+`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) are left unquantized and listed in
+the summary; FP8Linear covers 2-D weights only.
+
+The swap is post-order over `named_children` (torchao's `swap_linear_layers`): a root nn.Linear is
+returned swapped, not mutated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Pattern, Union
+
+import torch
+from torch import nn
+
+__all__ = ["quantize_model", "dequantize_model", "read_skip_list", "QuantizeSummary", "models_dir", "recipe_rules", "SkipRule"]
+
+log = logging.getLogger("fp8linear")
+
+SkipSpec = Union[str, Pattern[str]]
+
+
+def models_dir() -> Path:
+    """Where the built-in model configs and recipes live: `<repo>/models` in a checkout or editable install,
+    `fp8linear/_models` inside a wheel (the build maps the folder in, as it does for kernels/)."""
+    here = Path(__file__).resolve().parent
+    tried = [here.parent / "models", here / "_models"]
+    for path in tried:
+        if (path / "recipes.json").is_file():
+            return path
+    raise FileNotFoundError(
+        "fp8linear's models/ folder (recipes.json, demo model configs) was not found; tried "
+        + ", ".join(str(p) for p in tried)
+        + ". A wheel must ship it as fp8linear/_models"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipRule:
+    """One skip rule: a regex matched with re.fullmatch against a module's qualified name, and why."""
+
+    pattern: Pattern[str]
+    reason: str
+    spec: str = ""  # what the user or recipe wrote
+
+    def matches(self, name: str) -> bool:
+        return self.pattern.fullmatch(name) is not None
+
+
+@lru_cache(maxsize=None)
+def _recipes() -> dict[str, Any]:
+    with open(models_dir() / "recipes.json") as f:
+        return json.load(f)
+
+
+def recipe_rules(model_type: "str | None") -> list[SkipRule]:
+    """The default skip rules for a Hugging Face model_type ("*" rules plus the type's own)."""
+    recipes = _recipes()
+    entries = list(recipes["*"]) + list(recipes.get(model_type or "", []))
+    return [SkipRule(re.compile(e["pattern"]), e["reason"], e["pattern"]) for e in entries]
+
+
+def _user_rules(skip: "Iterable[SkipSpec] | SkipSpec | None") -> list[SkipRule]:
+    if skip is None:
+        return []
+    if isinstance(skip, (str, re.Pattern)):
+        skip = [skip]
+    rules = []
+    for item in skip:
+        if isinstance(item, re.Pattern):
+            rules.append(SkipRule(item, f"skip pattern {item.pattern!r}", item.pattern))
+        elif isinstance(item, str):
+            try:
+                # An exact name is also a regex that fullmatches itself ('.' matches '.'), so one rule
+                # covers both; re.escape keeps a literal name from matching anything else.
+                pattern = re.compile(f"(?:{re.escape(item)})|(?:{item})")
+            except re.error as exc:
+                raise ValueError(f"skip entry {item!r} is not a valid regular expression: {exc}") from None
+            rules.append(SkipRule(pattern, f"skip {item!r}", item))
+        else:
+            raise TypeError(
+                f"skip entries must be module names, regex strings or compiled patterns; got {item!r} "
+                f"({type(item).__name__})"
+            )
+    return rules
+
+
+@dataclasses.dataclass
+class QuantizeSummary:
+    """What quantize_model did, also attached to the model as `model.fp8linear_summary`.
+
+    swapped:       qualified names of the nn.Linear layers now FP8Linear, in module order
+    skipped:       nn.Linear layers kept in the original dtype -> reason
+    unquantized:   non-Linear modules holding 3-D+ weights (fused MoE experts) kept as they are -> reason
+    unmatched_skip: user skip entries that matched no module (a typo shows here)
+    """
+
+    swapped: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    unquantized: dict[str, str] = dataclasses.field(default_factory=dict)
+    unmatched_skip: list[str] = dataclasses.field(default_factory=list)
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+    @property
+    def modules_to_not_convert(self) -> list[str]:
+        """Every module left in the original dtype, as config.json's `modules_to_not_convert` lists them."""
+        return sorted({*self.skipped, *self.unquantized})
+
+    def __str__(self) -> str:
+        lines = [f"fp8linear: {len(self.swapped)} nn.Linear -> FP8Linear ({self.dtype}); "
+                 f"{len(self.skipped)} Linear kept; {len(self.unquantized)} other weight modules kept"]
+        for name, reason in self.skipped.items():
+            lines.append(f"  kept {name}: {reason}")
+        for name, reason in self.unquantized.items():
+            lines.append(f"  kept {name}: {reason}")
+        for entry in self.unmatched_skip:
+            lines.append(f"  skip entry {entry!r} matched no module")
+        return "\n".join(lines)
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every qualified name it appears under (more than one when tied)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _fused_weight_reason(module: nn.Module) -> "str | None":
+    shapes = [
+        f"{name} {list(p.shape)}"
+        for name, p in module.named_parameters(recurse=False)
+        if p.dim() >= 3 and p.is_floating_point()
+    ]
+    if not shapes:
+        return None
+    return (f"{type(module).__name__} holds 3-D+ weights ({', '.join(shapes)}), not nn.Linear layers "
+            "(fused MoE experts in transformers 5.x): left unquantized")
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    skip: "Iterable[SkipSpec] | SkipSpec | None" = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> nn.Module:
+    """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations).
+
+    Args:
+        model: any nn.Module; a Hugging Face model's `config.model_type` selects its recipe of default
+            skips (models/recipes.json). Weights are quantized where they live (CPU or GPU).
+        dtype: torch.float8_e4m3fn (default) or torch.int8.
+        skip: extra modules to keep in the original dtype: exact qualified names, regex strings or
+            compiled patterns, each matched against the whole name (re.fullmatch).
+        backend: FP8Linear's GEMM backend ("auto", "deepgemm", "cublas", "triton", "reference").
+        progress: show a tqdm bar over the layers.
+
+    Returns the model (the same object, swapped in place; a new FP8Linear if `model` itself is an
+    nn.Linear). The summary (QuantizeSummary) is logged at INFO and attached as `fp8linear_summary`.
+    """
+    from .linear import FP8Linear  # the module pulls in the backends: import on use
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if dtype not in (torch.float8_e4m3fn, torch.int8):
+        raise ValueError(f"dtype must be torch.float8_e4m3fn or torch.int8; got {dtype!r}")
+    options = {"dtype": dtype, "backend": backend}
+    # Validate the options once, before touching the model, so a typo fails fast and leaves it intact.
+    FP8Linear(128, 128, bias=False, device="meta", **options)
+
+    config = getattr(model, "config", None)
+    user = _user_rules(skip)
+    rules = recipe_rules(getattr(config, "model_type", None)) + user
+    used_user_rules: set[int] = set()
+    tied = _tied_names(model)
+    summary = QuantizeSummary(dtype=dtype)
+
+    # (parent or None for the root, attribute name, qualified name, module), children before parents.
+    todo: list[tuple["nn.Module | None", str, str, nn.Linear]] = []
+
+    def visit(parent: "nn.Module | None", attr: str, name: str, module: nn.Module) -> None:
+        for child_attr, child in module.named_children():
+            visit(module, child_attr, f"{name}.{child_attr}" if name else child_attr, child)
+        if isinstance(module, FP8Linear):
+            return
+        if not isinstance(module, nn.Linear):
+            reason = _fused_weight_reason(module)
+            if reason is not None:
+                summary.unquantized[name] = reason
+            return
+        used_user_rules.update(i for i, rule in enumerate(user) if rule.matches(name))
+        for rule in rules:
+            if rule.matches(name):
+                summary.skipped[name] = rule.reason
+                return
+        if type(module) is not nn.Linear:
+            summary.skipped[name] = (f"subclass {type(module).__name__} of nn.Linear: its owner may read .weight "
+                                     "without calling forward")
+            return
+        sharers = [n for n in tied.get(id(module.weight), []) if n != f"{name}.weight" and n != "weight"]
+        if sharers:
+            summary.skipped[name] = f"weight tied to {', '.join(sharers)}: quantizing would untie it"
+            return
+        todo.append((parent, attr, name, module))
+
+    visit(None, "", "", model)
+    summary.unmatched_skip = [
+        rule.spec for i, rule in enumerate(user) if i not in used_user_rules
+    ]
+
+    from tqdm.auto import tqdm
+
+    result = model
+    for i in tqdm(range(len(todo)), desc="fp8linear: quantizing", unit="layer", disable=not progress):
+        parent, attr, name, linear = todo[i]
+        todo[i] = None  # type: ignore[call-overload]  # drop our reference: each original frees once swapped
+        new = FP8Linear.from_linear(linear, **options)
+        new.train(linear.training)
+        if parent is None:
+            result = new
+        else:
+            setattr(parent, attr, new)
+        del linear
+        summary.swapped.append(name or "<root>")
+
+    for entry in summary.unmatched_skip:
+        log.warning("fp8linear.quantize_model: skip entry %r matched no module name", entry)
+    log.info("%s", summary)
+    result.fp8linear_summary = summary
+    return result
+
+
+def dequantize_model(model: nn.Module, dtype: "torch.dtype | None" = None) -> nn.Module:
+    """The inverse swap, in place: every FP8Linear becomes an nn.Linear holding its dequantized weight
+    (dequant(weight) in `dtype`, default the bias's dtype or bf16). The baseline for an FP8 checkpoint
+    whose original weights are not at hand: the same values, run as a plain bf16 GEMM."""
+    from .linear import FP8Linear
+    from .weights import dequantize_weight_blockwise
+
+    def swap(module: nn.Module) -> nn.Module:
+        for attr, child in module.named_children():
+            setattr(module, attr, swap(child))
+        if not isinstance(module, FP8Linear):
+            return module
+        out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.bfloat16)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta", dtype=out_dtype)
+        with torch.no_grad():
+            w = dequantize_weight_blockwise(module.weight, module.weight_scale_inv, module.block_size)
+            linear.weight = nn.Parameter(w.to(out_dtype), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.detach().to(out_dtype).clone(), requires_grad=False)
+        return linear
+
+    return swap(model)
+
+
+def read_skip_list(path: "str | Path") -> list[str]:
+    """A skip-list file (one module name or regex per line; '#' starts a comment), e.g. those under
+    models/skip-lists/ or the skip_*.txt that `fp8linear eval` writes."""
+    entries = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            entries.append(line)
+    return entries
