@@ -273,7 +273,7 @@ class _Resolver:
 
 
 def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | None" = None,
-                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> nn.Module:
+                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto", fuse_mlp: bool = False) -> nn.Module:
     """Build the Hugging Face model of an FP8 checkpoint folder with FP8Linear in place, offline.
 
     Args:
@@ -284,6 +284,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
             modules the model keeps in fp32 (`_keep_in_fp32_modules`) stay fp32. Quantized weights stay
             fp8/int8 and scales fp32.
         backend: the FP8Linear GEMM backend for every quantized layer.
+        fuse_mlp: swap gated MLPs for fp8linear.mlp.FP8GatedMLP after loading (as quantize_model's).
 
     The model is built on the meta device from config.json (quantization_config removed first, so
     transformers' own FP8 quantizer stays out), layers with scales in the checkpoint become
@@ -459,4 +460,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     summary.skipped = {n: "not quantized in the checkpoint" for n in qc.get("modules_to_not_convert") or []}
     model.fp8linear_summary = summary
     model.fp8linear_quantization_config = qc
+    if fuse_mlp:
+        from .mlp import fuse_gated_mlps
+
+        model.fp8linear_fused_mlps = fuse_gated_mlps(model)
     return model.eval()

@@ -164,6 +164,7 @@ def quantize_model(
     skip: "Iterable[SkipSpec] | SkipSpec | None" = None,
     backend: str = "auto",
     progress: bool = True,
+    fuse_mlp: bool = False,
 ) -> nn.Module:
     """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations).
 
@@ -175,6 +176,10 @@ def quantize_model(
             compiled patterns, each matched against the whole name (re.fullmatch).
         backend: FP8Linear's GEMM backend ("auto", "deepgemm", "cublas", "triton", "reference").
         progress: show a tqdm bar over the layers.
+        fuse_mlp: also swap gated MLPs (gate_proj/up_proj/down_proj, SiLU) for fp8linear.mlp.FP8GatedMLP:
+            one gate_up GEMM, SiLU-and-mul fused into the activation quantization, the down GEMM. MLPs
+            that cannot fuse (intermediate size not a multiple of 128, ...) stay as they are, with the
+            reason in `fp8linear_fused_mlps`. state_dict keys (and so checkpoints) stay per projection.
 
     Returns the model (the same object, swapped in place; a new FP8Linear if `model` itself is an
     nn.Linear). The summary (QuantizeSummary) is logged at INFO and attached as `fp8linear_summary`.
@@ -248,6 +253,10 @@ def quantize_model(
         log.warning("fp8linear.quantize_model: skip entry %r matched no module name", entry)
     log.info("%s", summary)
     result.fp8linear_summary = summary
+    if fuse_mlp:
+        from .mlp import fuse_gated_mlps
+
+        result.fp8linear_fused_mlps = fuse_gated_mlps(result)
     return result
 
 
@@ -258,7 +267,14 @@ def dequantize_model(model: nn.Module, dtype: "torch.dtype | None" = None) -> nn
     from .linear import FP8Linear
     from .weights import dequantize_weight_blockwise
 
+    from .mlp import FP8GatedMLP
+
     def swap(module: nn.Module) -> nn.Module:
+        if isinstance(module, FP8GatedMLP):
+            raise ValueError(
+                "dequantize_model cannot unfuse an FP8GatedMLP (quantize_model(..., fuse_mlp=True)); save it with "
+                "save_quantized and load it with load_quantized(..., fuse_mlp=False) to get per-projection layers"
+            )
         for attr, child in module.named_children():
             setattr(module, attr, swap(child))
         if not isinstance(module, FP8Linear):

@@ -75,7 +75,12 @@ def per_token_group_quant(
     eps: float = 1e-10,
     out: "torch.Tensor | None" = None,
     scale_out: "torch.Tensor | None" = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    prologue: "str | None" = None,
+    weight: "torch.Tensor | None" = None,
+    rms_eps: float = 1e-6,
+    return_normed: bool = False,
+    normed_out: "torch.Tensor | None" = None,
+):
     """Quantize x per group of `group_size` consecutive elements along its last dim.
 
     Args:
@@ -97,8 +102,16 @@ def per_token_group_quant(
         semantics bit for bit as DESIGN.md "Quantization semantics" (see `fp8linear.reference`); a group
         with a NaN or Inf gets scale NaN and q NaN (fp8) or 0 (int8).
 
+    Prologues (fused into the same kernel, 2-D x only; fp8linear.fused has the exact semantics):
+        prologue="silu_and_mul": x [M, 2I] is [gate | up]; quantizes silu(gate) * up, q [M, I].
+        prologue="rmsnorm": quantizes rmsnorm(x) * weight (`weight` [H], `rms_eps`); with
+            `return_normed=True` also returns the normalized row in x's dtype: (q, s, normed).
+
     Runs the reference in torch on CPU and the CUDA kernel (built on first use) on CUDA.
     """
+    if prologue is not None:
+        return _fused(x, group_size, dtype, scale_layout, scale_ue8m0, eps, out, scale_out, prologue, weight,
+                      rms_eps, return_normed, normed_out)
     # -- check ---------------------------------------------------------------------------------------
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
@@ -144,3 +157,21 @@ def per_token_group_quant(
         _build.ensure_loaded()
     torch.ops.fp8linear.per_token_group_quant_(x, out, scale_out, group_size, bool(scale_ue8m0), float(eps), layout.value)
     return out, scale_out
+
+
+def _fused(x, group_size, dtype, scale_layout, scale_ue8m0, eps, out, scale_out, prologue, weight, rms_eps,
+           return_normed, normed_out):
+    from . import fused  # fused imports this module
+
+    if prologue == "silu_and_mul":
+        if weight is not None or return_normed or normed_out is not None:
+            raise ValueError("prologue='silu_and_mul' takes no weight, return_normed or normed_out")
+        return fused.silu_and_mul_quant(x, group_size, dtype, scale_layout=scale_layout, scale_ue8m0=scale_ue8m0,
+                                        eps=eps, out=out, scale_out=scale_out)
+    if prologue == "rmsnorm":
+        if weight is None:
+            raise ValueError("prologue='rmsnorm' needs weight= (the norm's [H] weight)")
+        return fused.rmsnorm_quant(x, weight, rms_eps, group_size, dtype, scale_layout=scale_layout,
+                                   scale_ue8m0=scale_ue8m0, eps=eps, return_normed=return_normed, out=out,
+                                   scale_out=scale_out, normed_out=normed_out)
+    raise ValueError(f"prologue must be None, 'silu_and_mul' or 'rmsnorm'; got {prologue!r}")

@@ -1,0 +1,467 @@
+// Fused prologues of the quantization: the CUDA implementations of `fp8linear::silu_and_mul_quant_` and
+// `fp8linear::rmsnorm_quant_` (schemas in fp8linear/fused.py).
+//
+// What they compute, bit for bit as fp8linear/fused.py's references (its docstring is the spec):
+//   silu_and_mul: x [M, 2I] = [gate | up] -> a = round_T(round_T(g / (1 + exp_fp32(-g))) * u) (torch's
+//     F.silu(g) * u in T, two roundings), then a is quantized per group of g elements exactly as
+//     DESIGN.md "Quantization semantics" (common.cuh).
+//   rmsnorm: x [M, H], weight [H] -> y = round_T(w * round_T(x * r)), r = 1 / sqrt(ss / H + rms_eps)
+//     with ss the sum of squares in a fixed order (below), then y quantized per group; y itself is
+//     written too when asked (the residual path).
+// Scales go to `row`, `col` or `ue8m0_packed` (DESIGN.md "Scale layouts"), as per_token_group_quant.cu.
+//
+// Thread-to-data mapping. A chunk is 8 consecutive elements of T (16 bytes of bf16/fp16, 32 of fp32),
+// owned by one lane; a group of g elements is TPG = g / 8 adjacent lanes (2 .. 32) of one warp, whose
+// amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in the main kernel).
+//
+// silu_and_mul: the chunks of q (M * I / 8 of them, in memory order) are spread over a grid-stride
+// loop of 256-thread blocks; each thread loads the gate and up chunks of kUnroll = 2 slots before
+// computing any (64 bytes in flight per thread for bf16). Bytes per output element: 2 sizeof(T) read
+// + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096, I = 14336 moves
+// 296 MB, about 99 us. The activation costs about 45 fp32 instructions per element (exp by polynomial,
+// one IEEE division), near the H100's issue rate at that bandwidth, so the math uses no extra passes.
+//
+// rmsnorm: one 256-thread block per row; lane j holds chunks j, j + 256, ... (at most 8: H <= 16384) in
+// registers with the weight's. Pass 1: each lane adds its squares in order (fp32), a butterfly of
+// xor-shuffles (16, 8, 4, 2, 1) sums each warp, and every thread adds the 8 warp sums as a tree
+// (w + w+4, + w+2, + w+1) from shared memory: the order fused.sum_of_squares_fixed_order reproduces.
+// Pass 2 normalizes, rounds, quantizes and stores from the registers. Bytes per element: sizeof(T) read
+// + 1 written (+ sizeof(T) for y) + the weight (from L2).
+//
+// Build: with the other kernels/*.cu into one library (fp8linear/_build.py), no fast math.
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "fused_quant.cuh"
+
+namespace fp8linear {
+namespace fused {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kUnroll = 2;  // silu_and_mul slots per thread per iteration
+
+struct SiluParams {
+  // pointers
+  const void* x;  // T [M, 2I], element (m, k) at m * x_stride_row + k
+  uint8_t* q;     // fp8 / int8 bytes, contiguous [M, I]
+  ScaleOut s;
+  // sizes
+  uint32_t num_chunks;        // M * I / 8 (< 2^31)
+  FastDivmod chunks_per_row;  // I / 8
+  uint32_t I;
+  int tpg;       // lanes per group, g / 8
+  int tpg_log2;  // log2(tpg)
+  // strides (elements of x)
+  int64_t x_stride_row;
+  // semantics
+  float eps;
+  bool scale_ue8m0;
+  bool vec;        // x, its row stride and I * sizeof(T) allow 16-byte loads
+  bool q_aligned;  // q is 8-byte aligned
+};
+
+template <typename T, typename Out, bool kPacked>
+__global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(const SiluParams p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint32_t stride = gridDim.x * kThreads;
+  const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
+  const uint32_t warp_offset = threadIdx.x & ~(kWarpSize - 1);
+
+  for (uint32_t base = blockIdx.x * kThreads; base < p.num_chunks; base += kUnroll * stride) {
+    Vec8<T> gate[kUnroll], up[kUnroll];
+    uint32_t row[kUnroll], col[kUnroll];  // row m and chunk index within the row
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t c = base + u * stride + threadIdx.x;
+      row[u] = col[u] = 0;
+      gate[u] = up[u] = zero8<T>();
+      if (c < p.num_chunks) {
+        row[u] = p.chunks_per_row.div(c);
+        col[u] = c - row[u] * p.chunks_per_row.divisor;
+        const T* g = x + row[u] * p.x_stride_row + static_cast<int64_t>(col[u]) * kChunk;
+        if (p.vec) {
+          gate[u] = load8<T, true>(g);
+          up[u] = load8<T, true>(g + p.I);
+        } else {
+          gate[u] = load8<T, false>(g);
+          up[u] = load8<T, false>(g + p.I);
+        }
+      }
+    }
+
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t first = base + u * stride;
+      // Warp-uniform: a warp wholly past the end skips; otherwise every lane reaches the shuffles
+      // (num_chunks is a multiple of tpg, so a group is wholly valid or wholly not).
+      if (first + warp_offset >= p.num_chunks) continue;
+      const uint32_t c = first + threadIdx.x;
+
+      float gf[kChunk], uf[kChunk], a[kChunk];
+      to_float8(gate[u], gf);
+      to_float8(up[u], uf);
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) a[k] = silu_fp32(gf[k]);
+      to_float8(Round8<T>::apply(a), a);  // silu(g) in the input dtype, as torch's F.silu returns it
+#pragma unroll
+      for (int k = 0; k < kChunk; ++k) a[k] = __fmul_rn(a[k], uf[k]);
+      const Vec8<T> act = Round8<T>::apply(a);  // silu(g) * u in the input dtype
+
+      const uint32_t amax_bits = group_max(abs_max_bits8(act), p.tpg);
+      const GroupScale gs = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
+      if (c >= p.num_chunks) continue;
+
+      float af[kChunk];
+      to_float8(act, af);
+      uint32_t w[2];
+      quantize_chunk<Out, kChunk>(af, gs.inv, gs.nonfinite, w);
+      store_q8(p.q + static_cast<int64_t>(c) * kChunk, w, p.q_aligned);  // q [M, I] contiguous
+      if (lane_in_group == 0) store_scale<kPacked>(p.s, row[u], col[u] >> p.tpg_log2, gs);
+    }
+  }
+}
+
+struct RmsParams {
+  // pointers
+  const void* x;       // T [M, H], element (m, k) at m * x_stride_row + k
+  const void* weight;  // T [H], contiguous
+  uint8_t* q;          // fp8 / int8 bytes, contiguous [M, H]
+  void* normed;        // T [M, H] contiguous, or nullptr
+  ScaleOut s;
+  // sizes
+  uint32_t H;
+  uint32_t chunks;  // H / 8
+  int tpg, tpg_log2;
+  // strides (elements of x)
+  int64_t x_stride_row;
+  // semantics
+  float rms_eps;
+  float eps;
+  bool scale_ue8m0;
+  bool vec;              // x, its row stride and weight allow 16-byte loads
+  bool q_aligned;        // q 8-byte aligned
+  bool normed_aligned;   // normed 16-byte aligned
+};
+
+template <typename T, typename Out, int kIters, bool kPacked>
+__global__ void __launch_bounds__(kThreads) rmsnorm_quant_kernel(const RmsParams p) {
+  __shared__ float warp_sums[kWarps];
+  const uint32_t m = blockIdx.x;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const T* __restrict__ xr = static_cast<const T*>(p.x) + static_cast<int64_t>(m) * p.x_stride_row;
+  const T* __restrict__ w = static_cast<const T*>(p.weight);
+
+  Vec8<T> xv[kIters], wv[kIters];
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const uint32_t c = it * kThreads + threadIdx.x;
+    xv[it] = wv[it] = zero8<T>();
+    if (c < p.chunks) {
+      if (p.vec) {
+        xv[it] = load8<T, true>(xr + c * kChunk);
+        wv[it] = load8<T, true>(w + c * kChunk);
+      } else {
+        xv[it] = load8<T, false>(xr + c * kChunk);
+        wv[it] = load8<T, false>(w + c * kChunk);
+      }
+    }
+  }
+
+  // Pass 1: the sum of squares in the order of fused.sum_of_squares_fixed_order. Absent chunks are
+  // zeros, and acc + 0 * 0 == acc exactly, so they change nothing (the reference pads the same way).
+  float acc = 0.0f;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    float f[kChunk];
+    to_float8(xv[it], f);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) acc = __fadd_rn(acc, __fmul_rn(f[k], f[k]));
+  }
+  // Butterfly: lane j adds lane j ^ offset; a + b == b + a, so both lanes of a pair hold the same sum
+  // and lane j < offset holds the reference's acc[j] + acc[j + offset].
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    acc = __fadd_rn(acc, __shfl_xor_sync(0xFFFFFFFFu, acc, offset));
+  }
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  static_assert(kWarps == 8, "the fixed summation order has 8 warp sums");
+  float s4[4], s2[2];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s4[j] = __fadd_rn(warp_sums[j], warp_sums[j + 4]);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) s2[j] = __fadd_rn(s4[j], s4[j + 2]);
+  const float ss = __fadd_rn(s2[0], s2[1]);
+  const float var = __fdiv_rn(ss, static_cast<float>(p.H));
+  const float r = __frcp_rn(__fsqrt_rn(__fadd_rn(var, p.rms_eps)));  // IEEE 1 / sqrt, not rsqrtf
+
+  // Pass 2: normalize, round, quantize, store.
+  const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
+  const int64_t row_offset = static_cast<int64_t>(m) * p.H;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const uint32_t first = it * kThreads;
+    if (first + warp * kWarpSize >= p.chunks) break;  // warp-uniform, and so are later iterations
+    const uint32_t c = first + threadIdx.x;
+
+    float f[kChunk], wf[kChunk], h[kChunk], y[kChunk];
+    to_float8(xv[it], f);
+    to_float8(wv[it], wf);
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) h[k] = __fmul_rn(f[k], r);
+    to_float8(Round8<T>::apply(h), h);  // hidden.to(input_dtype)
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) y[k] = __fmul_rn(wf[k], h[k]);
+    const Vec8<T> yv = Round8<T>::apply(y);  // weight * hidden, in the input dtype
+
+    const uint32_t amax_bits = group_max(abs_max_bits8(yv), p.tpg);
+    const GroupScale gs = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
+    if (c >= p.chunks) continue;
+
+    to_float8(yv, y);
+    uint32_t qw[2];
+    quantize_chunk<Out, kChunk>(y, gs.inv, gs.nonfinite, qw);
+    store_q8(p.q + row_offset + static_cast<int64_t>(c) * kChunk, qw, p.q_aligned);
+    if (p.normed != nullptr) {
+      store8<T>(static_cast<T*>(p.normed) + row_offset + static_cast<int64_t>(c) * kChunk, yv, p.normed_aligned);
+    }
+    if (lane_in_group == 0) store_scale<kPacked>(p.s, m, c >> p.tpg_log2, gs);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: checks, the instantiation, the grid, a launch on the current stream.
+// ------------------------------------------------------------------------------------------------
+
+int device_sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // written once per device with the same value
+  int n = 0;
+  if (device >= 0 && device < kMaxDevices) n = __atomic_load_n(&cache[device], __ATOMIC_RELAXED);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    if (device >= 0 && device < kMaxDevices) __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
+  }
+  return n;
+}
+
+bool aligned_to(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+
+int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+template <typename T, typename Out, bool kPacked>
+void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
+  const auto kernel = silu_and_mul_quant_kernel<T, Out, kPacked>;
+  static const int blocks_per_sm = [&] {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    return n > 0 ? n : 1;
+  }();
+  const uint32_t blocks_needed = ceil_div<uint32_t>(p.num_chunks, kThreads);
+  const uint32_t max_grid = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
+  const uint32_t grid = blocks_needed < max_grid ? blocks_needed : max_grid;
+  kernel<<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Out, int kIters, bool kPacked>
+void launch_rms_iters(const RmsParams& p, uint32_t rows, cudaStream_t stream) {
+  rmsnorm_quant_kernel<T, Out, kIters, kPacked><<<rows, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Out, bool kPacked>
+void launch_rms(const RmsParams& p, uint32_t rows, cudaStream_t stream) {
+  const uint32_t iters = ceil_div<uint32_t>(p.chunks, kThreads);
+  if (iters <= 1) return launch_rms_iters<T, Out, 1, kPacked>(p, rows, stream);
+  if (iters <= 2) return launch_rms_iters<T, Out, 2, kPacked>(p, rows, stream);
+  if (iters <= 4) return launch_rms_iters<T, Out, 4, kPacked>(p, rows, stream);
+  TORCH_CHECK(iters <= 8, "rmsnorm_quant_: H=", p.H, " is wider than 16384");
+  return launch_rms_iters<T, Out, 8, kPacked>(p, rows, stream);
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Dispatch on (input dtype, output dtype, packed): Launch<T, Out, kPacked>::run(p, args...).
+template <template <typename, typename, bool> class Launch, typename Params, typename... Args>
+void dispatch(at::ScalarType x_dtype, at::ScalarType q_dtype, bool packed, const Params& p, Args... args) {
+  auto by_out = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (q_dtype == at::ScalarType::Float8_e4m3fn) {
+      if (packed) return Launch<T, OutFp8E4M3, true>::run(p, args...);
+      return Launch<T, OutFp8E4M3, false>::run(p, args...);
+    }
+    TORCH_CHECK(!packed, "layout 'ue8m0_packed' is for fp8 output only; q is int8");
+    return Launch<T, OutInt8, false>::run(p, args...);
+  };
+  switch (x_dtype) {
+    case at::ScalarType::BFloat16: return by_out(Tag<__nv_bfloat16>{});
+    case at::ScalarType::Half: return by_out(Tag<__half>{});
+    default: return by_out(Tag<float>{});
+  }
+}
+
+template <typename T, typename Out, bool kPacked>
+struct SiluLaunch {
+  static void run(const SiluParams& p, int device, cudaStream_t stream) { launch_silu<T, Out, kPacked>(p, device, stream); }
+};
+
+template <typename T, typename Out, bool kPacked>
+struct RmsLaunch {
+  static void run(const RmsParams& p, uint32_t rows, cudaStream_t stream) { launch_rms<T, Out, kPacked>(p, rows, stream); }
+};
+
+// Checks shared by both ops. The public wrappers (fp8linear/fused.py) validated everything already;
+// these keep a direct call of an op from writing out of bounds.
+void check_common(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group_size,
+                  c10::string_view layout, int64_t width, bool* packed) {
+  *packed = layout == "ue8m0_packed";
+  TORCH_CHECK(*packed || layout == "row" || layout == "col", op, ": layout must be 'row', 'col' or 'ue8m0_packed'; got '",
+              layout, "'");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D; got ", x.sizes());
+  TORCH_CHECK(x.is_cuda() && q.device() == x.device() && s.device() == x.device(), op,
+              ": x, q and s must be on the same CUDA device; got ", x.device(), ", ", q.device(), ", ", s.device());
+  const at::ScalarType x_dtype = x.scalar_type();
+  TORCH_CHECK(x_dtype == at::ScalarType::BFloat16 || x_dtype == at::ScalarType::Half || x_dtype == at::ScalarType::Float,
+              op, ": x must be bfloat16, float16 or float32; got ", x_dtype);
+  TORCH_CHECK(q.scalar_type() == at::ScalarType::Float8_e4m3fn || q.scalar_type() == at::ScalarType::Char, op,
+              ": q must be float8_e4m3fn or int8; got ", q.scalar_type());
+  TORCH_CHECK(s.scalar_type() == (*packed ? at::ScalarType::Int : at::ScalarType::Float), op, ": s must be ",
+              *packed ? "int32" : "float32", " for layout '", layout, "'; got ", s.scalar_type());
+  TORCH_CHECK(group_size == 16 || group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, op,
+              ": group_size must be one of 16, 32, 64, 128, 256; got ", group_size);
+  TORCH_CHECK(width % group_size == 0, op, ": width ", width, " must be divisible by group_size=", group_size);
+  const int64_t M = x.size(0);
+  const int64_t G = width / group_size;
+  TORCH_CHECK(q.dim() == 2 && q.size(0) == M && q.size(1) == width && q.is_contiguous(), op,
+              ": q must be contiguous [", M, ", ", width, "]; got ", q.sizes(), " with strides ", q.strides());
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == (*packed ? (G + 3) / 4 : G), op, ": s has shape ",
+              s.sizes(), ", which does not fit ", M, " rows of ", G, " groups in layout '", layout, "'");
+  TORCH_CHECK(M * width / 8 < (int64_t{1} << 31), op, ": at most 2^31 - 1 chunks of 8 per call; got ", M * width / 8);
+}
+
+ScaleOut scale_out(const at::Tensor& s, int64_t G) {
+  ScaleOut out;
+  out.s = s.data_ptr();
+  // Strides of size-1 dims never address anything.
+  out.stride_row = s.size(0) > 1 ? s.stride(0) : 0;
+  out.stride_col = s.size(1) > 1 ? s.stride(1) : 0;
+  out.groups = static_cast<uint32_t>(G);
+  return out;
+}
+
+}  // namespace
+
+// silu_and_mul_quant_(Tensor x, Tensor(a!) q, Tensor(b!) s, int group_size, bool scale_ue8m0, float eps,
+//                     str layout) -> ()
+void silu_and_mul_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& s, int64_t group_size, bool scale_ue8m0,
+                             double eps, c10::string_view layout) {
+  constexpr const char* op = "silu_and_mul_quant_";
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, op, ": x must be [M, 2I]; got ", x.sizes());
+  const int64_t I = x.size(1) / 2;
+  bool packed = false;
+  check_common(op, x, q, s, group_size, layout, I, &packed);
+  const int64_t M = x.size(0);
+  if (M == 0 || I == 0) return;
+  TORCH_CHECK(x.stride(1) == 1, op, ": x's last dim must be contiguous; got strides ", x.strides());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  SiluParams p;
+  p.x = x.data_ptr();
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.s = scale_out(s, I / group_size);
+  p.num_chunks = static_cast<uint32_t>(M * I / kChunk);
+  p.chunks_per_row = FastDivmod(static_cast<uint32_t>(I / kChunk));
+  p.I = static_cast<uint32_t>(I);
+  p.tpg = static_cast<int>(group_size / kChunk);
+  p.tpg_log2 = log2_exact(p.tpg);
+  p.x_stride_row = M > 1 ? x.stride(0) : 0;
+  p.eps = static_cast<float>(eps);
+  p.scale_ue8m0 = scale_ue8m0;
+  const int64_t elem = x.element_size();
+  p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && (I * elem) % 16 == 0;
+  p.q_aligned = aligned_to(p.q, 8);
+  dispatch<SiluLaunch>(x.scalar_type(), q.scalar_type(), packed, p, device, stream);
+}
+
+// rmsnorm_quant_(Tensor x, Tensor weight, Tensor(a!) q, Tensor(b!) s, Tensor(c!)? normed, float rms_eps,
+//                int group_size, bool scale_ue8m0, float eps, str layout) -> ()
+void rmsnorm_quant_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& q, at::Tensor& s,
+                        const std::optional<at::Tensor>& normed, double rms_eps, int64_t group_size, bool scale_ue8m0,
+                        double eps, c10::string_view layout) {
+  constexpr const char* op = "rmsnorm_quant_";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, H]; got ", x.sizes());
+  const int64_t H = x.size(1);
+  bool packed = false;
+  check_common(op, x, q, s, group_size, layout, H, &packed);
+  TORCH_CHECK(H <= 16384, op, ": H=", H, " is wider than 16384");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.is_contiguous() &&
+                  weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
+              op, ": weight must be contiguous [", H, "] in x's dtype on x's device; got ", weight.sizes(), " ",
+              weight.scalar_type(), " on ", weight.device());
+  const bool has_normed = normed.has_value() && normed->defined();
+  if (has_normed) {
+    TORCH_CHECK(normed->sizes() == x.sizes() && normed->is_contiguous() && normed->scalar_type() == x.scalar_type() &&
+                    normed->device() == x.device(),
+                op, ": normed must be contiguous ", x.sizes(), " in x's dtype on x's device; got ", normed->sizes(),
+                " ", normed->scalar_type());
+  }
+  const int64_t M = x.size(0);
+  if (M == 0 || H == 0) return;
+  TORCH_CHECK(x.stride(1) == 1, op, ": x's last dim must be contiguous; got strides ", x.strides());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  RmsParams p;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.normed = has_normed ? normed->data_ptr() : nullptr;
+  p.s = scale_out(s, H / group_size);
+  p.H = static_cast<uint32_t>(H);
+  p.chunks = static_cast<uint32_t>(H / kChunk);
+  p.tpg = static_cast<int>(group_size / kChunk);
+  p.tpg_log2 = log2_exact(p.tpg);
+  p.x_stride_row = M > 1 ? x.stride(0) : 0;
+  p.rms_eps = static_cast<float>(rms_eps);  // round to nearest, as the reference's fp32 tensor
+  p.eps = static_cast<float>(eps);
+  p.scale_ue8m0 = scale_ue8m0;
+  const int64_t elem = x.element_size();
+  p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && aligned_to(p.weight, 16);
+  p.q_aligned = aligned_to(p.q, 8);
+  p.normed_aligned = p.normed != nullptr && aligned_to(p.normed, 16);
+  TORCH_CHECK(M < (int64_t{1} << 31), op, ": at most 2^31 - 1 rows; got ", M);
+  dispatch<RmsLaunch>(x.scalar_type(), q.scalar_type(), packed, p, static_cast<uint32_t>(M), stream);
+}
+
+}  // namespace fused
+}  // namespace fp8linear
+
+TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
+  m.impl("silu_and_mul_quant_", &fp8linear::fused::silu_and_mul_quant_cuda);
+  m.impl("rmsnorm_quant_", &fp8linear::fused::rmsnorm_quant_cuda);
+}
