@@ -47,14 +47,14 @@ def header() -> str:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
             cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip() or "unknown"
+        ).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
         commit += "+dirty" if dirty else ""
     except Exception:
-        commit = "unknown"
+        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
     from fp8linear.backends import cublaslt, deepgemm
 
     return (

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import math
 import pathlib
 import statistics
@@ -269,12 +270,12 @@ def header(timer: Timer) -> list[str]:
     props = torch.cuda.get_device_properties(0)
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+                                capture_output=True, text=True, timeout=10).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         commit += " (+ uncommitted changes)" if dirty else ""
     except Exception:  # noqa: BLE001 - not a git checkout
-        commit = "unknown"
+        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
     try:
         import triton
 

@@ -67,12 +67,31 @@ def kernels(fn) -> str:
     return "; ".join(parts)
 
 
+def host_profile(fn, n: int = 100) -> None:
+    """cProfile of n calls: the functions with the most time of their own."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()][-13:]
+    print("    " + "\n    ".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--K", type=int, default=4096)
     ap.add_argument("--M", type=int, nargs="+", default=[1, 64, 512])
     ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "auto"])
+    ap.add_argument("--cprofile", action="store_true", help="also print where the host time of each provider goes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_linear.py needs a CUDA GPU", file=sys.stderr)
@@ -102,6 +121,8 @@ def main() -> int:
                     print(f"{name:10s} {M:6d} failed: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
                 print(f"{name:10s} {M:6d} {h:9.1f} {g:9.1f}  {k}", flush=True)
+                if args.cprofile and name != "bf16":
+                    host_profile(fn)
     return 0
 
 
