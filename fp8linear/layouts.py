@@ -19,6 +19,7 @@ power-of-two scale (scale = 2^(e-127)); bytes of groups >= G are 0. G need not b
 from __future__ import annotations
 
 import enum
+import math
 from typing import Sequence
 
 import torch
@@ -104,9 +105,11 @@ def empty_scales(
     cols = _columns(G, layout)
     if layout is ScaleLayout.ROW:
         return torch.empty((*batch, M, cols), dtype=layout.dtype, device=device)
-    # Column-major: allocate [*batch, cols, M_pad] contiguous, view it transposed, drop the padding rows.
-    storage = torch.empty((*batch, cols, tma_aligned_rows(M)), dtype=layout.dtype, device=device)
-    return storage.transpose(-1, -2)[..., :M, :]
+    # Column-major: storage for [*batch, cols, M_pad] (padding rows included), viewed as [*batch, M, cols].
+    # One as_strided instead of transpose + slice: this runs on every forward.
+    M_pad = tma_aligned_rows(M)
+    storage = torch.empty(math.prod(batch) * cols * M_pad, dtype=layout.dtype, device=device)
+    return storage.as_strided((*batch, M, cols), scale_strides(batch, M, G, layout))
 
 
 def check_scales(

@@ -28,6 +28,8 @@ SUPPORTED_OUTPUT_DTYPES = tuple(QMAX)
 #: eps below this lets 1/scale overflow to inf (amax/448 must stay above ~3e-39).
 MIN_EPS = 1e-30
 
+_LAYOUTS = {**{m.value: m for m in ScaleLayout}, **{m: m for m in ScaleLayout}}
+
 # The Library object must live as long as the op: module level (vLLM's direct_register_custom_op note).
 _lib = torch.library.Library("fp8linear", "DEF")
 _lib.define(
@@ -131,7 +133,7 @@ def per_token_group_quant(
         )
     if dtype not in SUPPORTED_OUTPUT_DTYPES:
         raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.int8; got {dtype}")
-    layout = ScaleLayout.parse(scale_layout)
+    layout = _LAYOUTS.get(scale_layout) or ScaleLayout.parse(scale_layout)  # dict first: this is a hot path
     if layout is ScaleLayout.UE8M0_PACKED:
         if dtype != torch.float8_e4m3fn:
             raise ValueError(f"scale_layout='ue8m0_packed' is for fp8 (DeepGEMM SM100) only; got dtype={dtype}")
