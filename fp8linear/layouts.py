@@ -53,6 +53,8 @@ class ScaleLayout(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "str | ScaleLayout") -> "ScaleLayout":
+        if isinstance(value, cls):  # the hot path: callers mostly pass members
+            return value
         try:
             return cls(value)
         except ValueError:
