@@ -150,7 +150,7 @@ fi
 if wants e2e; then
     if [ -f scripts/bench_e2e.py ]; then
         # shellcheck disable=SC2086
-        run_stage e2e 240 bench-e2e.log python3 scripts/bench_e2e.py ${E2E_ARGS:-}
+        run_stage e2e 420 bench-e2e.log python3 scripts/bench_e2e.py ${E2E_ARGS:-}
     else
         SUMMARY+=("$(printf '%-8s %-10s %6s  %s' e2e "absent" "-" "scripts/bench_e2e.py")")
     fi
