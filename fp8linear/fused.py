@@ -52,6 +52,10 @@ RMSNorm, for x [M, H], weight [H] in x's dtype (`rmsnorm_reference`; Hugging Fac
     y  = (weight.float() * (xf * r).to(x.dtype).float()).to(x.dtype)
     then quantize y per group (and return it when asked: the residual path)
 
+  "IEEE sqrt" means the correctly rounded root, which the reference computes itself (`sqrt_fp32`):
+  torch.sqrt on CPU is MKL's vsSqrt, not correctly rounded on every CPU (on the H100 host it took the
+  wrong side of a root 0.4998 ulp from a midpoint; r moved one ulp and a scale two).
+
   The summation order (the CUDA kernel's, one block of 256 threads per row): lane j in 0..255 adds, in
   this order, the squares of elements 8c .. 8c+7 for c = j, j + 256, j + 512, ... into its partial sum
   (starting from 0); then within each warp of 32 lanes pairs (j, j+16), (j, j+8), (j, j+4), (j, j+2),
@@ -81,6 +85,7 @@ __all__ = [
     "silu_and_mul_reference",
     "rmsnorm_reference",
     "exp_fp32",
+    "sqrt_fp32",
     "MAX_RMSNORM_WIDTH",
     "RMSNORM_LANES",
     "RMSNORM_CHUNK",
@@ -184,14 +189,40 @@ def sum_of_squares_fixed_order(xf: torch.Tensor) -> torch.Tensor:
     return acc[:, 0]
 
 
+def sqrt_fp32(v: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root of fp32 v (any shape, any device with float64): IEEE sqrt,
+    the kernel's __fsqrt_rn, whatever torch.sqrt does on this machine.
+
+    torch.sqrt on CPU goes through MKL's VML (vsSqrt), whose result depends on the CPU it dispatches
+    for: on the H100 host it returned the wrong neighbour of a root 0.4998 ulp from a midpoint; on an
+    AMD EPYC with torch 2.13, of 17% of uniform random inputs (float64: 1.3%). So the
+    root comes from float64 (within one fp32 step of the right one) and is then corrected by exact
+    tests: s is the rounded root iff (s - ulp/2)^2 < v < (s + ulp/2)^2 (never equal: a midpoint has 25
+    significant bits, its square 49 or more, which no fp32 holds). The midpoints have 25 bits, their
+    squares at most 50, so float64 computes and compares them exactly; fp32 roots are never subnormal.
+    NaN, +-0 and +inf pass through (sqrt of a negative is NaN, as IEEE's).
+    """
+    s = torch.sqrt(v.double()).to(torch.float32)
+    for _ in range(2):  # one step suffices unless float64's sqrt is off by far more than an ulp
+        down = torch.nextafter(s, torch.zeros_like(s))
+        up = torch.nextafter(s, torch.full_like(s, math.inf))
+        sd, vd = s.double(), v.double()
+        lo = (sd + down.double()) * 0.5  # exact: the sum of two adjacent fp32 needs at most 26 bits
+        hi = (sd + up.double()) * 0.5
+        finite = torch.isfinite(s) & (s > 0)
+        s = torch.where(finite & (vd < lo * lo), down, torch.where(finite & (vd > hi * hi), up, s))
+    return s
+
+
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, rms_eps: float = 1e-6) -> torch.Tensor:
     """x [M, H], weight [H] (x's dtype) -> y [M, H] in x's dtype: LlamaRMSNorm with the fixed-order sum."""
     M, H = x.shape
     xf = x.float()
     ss = sum_of_squares_fixed_order(xf)  # [M]
-    var = ss / torch.full((), float(H), dtype=torch.float32, device=x.device)
+    # A full-size divisor: a division by a 0-dim tensor may become a multiply by its reciprocal.
+    var = ss / torch.full_like(ss, float(H))
     eps_t = torch.tensor(rms_eps, dtype=torch.float64).to(torch.float32).to(x.device)  # RNE to fp32
-    r = torch.ones_like(var) / torch.sqrt(var + eps_t)  # [M]
+    r = torch.ones_like(var) / sqrt_fp32(var + eps_t)  # [M]
     h = (xf * r.unsqueeze(-1)).to(x.dtype)
     return (weight.float() * h.float()).to(x.dtype)
 

@@ -16,10 +16,16 @@
 //
 // silu_and_mul: the chunks of q (M * I / 8 of them, in memory order) are spread over a grid-stride
 // loop of 256-thread blocks; each thread loads the gate and up chunks of kUnroll = 2 slots before
-// computing any (64 bytes in flight per thread for bf16). Bytes per output element: 2 sizeof(T) read
-// + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096, I = 14336 moves
-// 296 MB, about 99 us. The activation costs about 45 fp32 instructions per element (exp by polynomial,
-// one IEEE division), near the H100's issue rate at that bandwidth, so the math uses no extra passes.
+// computing any (64 bytes in flight per thread for bf16). The grid is not capped at a resident wave
+// (FP8L_SILU_MAX_WAVES = 0): once the tensor fills a wave every block runs one iteration, as the quant
+// kernel's measured-best grid. Bytes per output element: 2 sizeof(T) read + 1 written + 4/g of scale:
+// 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096, I = 14336 moves 296 MB, about 99 us.
+// Arithmetic: the exp (fused_quant.cuh) rounds to an integer with a shifter add and scales by an
+// integer add to the exponent field, not FRND + F2I and two multiplies: the same bits (pinned by
+// tests/test_fused_cpu.py test_kernel_fast_exp_is_exp_fp32), four fewer instructions per element, two
+// of them on the conversion pipe (16 per clock per SM on sm_90, an eighth of the FP32 rate). The IEEE
+// division stays: a reciprocal then a multiply (g * rcp(1 + e)) moves the fp16 silu of a common gate
+// (-2.7246) off torch's CPU silu, and bit-exactness with the unfused Hugging Face activation needs it.
 //
 // rmsnorm: one 256-thread block per row; lane j holds chunks j, j + 256, ... (at most 8: H <= 16384) in
 // registers with the weight's. Pass 1: each lane adds its squares in order (fp32), a butterfly of
@@ -30,6 +36,7 @@
 //
 // Build: with the other kernels/*.cu into one library (fp8linear/_build.py), no fast math.
 
+#include <algorithm>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -49,7 +56,21 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kUnroll = 2;  // silu_and_mul slots per thread per iteration
+// Tuning knobs of silu_and_mul (override with FP8LINEAR_NVCC_EXTRA="-DFP8L_SILU_..." to re-tune only).
+// UNROLL: slots (chunk pairs of gate and up, 2 x 16 bytes for bf16) a thread loads before computing.
+// MAX_WAVES: 0 sizes the grid so that each block runs one iteration of UNROLL slots once the tensor fills
+// a resident wave (fewer slots per block below a wave), as the quant kernel's measured-best grid (no
+// persistent cap, 2 loads per thread in flight, 256 threads); > 0 caps the grid at that many waves and
+// blocks loop over the rest (the earlier, persistent grid was 1).
+#ifndef FP8L_SILU_UNROLL
+#define FP8L_SILU_UNROLL 2
+#endif
+#ifndef FP8L_SILU_MAX_WAVES
+#define FP8L_SILU_MAX_WAVES 0
+#endif
+constexpr int kUnroll = FP8L_SILU_UNROLL;
+constexpr int kSiluMaxWaves = FP8L_SILU_MAX_WAVES;
+static_assert(kUnroll >= 1 && kUnroll <= 8, "FP8L_SILU_UNROLL must be in 1..8");
 
 struct SiluParams {
   // pointers
@@ -78,15 +99,19 @@ __global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(const Silu
   const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
   const uint32_t warp_offset = threadIdx.x & ~(kWarpSize - 1);
 
-  for (uint32_t base = blockIdx.x * kThreads; base < p.num_chunks; base += kUnroll * stride) {
+  // 64-bit chunk indices: with an uncapped grid, base + kUnroll * stride may pass 2^32 after the last
+  // iteration (num_chunks < 2^31, stride up to num_chunks).
+  for (uint64_t base = static_cast<uint64_t>(blockIdx.x) * kThreads; base < p.num_chunks;
+       base += static_cast<uint64_t>(kUnroll) * stride) {
     Vec8<T> gate[kUnroll], up[kUnroll];
     uint32_t row[kUnroll], col[kUnroll];  // row m and chunk index within the row
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t c = base + u * stride + threadIdx.x;
+      const uint64_t c64 = base + static_cast<uint64_t>(u) * stride + threadIdx.x;
       row[u] = col[u] = 0;
       gate[u] = up[u] = zero8<T>();
-      if (c < p.num_chunks) {
+      if (c64 < p.num_chunks) {
+        const uint32_t c = static_cast<uint32_t>(c64);
         row[u] = p.chunks_per_row.div(c);
         col[u] = c - row[u] * p.chunks_per_row.divisor;
         const T* g = x + row[u] * p.x_stride_row + static_cast<int64_t>(col[u]) * kChunk;
@@ -102,11 +127,11 @@ __global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(const Silu
 
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t first = base + u * stride;
+      const uint64_t first = base + static_cast<uint64_t>(u) * stride;
       // Warp-uniform: a warp wholly past the end skips; otherwise every lane reaches the shuffles
       // (num_chunks is a multiple of tpg, so a group is wholly valid or wholly not).
       if (first + warp_offset >= p.num_chunks) continue;
-      const uint32_t c = first + threadIdx.x;
+      const uint64_t c = first + threadIdx.x;
 
       float gf[kChunk], uf[kChunk], a[kChunk];
       to_float8(gate[u], gf);
@@ -273,9 +298,16 @@ void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
     return n > 0 ? n : 1;
   }();
-  const uint32_t blocks_needed = ceil_div<uint32_t>(p.num_chunks, kThreads);
-  const uint32_t max_grid = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
-  const uint32_t grid = blocks_needed < max_grid ? blocks_needed : max_grid;
+  const uint32_t blocks_needed = ceil_div<uint32_t>(p.num_chunks, kThreads);  // one slot per thread
+  const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
+  uint32_t slots_per_block;  // the same for every block: none runs an iteration longer than the rest
+  if constexpr (kSiluMaxWaves > 0) {
+    slots_per_block = ceil_div<uint32_t>(blocks_needed, wave * kSiluMaxWaves);
+  } else {
+    // Below a wave, one slot per thread and more blocks beat kUnroll slots in fewer blocks.
+    slots_per_block = std::min<uint32_t>(std::max<uint32_t>(ceil_div<uint32_t>(blocks_needed, wave), 1u), kUnroll);
+  }
+  const uint32_t grid = ceil_div<uint32_t>(blocks_needed, slots_per_block);
   kernel<<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -31,10 +31,28 @@ constexpr uint32_t kC7Bits = 0x39500D01u;
 constexpr float kExpClampLo = -32.0f;
 constexpr float kExpClampHi = 89.0f;
 
-// t already clamped. n = rint(t log2 e) lies in [-46, 128]; 2^(n>>1) and 2^(n - (n>>1)) are normal
-// floats, and multiplying by them is exact unless the true result overflows (then inf, as exp's).
+// FP8L_SILU_FAST_EXP (1, default): the same bits as the plain form (0) with fewer instructions (below);
+// kept as a knob so that a re-tune can time both (scripts/tune_quant_kernel.py style, -DFP8L_...).
+#ifndef FP8L_SILU_FAST_EXP
+#define FP8L_SILU_FAST_EXP 1
+#endif
+
+// t finite and already clamped (silu_fp32 guarantees it: fmaxf drops a NaN). n = rint(t log2 e) lies in
+// [-46, 128]; p = exp(r) lies in [0.70, 1.42], a normal float.
 __device__ __forceinline__ float exp_fp32(float t) {
+#if FP8L_SILU_FAST_EXP
+  // rint without FRND and F2I (conversion-pipe instructions, an eighth of the FP32 rate on sm_90): in
+  // [2^23, 2^24) the floats are the integers, so adding 1.5 * 2^23 rounds x = t log2 e to an integer
+  // (nearest, ties to even since 1.5 * 2^23 is even: rintf's and torch.round's rule) for |x| < 2^22,
+  // and the sum's bit pattern minus the shifter's is that integer.
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = __fadd_rn(__fmul_rn(t, __uint_as_float(kLog2eBits)), kShifter);
+  const float n = __fsub_rn(shifted, kShifter);  // exact
+  const int ni = __float_as_int(shifted) - __float_as_int(kShifter);
+#else
   const float n = rintf(__fmul_rn(t, __uint_as_float(kLog2eBits)));
+  const int ni = static_cast<int>(n);
+#endif
   float r = __fsub_rn(t, __fmul_rn(n, __uint_as_float(kLn2HiBits)));
   r = __fsub_rn(r, __fmul_rn(n, __uint_as_float(kLn2LoBits)));
   float p = __fmul_rn(r, __uint_as_float(kC7Bits));
@@ -45,12 +63,19 @@ __device__ __forceinline__ float exp_fp32(float t) {
   p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC2Bits)), r);
   p = __fmul_rn(__fadd_rn(p, 1.0f), r);
   p = __fadd_rn(p, 1.0f);
-  const int ni = static_cast<int>(n);
+#if FP8L_SILU_FAST_EXP
+  // p * 2^n by adding n to p's exponent field: exact while the result is normal (its exponent is at
+  // least 126 - 46 = 80), as the reference's two power-of-two products are. The field reaches 255 only
+  // for n = 128 and p >= 1, where p * 2^128 >= 2^128 rounds to inf: so does this select.
+  const uint32_t bits = __float_as_uint(p) + (static_cast<uint32_t>(ni) << 23);
+  return bits >= 0x7F800000u ? __uint_as_float(0x7F800000u) : __uint_as_float(bits);
+#else
   const int n1 = ni >> 1;  // arithmetic shift: floor(n / 2), as the reference's >> on int32
   const int n2 = ni - n1;
   const float two_n1 = __uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
   const float two_n2 = __uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
   return __fmul_rn(__fmul_rn(p, two_n1), two_n2);
+#endif
 }
 
 // silu(g) = g / (1 + exp(-g)) in fp32 (fused.silu_and_mul_reference, before its rounding to T).

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import pathlib
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def header(timer: Timer) -> list[str]:
                                check=True).stdout.strip()
         commit += " (+ uncommitted changes)" if dirty else ""
     except Exception:  # noqa: BLE001 - not a git checkout
-        commit = "unknown"
+        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
     props = torch.cuda.get_device_properties(0)
     return [
         f"card: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB",

@@ -219,6 +219,39 @@ def test_naive_exp_matches_exp_fp32():
     assert_bitwise_equal(exp_fp32(t), naive, "exp_fp32")
 
 
+def kernel_fast_exp(t: torch.Tensor) -> torch.Tensor:
+    """kernels/fused_quant.cuh's exp_fp32 with FP8L_SILU_FAST_EXP=1, emulated step for step: rint by the
+    1.5 * 2^23 shifter and n read from the sum's bits, the scaling by an add to the exponent field with an
+    overflow select. Finite t only (the kernel's clamp never passes a NaN)."""
+    c = {k: torch.tensor(v, dtype=torch.int32).view(torch.float32) for k, v in fused.EXP_CONSTANT_BITS.items()}
+    shifter = torch.tensor(12582912.0)
+    shifted = t * c["LOG2E"] + shifter  # two torch ops: two roundings, as __fmul_rn then __fadd_rn
+    n = shifted - shifter
+    ni = shifted.view(torch.int32) - shifter.view(torch.int32)
+    r = (t - n * c["LN2_HI"]) - n * c["LN2_LO"]
+    p = r * c["C7"]
+    for k in ("C6", "C5", "C4", "C3", "C2"):
+        p = (p + c[k]) * r
+    p = (p + 1.0) * r + 1.0
+    bits = p.view(torch.int32).to(torch.int64) + (ni.to(torch.int64) << 23)  # uint32 arithmetic, no wrap here
+    inf = torch.tensor(0x7F800000, dtype=torch.int64)
+    return torch.where(bits >= inf, inf, bits).to(torch.int32).view(torch.float32)
+
+
+def test_kernel_fast_exp_is_exp_fp32():
+    """The kernel's cheaper exp gives exp_fp32's bits over the whole clamp range: a dense sweep, every
+    t where t * log2(e) is a half-integer (rint's ties), the overflow edge and the clamp's ends."""
+    sweep = torch.linspace(-32.0, 89.0, 2_000_001)
+    ties = (torch.arange(-93, 258, dtype=torch.float32) * 0.5) / torch.tensor(1.4426950408889634)
+    up, down = torch.tensor(math.inf), torch.tensor(-math.inf)
+    ties = torch.cat([ties, torch.nextafter(ties, up), torch.nextafter(ties, down)])
+    edge = torch.tensor([88.3762626647949, 88.72283172607422, 88.7228317260742, 88.72284, 89.0, -32.0, 0.0, -0.0])
+    t = torch.cat([sweep, ties.clamp(-32.0, 89.0), edge])
+    with np.errstate(all="ignore"):
+        assert_bitwise_equal(kernel_fast_exp(t), exp_fp32(t), "fast exp")
+    assert torch.isinf(kernel_fast_exp(torch.tensor([89.0]))).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # silu_and_mul
 # ------------------------------------------------------------------------------------------------
@@ -353,6 +386,95 @@ def assert_equal_nan_as_nan(actual: torch.Tensor, expected: torch.Tensor, name: 
 def test_rmsnorm_reference_matches_naive(dtype):
     x, w = make_rms_input(6, 272, dtype, seed=9)
     assert_equal_nan_as_nan(rmsnorm_reference(x, w, 1e-6), naive_rmsnorm(x, w, 1e-6), f"rmsnorm {dtype}")
+
+
+def naive_sqrt_f32(v: float) -> float:
+    """Correctly rounded fp32 sqrt of a non-negative finite fp32 v, from integer square roots alone."""
+    if v == 0.0:
+        return 0.0
+    mant, exp = math.frexp(v)  # v = mant * 2^exp, 0.5 <= mant < 1
+    n = int(mant * 2**24)  # exact: fp32 holds 24 significant bits
+    e = exp - 24
+    if e % 2:  # make the exponent even so that sqrt(2^e) is a power of two
+        n, e = n * 2, e - 1
+    # sqrt(v) = sqrt(n * 2^(2k)) * 2^(e/2 - k): isqrt with 2k = 120 gives far more than 25 bits.
+    big = n << 120
+    root = math.isqrt(big)
+    exact = root * root == big
+    bits = root.bit_length()
+    drop = bits - 24
+    if bits + (e // 2 - 60) - 1 < -126:  # a subnormal root cannot occur for fp32 input
+        raise AssertionError("unexpected subnormal root")
+    kept, rest = root >> drop, root & ((1 << drop) - 1)
+    half = 1 << (drop - 1)
+    if rest > half or (rest == half and (not exact or kept & 1)):
+        kept += 1  # rest == half with an inexact root means above the midpoint
+    return math.ldexp(kept, drop + e // 2 - 60)
+
+
+def _hard_roots(count: int, seed: int) -> torch.Tensor:
+    """fp32 values whose square roots lie within 1e-3 ulp of a rounding midpoint (where an sqrt that
+    is not correctly rounded shows), plus the one that failed on the H100 host."""
+    gen = torch.Generator().manual_seed(seed)
+    v = (torch.rand(400_000, generator=gen) * 2.0 + 1.0) * torch.exp2(
+        torch.randint(-60, 60, (400_000,), generator=gen).float())
+    r = torch.sqrt(v.double())
+    ulp = (torch.nextafter(r.float(), torch.tensor(math.inf)).double() - r.float().double())
+    frac = (r - r.float().double()) / ulp  # position of the root between fp32 neighbours, +-0.5 at midpoints
+    near = v[((frac.abs() - 0.5).abs() < 1e-3)][:count]
+    failed = torch.tensor([0x4169B0DE], dtype=torch.int32).view(torch.float32)  # root 0.4998 ulp off
+    return torch.cat([failed, near])
+
+
+def test_sqrt_fp32_is_correctly_rounded():
+    """Against integer square roots: hard cases near midpoints, random values across the exponent range,
+    subnormals, powers of two and their neighbours, and the extremes."""
+    hard = _hard_roots(300, seed=15)
+    assert hard.numel() > 100
+    gen = torch.Generator().manual_seed(16)
+    bits = torch.randint(0, 0x7F800000, (3000,), generator=gen, dtype=torch.int32)
+    edges = torch.tensor([1, 2, 3, 0x7FFFFF, 0x800000, 0x800001, 0x3F800000, 0x3F7FFFFF, 0x40000000,
+                          0x407FFFFF, 0x7F7FFFFF], dtype=torch.int32)
+    v = torch.cat([hard, bits.view(torch.float32), edges.view(torch.float32), torch.tensor([0.0, 4.0, 2.0])])
+    got = fused.sqrt_fp32(v)
+    want = torch.tensor([naive_sqrt_f32(float(t)) for t in v.tolist()], dtype=torch.float32)
+    assert_bitwise_equal(got, want, "sqrt_fp32")
+    special = fused.sqrt_fp32(torch.tensor([math.inf, math.nan, -1.0, -0.0]))
+    assert special[0].item() == math.inf and math.isnan(special[1].item()) and math.isnan(special[2].item())
+    assert special[3].view(torch.int32).item() == torch.tensor(-0.0).view(torch.int32).item()
+
+
+def test_rmsnorm_reference_does_not_trust_torch_sqrt(monkeypatch):
+    """The H100 failure: torch.sqrt (MKL on CPU) one ulp off near a midpoint moved r. With torch.sqrt made
+    deliberately wrong by one ulp (of the dtype it is called in) on every element, the reference still
+    agrees with the naive implementation, whose sqrt is numpy's correctly rounded one."""
+    x, w = make_rms_input(128, 128, torch.float32, seed=256)  # the failing GPU case's input
+    x = x[78:86]  # row 80 failed: scale 0x3c7d6ad1 from a wrong root, 0x3c7d6acf right
+    want = naive_rmsnorm(x, w, 1e-5)
+    true_sqrt = torch.sqrt
+
+    def wrong_sqrt(t, *args, **kwargs):
+        out = true_sqrt(t, *args, **kwargs)
+        return torch.nextafter(out, torch.full_like(out, math.inf))
+
+    monkeypatch.setattr(torch, "sqrt", wrong_sqrt)
+    got = rmsnorm_reference(x, w, 1e-5)
+    assert_equal_nan_as_nan(got, want, "rmsnorm with a wrong torch.sqrt")
+    _, s = rmsnorm_quant(x[2:3], w, 1e-5, 128)
+    assert s.view(torch.int32).item() == 0x3C7D6ACF
+
+
+@pytest.mark.parametrize("H", [128, 384, 640])
+def test_rmsnorm_reference_matches_naive_fp32_partial_rows(H):
+    """fp32 rows narrower than 256 lanes x 8 (16, 48, 80 lanes hold data) and rows whose mean square has
+    a root near a midpoint: every rounding step visible (no bf16 rounding to hide one)."""
+    x, w = make_rms_input(6, H, torch.float32, seed=H)
+    # Rows 0..1: one non-zero element a, so that v = fl(a * a) / H lands on a hard root exactly.
+    hard = _hard_roots(2, seed=H)[1:3].double()
+    x[:2] = 0.0
+    x[:2, 5] = torch.sqrt(hard * H).float()  # fl(a^2) / H need not equal hard; still near-midpoint often
+    assert_equal_nan_as_nan(rmsnorm_reference(x, w, 0.0), naive_rmsnorm(x, w, 0.0), f"rmsnorm fp32 H={H}")
+    assert_equal_nan_as_nan(rmsnorm_reference(x, w, 1e-6), naive_rmsnorm(x, w, 1e-6), f"rmsnorm fp32 H={H}")
 
 
 @pytest.mark.parametrize("H", [4096, 7168])
