@@ -204,7 +204,8 @@ def run_rms(case: Case) -> None:
     pow2 = case.layout == "ue8m0_packed"
     q = guarded((M, H), case.out_dtype, GUARD + (3 if case.row_pad else 0))
     s = guarded_scales(M, G, case.layout)
-    y = guarded((M, H), case.in_dtype, GUARD + (2 if case.row_pad else 0)) if case.normed else None
+    # 4 bytes past the guard: element-aligned for every input dtype (fp32 too), never 16-byte aligned.
+    y = guarded((M, H), case.in_dtype, GUARD + (4 if case.row_pad else 0)) if case.normed else None
     rmsnorm_quant(x, w, 1e-5, g, case.out_dtype, scale_layout=case.layout, scale_ue8m0=pow2,
                   return_normed=case.normed, out=q.view, scale_out=s.view, normed_out=None if y is None else y.view)
     torch.cuda.synchronize()
