@@ -32,9 +32,10 @@ import bench_linear  # noqa: E402  (scripts/ is not a package)
 
 #: DeepGEMM must beat cuBLASLt by this factor to be picked. Per call, DeepGEMM's legacy Python path costs
 #: more host time (322 vs 239 us at M = 4096, N = K = 4096, scripts/profile_linear.py on the H100,
-#: 2026-11-25), which an isolated per-layer timing does not charge; and the Llama-3-8B-shaped prefill of
-#: 2048 tokens (scripts/bench_e2e.py) measured 14.1 ms with cuBLASLt for every layer but 18.9 and 26.9 ms
-#: once the first table sent down_proj to DeepGEMM for a 7% per-layer gain.
+#: 2026-11-25), which an isolated per-layer timing charges only in part, and eager FP8Linear forwards are
+#: host-bound on that machine up to M of a few thousand. (A first guess that DeepGEMM explained a slow
+#: e2e prefill was wrong: with cuBLASLt everywhere the 2048-token prefill still varied 14.1-28.4 ms between
+#: machines, host-bound. Under CUDA graphs, where host time is free, this rule can cost up to 10%.)
 DEEPGEMM_MARGIN = 1.10
 
 
