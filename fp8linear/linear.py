@@ -57,11 +57,6 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
-
-
 class FP8Linear(nn.Module):
     """y = x @ W^T + b with W stored as 128x128-block fp8 e4m3 (or int8) and x quantized per 1x128 group.
 
@@ -232,7 +227,7 @@ class FP8Linear(nn.Module):
     def _prepared_for(self, backend: types.ModuleType) -> Any:
         weight, weight_scale_inv = self.weight, self.weight_scale_inv
         entry = self._prepared.get(backend.NAME)
-        if _is_compiling():
+        if torch.compiler.is_compiling():
             # Dynamo cannot trace data_ptr(); the warm-up call filled the cache and replacing the
             # weights clears it (which makes dynamo's guards on the dict fail and retrace).
             if entry is not None:
@@ -256,7 +251,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] bf16/fp16/fp32 (any leading dims, any strides) -> y [..., N] in x's dtype."""
-        if x.is_cuda and not _is_compiling() and x.device.index != torch.cuda.current_device():
+        if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
             # Triton and DeepGEMM launch on the *current* device: a layer on cuda:1 called while cuda:0 is
             # current (device_map across GPUs) must switch, or it reads cuda:1 memory from cuda:0.
             with torch.cuda.device(x.device):

@@ -20,6 +20,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def kernels_built():
+    """Build and load the CUDA kernels once, failing (not skipping) with the compiler's story on a GPU machine."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from fp8linear import _build
+
+    try:
+        _build.ensure_loaded()
+    except _build.KernelBuildError as exc:
+        pytest.fail(f"the CUDA kernels did not build: {exc}", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,24 +26,12 @@ from fp8linear.fused import rmsnorm_quant, silu_and_mul_quant, silu_and_mul_refe
 from fp8linear.layouts import empty_scales, tma_aligned_rows
 from test_fused_cpu import assert_equal_nan_as_nan, make_rms_input, make_silu_input
 
-pytestmark = pytest.mark.gpu
+# gpu: skipped without CUDA; kernels_built (conftest): build and load the kernels once, or fail loudly.
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernels_built")]
 
 LAYOUT_DTYPES = [("row", FP8), ("row", INT8), ("col", FP8), ("col", INT8), ("ue8m0_packed", FP8)]
 SAMPLE_ABOVE = 1000  # rows above which the CPU reference checks a sample
 GUARD = 64  # bytes before and after q
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_built():
-    """Build and load the kernels once, failing (not skipping) with the compiler's story on a GPU machine."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    from fp8linear import _build
-
-    try:
-        _build.ensure_loaded()
-    except _build.KernelBuildError as exc:
-        pytest.fail(f"the CUDA kernels did not build: {exc}", pytrace=False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from conftest import HAS_CUDA, POISON_BYTE, assert_bitwise_equal, poison_
 from fp8linear import per_token_group_quant
 from fp8linear.layouts import empty_scales, scale_shape, scale_strides, scales_to_row, unpack_ue8m0
 
-pytestmark = pytest.mark.gpu
+# gpu: skipped without CUDA; kernels_built (conftest): build and load the kernels once, or fail loudly.
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernels_built")]
 
 FP8 = torch.float8_e4m3fn
 INT8 = torch.int8
@@ -275,18 +276,6 @@ def run_case(case: Case) -> None:
 # ------------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def _kernel_built():
-    """Build and load the kernel once, failing (not skipping) with the compiler's story on a GPU machine."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    from fp8linear import _build
-
-    try:
-        _build.ensure_loaded()
-    except _build.KernelBuildError as exc:
-        pytest.fail(f"the CUDA kernel did not build: {exc}", pytrace=False)
 
 
 # ------------------------------------------------------------------------------------------------

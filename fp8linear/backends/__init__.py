@@ -78,6 +78,13 @@ def padded_k(K: int) -> int:
     return (K + GROUP - 1) // GROUP * GROUP
 
 
+def bf16_epilogue(y: torch.Tensor, bias: "torch.Tensor | None", out_dtype: torch.dtype) -> torch.Tensor:
+    """For GEMMs that write bf16 and take no bias (DeepGEMM, cuBLASLt here): add the bias, cast to out_dtype."""
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+
+
 def get(name: str) -> types.ModuleType:
     """The module of a GEMM backend by name (imports it; importing never touches the GPU)."""
     if name not in _MODULES:

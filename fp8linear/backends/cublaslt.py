@@ -32,6 +32,7 @@ import functools
 import torch
 
 from ..layouts import ScaleLayout
+from . import bf16_epilogue
 
 NAME = "cublas"
 SCALE_LAYOUT = ScaleLayout.COL
@@ -118,18 +119,11 @@ def gemm(
 ) -> torch.Tensor:
     """q fp8 [M_pad, K] contiguous (M_pad % 4 == 0), s fp32 `col` [M_pad, K/128] -> y [M_pad, N] out_dtype."""
     b, sb = prepared
-    if _is_compiling():
+    if torch.compiler.is_compiling():
         y = torch.ops.fp8linear.cublaslt_blockwise_mm(q, s, b, sb)
     else:
         y = _gemm_impl(q, s, b, sb)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return bf16_epilogue(y, bias, out_dtype)
 
 
 # -- the opaque op torch.compile sees: it keeps inductor from re-laying the scales or lowering the

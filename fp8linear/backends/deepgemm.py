@@ -26,6 +26,7 @@ import functools
 import torch
 
 from ..layouts import ScaleLayout
+from . import bf16_epilogue
 
 NAME = "deepgemm"
 SCALE_LAYOUT = ScaleLayout.COL
@@ -93,18 +94,11 @@ def gemm(
 ) -> torch.Tensor:
     """q fp8 [M, K] contiguous, s fp32 [M, K/128] `col` -> y [M, N] out_dtype (bias added after)."""
     weight, weight_scale_inv = prepared
-    if _is_compiling():
+    if torch.compiler.is_compiling():
         y = torch.ops.fp8linear.deepgemm_gemm_nt(q, s, weight, weight_scale_inv)
     else:
         y = _gemm_impl(q, s, weight, weight_scale_inv)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return bf16_epilogue(y, bias, out_dtype)
 
 
 # -- the opaque op torch.compile sees -----------------------------------------------------------------

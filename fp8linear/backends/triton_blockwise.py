@@ -211,14 +211,9 @@ def gemm(
     weight, weight_scale_inv = prepared
     if q.dtype != weight.dtype:
         raise TypeError(f"q's dtype {q.dtype} must match the weight's {weight.dtype}")
-    if _is_compiling():
+    if torch.compiler.is_compiling():
         return torch.ops.fp8linear.triton_blockwise_gemm(q, s, weight, weight_scale_inv, bias, out_dtype)
     return _gemm_impl(q, s, weight, weight_scale_inv, bias, out_dtype)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 # -- the opaque op torch.compile sees -----------------------------------------------------------------
