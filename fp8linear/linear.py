@@ -40,7 +40,7 @@ from . import backends
 from .backends import padded_k
 from .config import FP8Config, dtype_short_str
 from .layouts import empty_scales
-from .ops import per_token_group_quant
+from .ops import quantize_into
 from .weights import quantize_weight_blockwise
 
 __all__ = ["FP8Linear"]
@@ -282,21 +282,17 @@ class FP8Linear(nn.Module):
         elif x2d.stride(-1) != 1:
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
         g = self.config.activation_group_size
-        if backend.ROW_ALIGN == 1:
-            q, s = per_token_group_quant(
-                x2d, g, self.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0
-            )
+        # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4). Rows
+        # M..M_pad-1 of q and s stay unwritten: each output row depends on its own input row only, and y's
+        # padding rows are sliced off below. x, q and s are built here to the op's contract, so the op is
+        # called without the public wrapper's checks (host time per forward: docs/design.md).
+        M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
+        q = torch.empty((M_pad, Kp), dtype=self.dtype, device=x.device)
+        s = empty_scales((), M_pad, Kp // g, backend.SCALE_LAYOUT, x.device)
+        if M_pad == M:
+            quantize_into(x2d, q, s, g, self.scale_ue8m0, backend.SCALE_LAYOUT)
         else:
-            # The backend reads M_pad rows (cuBLASLt: scale strides exactly (1, M_pad)). Rows M..M_pad-1 of
-            # q and s stay unwritten: each output row depends on its own input row only, and y's padding
-            # rows are sliced off below.
-            M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
-            q = torch.empty((M_pad, Kp), dtype=self.dtype, device=x.device)
-            s = empty_scales((), M_pad, Kp // g, backend.SCALE_LAYOUT, x.device)
-            per_token_group_quant(
-                x2d, g, self.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0,
-                out=q[:M], scale_out=s[:M],
-            )
+            quantize_into(x2d, q[:M], s[:M], g, self.scale_ue8m0, backend.SCALE_LAYOUT)
         y = backend.gemm(q, s, prepared, x.dtype, self.bias)  # [M or M_pad, N]
         if y.shape[0] != M:
             y = y[:M]
