@@ -105,8 +105,15 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     tok = hf.ByteTokenizer()
     ids = hf.encode_prompt(tok, args.prompt)
     warmup = device.type == "cuda"  # on CPU a warm-up only doubles the wait
-    res_ref = hf.generate(ref, ids, args.max_new_tokens, warmup=warmup)
-    res_fp8 = hf.generate(fp8, ids, args.max_new_tokens, warmup=warmup)
+    # On a GPU each model is timed twice, alternating, and keeps its faster run: one H100 demo run timed
+    # bf16 at 9.5 tok/s against FP8's 96.3, a one-off cost in bf16's only timed call, not a speed.
+    rounds = 2 if warmup else 1
+    runs_ref, runs_fp8 = [], []
+    for _ in range(rounds):
+        runs_ref.append(hf.generate(ref, ids, args.max_new_tokens, warmup=warmup))
+        runs_fp8.append(hf.generate(fp8, ids, args.max_new_tokens, warmup=warmup))
+    res_ref = min(runs_ref, key=lambda r: r.seconds)
+    res_fp8 = min(runs_fp8, key=lambda r: r.seconds)
     # Greedy paths part at the first near-tie of random weights' logits; teacher forcing compares each
     # step on the same prefix: the original's continuation, fed to both models.
     full = torch.cat([ids, res_ref.tokens.unsqueeze(0)], dim=1).to(device)
