@@ -297,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=128, help="decode tokens timed (default 128)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto", help="FP8Linear backend (default auto)")
+    p.add_argument("--fuse-mlp", action="store_true",
+                   help="quantize_model(fuse_mlp=True): gate_up GEMM + fused SiLU-and-mul quant + down GEMM (issue 5)")
     p.add_argument("--mode", choices=("eager", "graphs", "both"), default="both",
                    help="decode: eager HF generate, CUDA graphs for both models, or both (default)")
     p.add_argument("--graph-impl", choices=("compile", "manual", "both"), default="both",
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     graphs_how = f", graphs via {args.graph_impl}" if args.mode != "eager" else ""
     log(f"# model: Llama-3-8B shapes, {args.layers} of 32 layers, random bf16 weights on the GPU; batch 1; "
         f"prefill {args.prefill}; decode {args.decode} tokens after a {args.prompt_tokens}-token prompt; "
-        f"median of {args.repeats}; FP8 backend {args.backend}; decode mode {args.mode}{graphs_how}")
+        f"median of {args.repeats}; FP8 backend {args.backend}; fuse_mlp {args.fuse_mlp}; decode mode {args.mode}{graphs_how}")
     t_start = time.perf_counter()
     config = LlamaConfig(num_hidden_layers=args.layers, architectures=["LlamaForCausalLM"], **LLAMA3_8B)
     torch.cuda.empty_cache()
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
-    model = fp8linear.quantize_model(model, backend=args.backend, progress=False)
+    model = fp8linear.quantize_model(model, backend=args.backend, progress=False, fuse_mlp=args.fuse_mlp)
     gc.collect()
     torch.cuda.empty_cache()
     w_fp8 = torch.cuda.memory_allocated() - base
