@@ -46,37 +46,8 @@ MLP_SHAPE = (4096, 14336)  # Llama-3-8B: hidden 4096, intermediate 14336
 CHECK_ROWS = 8
 
 
-class Timer:
-    """Median microseconds of fn(), L2 flushed before each rep."""
-
-    def __init__(self, warmup_ms: float = 10, rep_ms: float = 40):
-        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        try:
-            from triton.testing import do_bench
-
-            self._do_bench = do_bench
-            self.how = "triton.testing.do_bench(return_mode='median'), L2 flushed per rep"
-        except Exception:  # noqa: BLE001 - any import failure means: use the fallback
-            self._do_bench = None
-            self.how = "CUDA events, median, L2 flushed per rep (triton not importable)"
-            self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-
-    def us(self, fn) -> float:
-        if self._do_bench is not None:
-            return 1000.0 * self._do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(20):
-            self._flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
-        return 1000.0 * times[len(times) // 2]
+# The same timer as the quant benchmark (do_bench median, L2 flushed; CUDA events without triton).
+from bench_quant import Timer  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 def header(timer: Timer) -> list[str]:

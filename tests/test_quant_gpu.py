@@ -27,6 +27,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from cases import FP8, GROUP_SIZES, IN_DTYPES, INT8, LAYOUTS, OUT_DTYPES
 from conftest import HAS_CUDA, POISON_BYTE, assert_bitwise_equal, poison_
 from fp8linear import per_token_group_quant
 from fp8linear.layouts import empty_scales, scale_shape, scale_strides, scales_to_row, unpack_ue8m0
@@ -34,12 +35,6 @@ from fp8linear.layouts import empty_scales, scale_shape, scale_strides, scales_t
 # gpu: skipped without CUDA; kernels_built (conftest): build and load the kernels once, or fail loudly.
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("kernels_built")]
 
-FP8 = torch.float8_e4m3fn
-INT8 = torch.int8
-IN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-OUT_DTYPES = (FP8, INT8)
-GROUP_SIZES = (16, 32, 64, 128, 256)
-LAYOUTS = ("row", "col", "ue8m0_packed")
 NAN_SCALE_BITS = 0x7FC00000
 
 #: Guard bytes before and after every output buffer (q and the scale storage).
@@ -271,11 +266,6 @@ def run_case(case: Case) -> None:
     assert_outputs(q, s, q_ref, s_ref, case.id())
     # The input is read-only.
     assert_bitwise_equal(x.cpu(), x_cpu, f"{case.id()}: x was modified")
-
-
-# ------------------------------------------------------------------------------------------------
-# fixtures
-# ------------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------
