@@ -20,7 +20,7 @@ from . import _build
 from .layouts import ScaleLayout, check_scales, empty_scales, pack_ue8m0
 from .reference import QMAX, per_token_group_quant_reference
 
-__all__ = ["per_token_group_quant", "quantize_into", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
+__all__ = ["per_token_group_quant", "quantize_into", "quantize_for_gemm", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
 
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -45,6 +45,39 @@ def _per_token_group_quant_fake(x, q, s, group_size, scale_ue8m0, eps, layout) -
     if x.device.type == "cuda":
         _build.ensure_loaded()
     return None
+
+
+# The allocating variant for GEMM callers (FP8Linear): q [M_pad, K] and s in `layout` over M_pad rows, rows
+# M..M_pad-1 unwritten. One op call per forward instead of several tensor calls from Python.
+_lib.define(
+    "quant_for_gemm(Tensor x, int group_size, ScalarType dtype, bool scale_ue8m0, float eps, str layout, "
+    "int row_align) -> (Tensor, Tensor)"
+)
+
+
+def _gemm_buffers(x, group_size, dtype, layout, row_align):
+    M, K = x.shape
+    M_pad = -(-M // row_align) * row_align
+    q = x.new_empty((M_pad, K), dtype=dtype)
+    s = empty_scales((), M_pad, K // group_size, layout, x.device)
+    return q, s
+
+
+@torch.library.register_fake("fp8linear::quant_for_gemm")
+def _quant_for_gemm_fake(x, group_size, dtype, scale_ue8m0, eps, layout, row_align):
+    if x.device.type == "cuda":
+        _build.ensure_loaded()
+    return _gemm_buffers(x, group_size, dtype, layout, row_align)
+
+
+@torch.library.impl(_lib, "quant_for_gemm", "CPU")
+def _quant_for_gemm_cpu(x, group_size, dtype, scale_ue8m0, eps, layout, row_align):
+    q, s = _gemm_buffers(x, group_size, dtype, layout, row_align)
+    M = x.shape[0]
+    if M:
+        packed = layout == ScaleLayout.UE8M0_PACKED.value
+        _per_token_group_quant_cpu(x, q[:M], s[:M], group_size, scale_ue8m0 or packed, eps, layout)
+    return q, s
 
 
 @torch.library.impl(_lib, "per_token_group_quant_", "CPU")
@@ -169,6 +202,16 @@ def quantize_into(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size:
     if x.is_cuda:
         _build.ensure_loaded()
     torch.ops.fp8linear.per_token_group_quant_(x, q, s, group_size, scale_ue8m0, eps, layout.value)
+
+
+def quantize_for_gemm(x: torch.Tensor, group_size: int, dtype: torch.dtype, scale_ue8m0: bool, layout: ScaleLayout,
+                      row_align: int, eps: float = 1e-10) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Allocate and quantize in one op call, for GEMM callers that have validated x [M, K] themselves
+    (FP8Linear's forward): q [M_pad, K] and s in `layout` over M_pad = ceil(M / row_align) * row_align rows,
+    the padding rows allocated but unwritten (a GEMM reading whole 4-row tiles; its caller drops those rows)."""
+    if x.is_cuda:
+        _build.ensure_loaded()
+    return torch.ops.fp8linear.quant_for_gemm(x, group_size, dtype, scale_ue8m0, eps, layout.value, row_align)
 
 
 def _fused(x, group_size, dtype, scale_layout, scale_ue8m0, eps, out, scale_out, prologue, weight, rms_eps,

@@ -34,10 +34,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 #include <cuda_runtime.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -355,8 +357,44 @@ void per_token_group_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& 
   }
 }
 
+
+// The allocating variant FP8Linear's forward calls: one op call instead of two allocations, a strided
+// view, two slices and the out-variant from Python (host time per forward, docs/benchmarks.md).
+//   quant_for_gemm(Tensor x, int group_size, ScalarType dtype, bool scale_ue8m0, float eps, str layout,
+//                  int row_align) -> (Tensor q, Tensor s)
+// x [M, K] -> q [M_pad, K] and s [M_pad, G or ceil(G/4)] in `layout` (fp8linear.layouts: `col` and
+// `ue8m0_packed` with strides (1, ceil(M_pad/4)*4)), M_pad = ceil(M / row_align) * row_align. Rows
+// M..M_pad-1 of q and s are allocated, never written: a GEMM that needs whole 4-row tiles reads them
+// and its caller drops those output rows.
+std::tuple<at::Tensor, at::Tensor> quant_for_gemm_cuda(const at::Tensor& x, int64_t group_size, at::ScalarType dtype,
+                                                       bool scale_ue8m0, double eps, c10::string_view layout,
+                                                       int64_t row_align) {
+  TORCH_CHECK(x.dim() == 2, "quant_for_gemm: x must be [M, K]; got ", x.sizes());
+  TORCH_CHECK(row_align >= 1, "quant_for_gemm: row_align must be >= 1; got ", row_align);
+  TORCH_CHECK(group_size > 0 && x.size(1) % group_size == 0, "quant_for_gemm: K=", x.size(1),
+              " must be divisible by group_size=", group_size);
+  const bool packed = layout == "ue8m0_packed";
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
+  const int64_t M_pad = (M + row_align - 1) / row_align * row_align;
+  at::Tensor q = at::empty({M_pad, K}, x.options().dtype(dtype));
+  at::Tensor s;
+  if (layout == "row") {
+    s = at::empty({M_pad, G}, x.options().dtype(at::kFloat));
+  } else {
+    const int64_t cols = packed ? (G + 3) / 4 : G;
+    const int64_t rows = (M_pad + 3) / 4 * 4;  // fp8linear.layouts.tma_aligned_rows
+    s = at::empty({cols * rows}, x.options().dtype(packed ? at::kInt : at::kFloat)).as_strided({M_pad, cols}, {1, rows});
+  }
+  if (M == 0) return {q, s};
+  at::Tensor q_rows = M_pad == M ? q : q.narrow(0, 0, M);
+  at::Tensor s_rows = M_pad == M ? s : s.narrow(0, 0, M);
+  per_token_group_quant_cuda(x, q_rows, s_rows, group_size, scale_ue8m0 || packed, eps, layout);
+  return {q, s};
+}
+
 }  // namespace fp8linear
 
 TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
   m.impl("per_token_group_quant_", &fp8linear::per_token_group_quant_cuda);
+  m.impl("quant_for_gemm", &fp8linear::quant_for_gemm_cuda);
 }

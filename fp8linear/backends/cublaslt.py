@@ -37,6 +37,7 @@ from . import bf16_epilogue
 NAME = "cublas"
 SCALE_LAYOUT = ScaleLayout.COL
 ROW_ALIGN = 4
+FUSES_QUANT = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +45,10 @@ def _api() -> "tuple[str | None, str]":
     """("scaled_mm" | "_scaled_mm", detail) or (None, why not)."""
     F = torch.nn.functional
     if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") and hasattr(F.ScalingType, "BlockWise1x128"):
+        if hasattr(torch, "_scaled_mm_v2"):
+            # The op F.scaled_mm wraps, called with the recipe lists built once: the wrapper's list and
+            # enum conversions are host time on every forward.
+            return "_scaled_mm_v2", "torch._scaled_mm_v2 (torch.nn.functional.scaled_mm's op)"
         return "scaled_mm", "torch.nn.functional.scaled_mm"
     if hasattr(torch, "_scaled_mm"):
         return "_scaled_mm", "torch._scaled_mm (recipe inferred from scale shapes)"
@@ -87,6 +92,13 @@ def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tupl
     return weight.contiguous().t(), padded.t()
 
 
+@functools.lru_cache(maxsize=None)
+def _recipes() -> "tuple[list[int], list[int]]":
+    """F.scaled_mm's recipe enums as the int lists its op takes (BlockWise1x128, BlockWise128x128)."""
+    F = torch.nn.functional
+    return [int(F.ScalingType.BlockWise1x128.value)], [int(F.ScalingType.BlockWise128x128.value)]
+
+
 def _fix_col(s: torch.Tensor) -> torch.Tensor:
     # Eagerly s already has strides (1, M); a compiler may hand the op a re-laid copy.
     M, G = s.shape
@@ -101,6 +113,9 @@ def _gemm_impl(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor, sb: torch.Tens
     name, _ = _api()
     s = _fix_col(s)
     # sa shape [M, ceil(K/128)] but sb was padded to L4 columns of K blocks: torch takes sa unpadded.
+    if name == "_scaled_mm_v2":
+        recipe_a, recipe_b = _recipes()
+        return torch._scaled_mm_v2(q, b, [s], recipe_a, [], [sb], recipe_b, [], None, torch.bfloat16, [], False)
     if name == "scaled_mm":
         F = torch.nn.functional
         return F.scaled_mm(
