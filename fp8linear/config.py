@@ -47,6 +47,9 @@ class Backend(str, enum.Enum):
     CUBLAS = "cublas"
     #: fp8linear's own Triton GEMM: fp8 and int8, any N and K, fused bias; the fallback that serves all.
     TRITON = "triton"
+    #: fp8linear's own CUDA kernel for M <= 16 (decode): quantizes x inside a tensor-core GEMM, one launch;
+    #: fp8 and int8, K % 128 == 0, compute capability >= 8.9.
+    SMALL_M = "small_m"
     #: Dequantize and matmul in fp32 on any device: the CPU path and the oracle of the tests.
     #: Slow, never chosen by `auto` on a GPU that another backend serves.
     REFERENCE = "reference"

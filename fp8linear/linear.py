@@ -8,6 +8,9 @@ forward(x), for x [..., K] in bf16, fp16 or fp32 (DESIGN.md "The data path"):
     y = backend.gemm(q, s, prepared weight, x.dtype, bias)  dequant(q) @ dequant(W)^T + bias, fp32 accumulation
     return y.reshape(..., N)
 
+A backend that quantizes inside its GEMM (`small_m`, M <= 16: decode) takes x itself instead:
+y = backend.linear(x, prepared weight, bias), one op call per forward.
+
 Padding rule for K % 128 != 0: the quant op needs whole groups, so x gets zero columns up to Kp. Zeros
 never raise a group's amax (the scales of the real columns are unchanged) and contribute nothing to the
 product; the weight's columns K..Kp-1 are absent (the triton backend masks them, the reference slices
@@ -39,8 +42,7 @@ from torch import nn
 from . import backends
 from .backends import padded_k
 from .config import FP8Config, dtype_short_str
-from .layouts import empty_scales
-from .ops import quantize_into
+from .ops import quantize_for_gemm
 from .weights import quantize_weight_blockwise
 
 __all__ = ["FP8Linear"]
@@ -268,31 +270,29 @@ class FP8Linear(nn.Module):
             raise TypeError(f"x must be bfloat16, float16 or float32; got {x.dtype}")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}; move one of them")
+        M = x.numel() // K
+        if M == 0:
+            return x.new_empty((*x.shape[:-1], N))
+        backend = self._choice.get(M) or self._backend_for(M, x.device)
+        prepared = self._prepared_for(backend)
+        if backend.FUSES_QUANT:
+            # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
+            return backend.linear(x, prepared, self.bias, self.scale_ue8m0)
+
         lead = x.shape[:-1]
         x2d = x.reshape(-1, K)  # [M, K]
-        M = x2d.shape[0]
-        if M == 0:
-            return x.new_empty((*lead, N))
-        backend = self._backend_for(M, x.device)
-        prepared = self._prepared_for(backend)
-
         Kp = padded_k(K)
         if Kp != K:
             x2d = torch.nn.functional.pad(x2d, (0, Kp - K))  # [M, Kp], zero columns (module docstring)
         elif x2d.stride(-1) != 1:
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
-        g = self.config.activation_group_size
-        # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4). Rows
-        # M..M_pad-1 of q and s stay unwritten: each output row depends on its own input row only, and y's
-        # padding rows are sliced off below. x, q and s are built here to the op's contract, so the op is
-        # called without the public wrapper's checks (host time per forward: docs/design.md).
-        M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
-        q = torch.empty((M_pad, Kp), dtype=self.dtype, device=x.device)
-        s = empty_scales((), M_pad, Kp // g, backend.SCALE_LAYOUT, x.device)
-        if M_pad == M:
-            quantize_into(x2d, q, s, g, self.scale_ue8m0, backend.SCALE_LAYOUT)
-        else:
-            quantize_into(x2d, q[:M], s[:M], g, self.scale_ue8m0, backend.SCALE_LAYOUT)
+        # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4): one op
+        # call allocates q and s over M_pad rows and quantizes rows 0..M-1; rows M.. stay unwritten (each
+        # output row depends on its own input row only) and y's padding rows are sliced off below. x is
+        # built here to the op's contract, so the public wrapper's checks are skipped (host time per
+        # forward: docs/design.md).
+        q, s = quantize_for_gemm(x2d, self.config.activation_group_size, self.dtype, self.scale_ue8m0,
+                                 backend.SCALE_LAYOUT, backend.ROW_ALIGN)
         y = backend.gemm(q, s, prepared, x.dtype, self.bias)  # [M or M_pad, N]
         if y.shape[0] != M:
             y = y[:M]
@@ -302,8 +302,10 @@ class FP8Linear(nn.Module):
     def _backend_str(self) -> str:
         device = self.weight.device
         if self.backend != "auto":
-            layout = backends.get(self.backend).SCALE_LAYOUT.value
-            return f"{self.backend} ({layout} scales)"
+            module = backends.get(self.backend)
+            if module.FUSES_QUANT:
+                return f"{self.backend} (quantization fused into the GEMM)"
+            return f"{self.backend} ({module.SCALE_LAYOUT.value} scales)"
         if device.type == "meta":
             return "auto (chosen per M on first forward)"
         from .backends import auto

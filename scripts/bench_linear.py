@@ -39,7 +39,7 @@ SHAPES = [
 M_LIST = [1, 16, 64, 256, 1024, 4096, 16384]
 QUICK_SHAPES = [(4096, 4096), (7168, 7168), (2112, 7168)]
 QUICK_M = [1, 64, 512, 4096]
-BACKENDS = ("deepgemm", "cublas", "triton")
+BACKENDS = ("deepgemm", "cublas", "triton", "small_m")
 
 
 def header() -> str:

@@ -90,7 +90,7 @@ def main() -> int:
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--K", type=int, default=4096)
     ap.add_argument("--M", type=int, nargs="+", default=[1, 64, 512])
-    ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "auto"])
+    ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "small_m", "auto"])
     ap.add_argument("--cprofile", action="store_true", help="also print where the host time of each provider goes")
     args = ap.parse_args()
     if not torch.cuda.is_available():

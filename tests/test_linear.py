@@ -220,7 +220,7 @@ def test_row_aligned_backend_path(monkeypatch):
         q[5:] = 0x7F  # whatever the padding rows hold must not reach rows < M
         return reference.gemm(q.view(FP8), s, prepared, out_dtype, bias)
 
-    fake = types.SimpleNamespace(NAME="fake4", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4,
+    fake = types.SimpleNamespace(NAME="fake4", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4, FUSES_QUANT=False,
                                  prepare_weight=reference.prepare_weight, gemm=gemm)
     m = FP8Linear.from_linear(make_linear(300, 200))
     m._choice[5] = fake
@@ -333,7 +333,9 @@ def test_auto_table_lookup():
 
 
 def test_auto_heuristic_and_cpu_choice():
-    assert auto.heuristic(1, 4096, 4096, INT8) == "triton"
+    assert auto.heuristic(1, 4096, 4096, INT8) == "small_m"
+    assert auto.heuristic(8, 4096, 4096, FP8) == "small_m"
+    assert auto.heuristic(9, 4096, 4096, INT8) == "triton"
     assert auto.heuristic(16, 7168, 7168, FP8) == "cublas"
     assert auto.heuristic(256, 7168, 7168, FP8) == "triton"
     assert auto.heuristic(4096, 7168, 7168, FP8) == "deepgemm"

@@ -11,6 +11,8 @@ and exposes (STYLE.md 11):
                           `FP8Linear` passes it to `per_token_group_quant`, so no transpose runs between
     ROW_ALIGN             how many rows q and s must have storage for (cuBLASLt: 4; others 1): FP8Linear
                           quantizes into buffers of ceil(M / ROW_ALIGN) * ROW_ALIGN rows
+    FUSES_QUANT           True for a backend that quantizes x itself (small_m): FP8Linear then calls
+                          `linear(x, prepared, bias, scale_ue8m0) -> y` (x [..., K]) instead of quantizing and `gemm`
     unsupported_reason(M, N, K, dtype, device) -> str | None
                           None when it can serve this shape; else why not ("not importable: ...",
                           "needs sm90", "N % 64 != 0", ...). K is the layer's in_features.
@@ -29,6 +31,7 @@ The names (each a `Backend` value, documented in fp8linear.config):
     deepgemm    DeepGEMM, legacy or current API by feature detection
     cublas      cuBLASLt through torch.nn.functional.scaled_mm (BlockWise1x128 x BlockWise128x128)
     triton      fp8linear's Triton GEMM, fp8 and int8, any N and K
+    small_m     fp8linear's CUDA kernel for M <= 16: quantization fused into a tensor-core GEMM
     auto        per shape from measurements on this card (fp8linear.backends.auto)
 
 Asking for a backend by name that cannot serve a shape raises `BackendUnsupportedError` with the
@@ -58,6 +61,7 @@ _MODULES = {
     "deepgemm": "fp8linear.backends.deepgemm",
     "cublas": "fp8linear.backends.cublaslt",
     "triton": "fp8linear.backends.triton_blockwise",
+    "small_m": "fp8linear.backends.small_m",
 }
 NAMES = ("auto", *_MODULES)
 

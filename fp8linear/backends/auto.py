@@ -31,7 +31,7 @@ __all__ = ["choose", "heuristic", "load_table", "table_path", "lookup", "M_BUCKE
 log = logging.getLogger(__name__)
 
 #: The M buckets scripts/tune_auto.py measures (upper bounds; beyond the last, the last row holds).
-M_BUCKETS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
+M_BUCKETS = (1, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
 
 _DTYPE_KEY = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
@@ -81,6 +81,8 @@ def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str
 def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
     """A first choice without measurements, from DESIGN.md's H100 table (torch 2.11, CUDA 13):
 
+    - M <= 8: small_m, the fused quantize-and-GEMM kernel (fp8 and int8; graph replay on the H100 at
+      1 x 4096 x 4096: 7.8 us against cuBLASLt's 16.6 and bf16's 10.5).
     - int8: only triton has an int8 GEMM.
     - M <= 64: cuBLASLt (3.0 vs DeepGEMM 1.4 TFLOP/s at 1x7168x7168, 47 vs 19-28 at M = 16).
     - M >= 1024 on layers with N, K >= 7168: DeepGEMM (1310 vs 1169 at 4096x7168x7168).
@@ -88,6 +90,8 @@ def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
     - 64 < M < 1024: triton, the mid-M hole where DeepGEMM measured 208 and cuBLASLt between 270 and
       735 TFLOP/s (two runs) against bf16's ~500: unmeasured for triton; tune the card to decide.
     """
+    if M <= 8:
+        return "small_m"
     if dtype == torch.int8:
         return "triton"
     if M <= 64:

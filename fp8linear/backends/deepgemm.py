@@ -31,6 +31,7 @@ from . import bf16_epilogue
 NAME = "deepgemm"
 SCALE_LAYOUT = ScaleLayout.COL
 ROW_ALIGN = 1
+FUSES_QUANT = False
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,6 +15,7 @@ from ..weights import dequantize_weight_blockwise
 NAME = "reference"
 SCALE_LAYOUT = ScaleLayout.ROW
 ROW_ALIGN = 1
+FUSES_QUANT = False
 
 
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":

@@ -55,6 +55,7 @@ except Exception as exc:  # ImportError, or a broken install
 NAME = "triton"
 SCALE_LAYOUT = ScaleLayout.ROW
 ROW_ALIGN = 1
+FUSES_QUANT = False
 BLOCK_K = 128
 
 

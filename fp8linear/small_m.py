@@ -1,0 +1,135 @@
+"""The small-M fused linear op: quantize x per 1x128 group and multiply by 128x128-block weights, one kernel.
+
+    y = dequant(per_token_group_quant(x, 128, weight.dtype, scale_ue8m0, eps)) @ dequant(weight)^T + bias
+
+for x [M, K] with M <= MAX_M (decode and small batches), accumulated in fp32 and returned in x's dtype.
+The quantization is bit for bit that of `fp8linear.per_token_group_quant`; the CUDA kernel
+(`kernels/small_m_linear.cu`) computes it inside the GEMM, so the activations' q and scales never reach
+global memory and a layer costs one launch and one op call. The product runs on tensor cores
+(mma.sync m16n8k32, fp8 e4m3 or int8), its sums promoted to fp32 every 128 columns with the two scales.
+
+Pieces, as in `fp8linear.ops`: the schema `fp8linear::small_m_linear` (a functional op: it allocates y), a
+fake for torch.compile, the CPU implementation (the reference: quantize, dequantize both operands, fp32
+matmul), the CUDA implementation registered from C++, and `small_m_linear`, the checked wrapper.
+`fp8linear.backends.small_m` serves it to FP8Linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _build
+from .reference import dequantize_groups, per_token_group_quant_reference
+from .weights import dequantize_weight_blockwise
+
+__all__ = ["small_m_linear", "MAX_M", "GROUP"]
+
+#: Rows the kernel serves: two 8-token tensor-core tiles.
+MAX_M = 16
+#: Activation group and weight block width along K; K must be a multiple of it.
+GROUP = 128
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+_lib = torch.library.Library("fp8linear", "FRAGMENT")
+_lib.define(
+    "small_m_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0, "
+    "float eps) -> Tensor"
+)
+
+
+@torch.library.register_fake("fp8linear::small_m_linear", lib=_lib)
+def _small_m_linear_fake(x, weight, weight_scale_inv, bias, scale_ue8m0, eps):
+    if x.device.type == "cuda":
+        _build.ensure_loaded()  # tracing runs this, not the wrapper: the kernel must exist when the graph runs
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.impl(_lib, "small_m_linear", "CPU")
+def _small_m_linear_cpu(x, weight, weight_scale_inv, bias, scale_ue8m0, eps):
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    q, s = per_token_group_quant_reference(x, GROUP, weight.dtype, scale_ue8m0, eps)
+    a = dequantize_groups(q, s)  # [M, K] fp32
+    w = dequantize_weight_blockwise(weight, weight_scale_inv)  # [N, K] fp32
+    y = a @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
+def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype) -> "str | None":
+    """None when the op serves [M, K] x [N, K]^T in `dtype` (any device); else why not."""
+    if dtype not in _WEIGHT_DTYPES:
+        return f"dtype {dtype} is not fp8 e4m3 or int8"
+    if M > MAX_M:
+        return f"M={M} > {MAX_M} (the kernel holds at most two 8-token tiles)"
+    if K % GROUP != 0:
+        return f"K % 128 != 0 (K={K})"
+    return None
+
+
+def small_m_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    bias: "torch.Tensor | None" = None,
+    *,
+    scale_ue8m0: bool = False,
+    eps: float = 1e-10,
+) -> torch.Tensor:
+    """y [..., N] = quantized x [..., K] times a 128x128-block quantized weight [N, K], plus bias.
+
+    Args:
+        x: bf16, fp16 or fp32 [..., K] with M <= 16 rows in all (the product of the leading dims),
+            K % 128 == 0; rows may be strided. Quantized per 1x128 group exactly as
+            `per_token_group_quant(x, 128, weight.dtype, ...)`.
+        weight: float8_e4m3fn or int8 [N, K], contiguous.
+        weight_scale_inv: fp32 [ceil(N/128), K/128], the per-block multipliers that dequantize weight.
+        bias: [N] bf16, fp16 or fp32, or None; added in fp32.
+        scale_ue8m0: power-of-two activation scales.
+        eps: floor of each group's amax (as in per_token_group_quant).
+
+    Returns: y [..., N] in x's dtype. A group of x holding a NaN or Inf makes its row of y NaN.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor [..., M, K] (at least 2-D); got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32; got {x.dtype}")
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    if M > MAX_M:
+        raise ValueError(f"x has M={M} rows (product of its leading dims); small_m_linear serves at most {MAX_M} "
+                         "(use FP8Linear for more)")
+    if K % GROUP != 0 or K == 0:
+        raise ValueError(f"x's last dim K={K} must be a positive multiple of {GROUP}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _WEIGHT_DTYPES:
+        raise TypeError(f"weight must be a float8_e4m3fn or int8 tensor; got {getattr(weight, 'dtype', type(weight))}")
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape [N, {K}] (x's K); got {list(weight.shape)}")
+    N = weight.shape[0]
+    shape_s = (math.ceil(N / GROUP), K // GROUP)
+    if (not isinstance(weight_scale_inv, torch.Tensor) or weight_scale_inv.dtype != torch.float32
+            or tuple(weight_scale_inv.shape) != shape_s):
+        raise ValueError(
+            f"weight_scale_inv must be float32 of shape {list(shape_s)} ([ceil(N/128), K/128]); got "
+            f"{getattr(weight_scale_inv, 'dtype', None)} {list(getattr(weight_scale_inv, 'shape', []))}"
+        )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)
+                             or bias.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"bias must be a bf16/fp16/fp32 tensor of shape [{N}] or None; got "
+                         f"{getattr(bias, 'dtype', None)} {list(getattr(bias, 'shape', []))}")
+    for name, t in (("weight", weight), ("weight_scale_inv", weight_scale_inv), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 1e-30):
+        raise ValueError(f"eps must be a finite float >= 1e-30; got {eps!r}")
+    if x.is_cuda:
+        _build.ensure_loaded()
+    return torch.ops.fp8linear.small_m_linear(
+        x, weight.contiguous(), weight_scale_inv.contiguous(), None if bias is None else bias.contiguous(),
+        bool(scale_ue8m0), float(eps),
+    )

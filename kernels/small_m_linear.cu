@@ -1,0 +1,444 @@
+// Small-M fused linear: the CUDA implementation of `fp8linear::small_m_linear` (fp8linear/small_m.py).
+//
+// What it computes, for x [M, K] (M <= 16, K % 128 == 0), weight [N, K] fp8 e4m3 or int8 with fp32 scales
+// per 128x128 block (weight_scale_inv [ceil(N/128), K/128]) and an optional bias [N]:
+//
+//     (q, s) = per_token_group_quant(x, 128, weight.dtype, scale_ue8m0, eps)      bit for bit, in registers
+//     y[m, n] = sum_j  s[m, j] * weight_scale_inv[n / 128, j] * sum_{k in group j} q[m, k] * weight[n, k]
+//               (+ bias[n]), in fp32, stored in x's dtype
+//
+// Why a kernel of its own: at decode sizes the GEMM only streams the weight once (a GEMV), and the
+// separate quantization launch, the scale write and re-read, and the host work of two ops are a large
+// share of the layer's time (docs/benchmarks.md). Here every block quantizes the few activation rows it
+// needs itself, from L2, with the quant kernel's own device code (common.cuh), so q and s never touch HBM.
+//
+// Mapping ("swap AB"): a block owns 16 weight rows (32 when M > 8, to spread the quantization's ALU work
+// over more weight bytes), in tiles of 16 = the M dimension of a tensor-core `mma.sync.m16n8k32`
+// (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to 16 tokens as one or two n8 tiles.
+// Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... . Per group a warp
+//   1. loads its 16 x 128 weight bytes per row tile: lane (g = lane / 4, t = lane % 4) reads 16 bytes at columns
+//      16t .. 16t+15 of each 64-column span of rows g and g + 8 (a warp-wide load covers 8 rows x 64 bytes);
+//   2. loads the group's 128 activations of every token (a 16-lane sub-warp per bf16 row, as the quant
+//      kernel does), computes amax, scale and the fp8/int8 bytes, and parks them in its shared memory;
+//   3. runs 4 mma per token tile. Which k a fragment slot holds does not matter as long as A and B agree:
+//      slot 4t+i of A (row g) and of B (token g) both hold column 16t + 8h + i of span s for mma (s, h),
+//      and slot 16+4t+i holds column 16t + 8h + 4 + i, so each lane's 16 loaded bytes feed two mma;
+//   4. scales the group's fp32 (or exact int32) sums by s[token, j] * weight_scale_inv[n0/128, j] into
+//      fp32 accumulators, as DeepGEMM promotes its tensor-core sums every 128 columns.
+// The 8 warps' accumulators are summed in warp order through shared memory (deterministic), the bias is
+// added in fp32, and the result is rounded once to x's dtype.
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace fp8linear {
+namespace small_m {
+
+#ifndef FP8L_SMALLM_UNROLL
+#define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
+#endif
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kTileRows = 16;  // weight rows of one mma tile (the mma's M); a block owns kRT of them
+constexpr int kGroup = 128;    // activation group = weight block width
+constexpr int kRowBytes = 192;  // smem stride of one token's 128 quantized bytes: tokens g and g+1 of a
+                                // 16-byte B-fragment load then fall in different banks (192 % 128 == 64)
+constexpr int kUnroll = FP8L_SMALLM_UNROLL;
+constexpr int kMaxM = 16;
+
+enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
+
+struct Params {
+  const void* x;         // T [M, K], row stride x_stride_row elements, 16-byte aligned rows
+  int64_t x_stride_row;
+  const uint8_t* w;      // fp8 / int8 [N, K] contiguous
+  const float* ws;       // fp32 [ceil(N/128), G] contiguous
+  const void* bias;      // [N] in bias_kind's dtype, or null
+  int bias_kind;
+  void* y;               // T [M, N] contiguous
+  int M, N, K, G;
+  float eps;
+  bool ue8m0;
+};
+
+// ---- tensor-core fragments -------------------------------------------------------------------------
+template <typename Out>
+struct Mma;
+
+template <>
+struct Mma<OutFp8E4M3> {
+  using Acc = float;
+  __device__ __forceinline__ static void run(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Mma<OutInt8> {
+  using Acc = int;  // exact: |sum| <= 128 * 127 * 128 per group
+  __device__ __forceinline__ static void run(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+
+__device__ __forceinline__ float load_bias(const void* bias, int kind, int n) {
+  switch (kind) {
+    case kBiasBf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(bias)[n]);
+    case kBiasFp16: return __half2float(static_cast<const __half*>(bias)[n]);
+    case kBiasFp32: return static_cast<const float*>(bias)[n];
+    default: return 0.0f;
+  }
+}
+
+template <int kNT, int kRT>
+struct SmemShape {
+  static constexpr int kTokens = 8 * kNT;
+  static constexpr int kQBytes = kTokens * kRowBytes;             // one group's quantized tokens
+  static constexpr int kBufBytes = kQBytes + kTokens * 4;         // ... plus their fp32 scales
+  static constexpr int kWarpBytes = kUnroll * kBufBytes;
+  static constexpr int kBlockBytes = kWarps * kWarpBytes;
+  static constexpr int kReduceBytes = kWarps * kRT * kNT * 4 * kWarpSize * 4;
+  static_assert(kReduceBytes <= kBlockBytes, "the reduction reuses the group buffers");
+};
+
+// kNT token tiles of 8 (M <= 8 kNT). T: x's dtype (and y's). Out: the quantized type (fp8 e4m3 / int8).
+template <typename T, typename Out, int kNT, int kRT>
+__global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p) {
+  using Shape = SmemShape<kNT, kRT>;
+  using Traits = InputTraits<T>;
+  using Acc = typename Mma<Out>::Acc;
+  constexpr int kTokens = Shape::kTokens;
+  constexpr int kPerChunk = Traits::kPerChunk;     // x elements per 16-byte chunk: 8 (bf16/fp16), 4 (fp32)
+  constexpr int kTPG = kGroup / kPerChunk;         // lanes per token-group: 16 or 32
+  constexpr int kTokPerPass = kWarpSize / kTPG;    // tokens one warp-wide load covers: 2 or 1
+  constexpr int kPasses = kTokens / kTokPerPass;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane >> 2;  // fragment row group
+  const int t = lane & 3;   // thread in group
+  uint8_t* const my_smem = smem + warp * Shape::kWarpBytes;
+
+  // Row tile r covers rows n0 + 16 r .. n0 + 16 r + 15; lane (g, t) holds rows g and g + 8 of each.
+  const int n0 = blockIdx.x * kTileRows * kRT;
+  bool ok[kRT][2];
+  const uint8_t* w_rows[kRT][2];
+  const float* ws_rows[kRT];  // 16-row tiles never straddle a 128-row weight block
+#pragma unroll
+  for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int row = n0 + kTileRows * r + g + 8 * hi;
+      ok[r][hi] = row < p.N;
+      w_rows[r][hi] = p.w + static_cast<int64_t>(ok[r][hi] ? row : 0) * p.K + 16 * t;
+    }
+    ws_rows[r] = p.ws + static_cast<int64_t>(min(n0 + kTileRows * r, p.N - 1) / kGroup) * p.G;
+  }
+  const T* const x = static_cast<const T*>(p.x);
+  const int sub = lane % kTPG;             // this lane's chunk within a token's group
+  const int tok_in_pass = lane / kTPG;
+
+  float acc[kRT][kNT][4];
+#pragma unroll
+  for (int r = 0; r < kRT; ++r)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.0f;
+  // Tokens of passes skipped below (M not reaching them) must read as finite zeros: clear once.
+  for (int off = 16 * lane; off < Shape::kWarpBytes; off += 16 * kWarpSize) {
+    *reinterpret_cast<uint4*>(my_smem + off) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  __syncwarp();
+
+  for (int j0 = warp; j0 < p.G; j0 += kWarps * kUnroll) {
+    // 1. Weights and weight scales of kUnroll groups: the HBM traffic, issued first.
+    uint4 wv[kUnroll][kRT][2][2];  // [group][row tile][row lo/hi][span]
+    float wscale[kUnroll][kRT];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kWarps;
+      const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+      const bool in = j < p.G;
+      const int64_t k = static_cast<int64_t>(j) * kGroup;
+#pragma unroll
+      for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+#pragma unroll
+          for (int s = 0; s < 2; ++s)
+            wv[u][r][hi][s] = (in && ok[r][hi]) ? __ldg(reinterpret_cast<const uint4*>(w_rows[r][hi] + k + 64 * s)) : zero;
+        wscale[u][r] = in ? __ldg(ws_rows[r] + j) : 0.0f;
+      }
+    }
+
+    // 2. Quantize each group's activations (every token) into this warp's buffers, exactly as the
+    //    quant kernel does. Tokens >= M quantize zeros and get scale 0: their columns are never stored.
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kWarps;
+      if (j >= p.G) break;  // warp-uniform
+      uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
+      float* const sbuf = reinterpret_cast<float*>(qbuf + Shape::kQBytes);
+      uint4 xv[kPasses];
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int tok = pass * kTokPerPass + tok_in_pass;
+        xv[pass] = make_uint4(0u, 0u, 0u, 0u);
+        if (tok < p.M) {
+          xv[pass] = __ldg(reinterpret_cast<const uint4*>(x + tok * p.x_stride_row + static_cast<int64_t>(j) * kGroup +
+                                                          sub * kPerChunk));
+        }
+      }
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int tok = pass * kTokPerPass + tok_in_pass;
+        if (pass * kTokPerPass >= p.M) break;  // warp-uniform: no token of this pass exists
+        uint32_t amax_bits = Traits::abs_max_bits(xv[pass]);
+#pragma unroll
+        for (int offset = kTPG / 2; offset > 0; offset /= 2) {
+          amax_bits = max(amax_bits, __shfl_xor_sync(0xFFFFFFFFu, amax_bits, offset));
+        }
+        const GroupScale gs = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.ue8m0);
+        float f[kPerChunk];
+        Traits::to_float(xv[pass], f);
+        uint32_t qw[kPerChunk / 4];
+        quantize_chunk<Out, kPerChunk>(f, gs.inv, gs.nonfinite, qw);
+        uint8_t* dst = qbuf + tok * kRowBytes + sub * kPerChunk;
+        if constexpr (kPerChunk == 8) {
+          *reinterpret_cast<uint2*>(dst) = make_uint2(qw[0], qw[1]);
+        } else {
+          *reinterpret_cast<uint32_t*>(dst) = qw[0];
+        }
+        if (sub == 0) sbuf[tok] = tok < p.M ? gs.scale : 0.0f;
+      }
+    }
+    __syncwarp();
+
+    // 3-4. Tensor-core sums per group, promoted into fp32 with the group's two scales.
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * kWarps;
+      if (j >= p.G) break;
+      const uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
+      const float* const sbuf = reinterpret_cast<const float*>(qbuf + Shape::kQBytes);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        uint4 qv[2];  // B fragments of both spans, shared by the row tiles
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          qv[s] = *reinterpret_cast<const uint4*>(qbuf + (nt * 8 + g) * kRowBytes + 64 * s + 16 * t);
+        }
+        const float sa0 = sbuf[nt * 8 + 2 * t], sa1 = sbuf[nt * 8 + 2 * t + 1];
+#pragma unroll
+        for (int r = 0; r < kRT; ++r) {
+          Acc c[4] = {0, 0, 0, 0};
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t a[4] = {word(wv[u][r][0][s], 2 * h), word(wv[u][r][1][s], 2 * h),
+                                     word(wv[u][r][0][s], 2 * h + 1), word(wv[u][r][1][s], 2 * h + 1)};
+              Mma<Out>::run(c, a, word(qv[s], 2 * h), word(qv[s], 2 * h + 1));
+            }
+          }
+          const float s0 = sa0 * wscale[u][r];
+          const float s1 = sa1 * wscale[u][r];
+          acc[r][nt][0] += static_cast<float>(c[0]) * s0;
+          acc[r][nt][1] += static_cast<float>(c[1]) * s1;
+          acc[r][nt][2] += static_cast<float>(c[2]) * s0;
+          acc[r][nt][3] += static_cast<float>(c[3]) * s1;
+        }
+      }
+    }
+    __syncwarp();  // the next iteration overwrites the buffers
+  }
+
+  // Sum the warps' partial results in warp order, add the bias, store.
+  __syncthreads();
+  constexpr int kSlots = kRT * kNT * 4 * kWarpSize;  // one warp's accumulators: [kRT][kNT][4][32]
+  float* const red = reinterpret_cast<float*>(smem);  // [kWarps][kSlots]
+#pragma unroll
+  for (int r = 0; r < kRT; ++r)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp * kSlots + ((r * kNT + nt) * 4 + i) * kWarpSize + lane] = acc[r][nt][i];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kSlots; e += kThreads) {
+    const int r = e / (kNT * 4 * kWarpSize);
+    const int nt = (e / (4 * kWarpSize)) % kNT;
+    const int i = (e / kWarpSize) % 4;
+    const int l = e % kWarpSize;
+    const int n = n0 + kTileRows * r + (l >> 2) + (i >= 2 ? 8 : 0);
+    const int tok = nt * 8 + 2 * (l & 3) + (i & 1);
+    if (n >= p.N || tok >= p.M) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w * kSlots + e];
+    if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
+    static_cast<T*>(p.y)[static_cast<int64_t>(tok) * p.N + n] = from_float<T>(v);
+  }
+}
+
+template <typename T, typename Out, int kNT, int kRT>
+void launch(const Params& p, int device, cudaStream_t stream) {
+  constexpr int kSmem = SmemShape<kNT, kRT>::kBlockBytes;
+  auto kernel = small_m_linear_kernel<T, Out, kNT, kRT>;
+  if constexpr (kSmem > 48 * 1024) {  // once per instantiation and device: allow > 48 KB of dynamic smem
+    static std::atomic<uint64_t> configured{0};
+    const uint64_t bit = uint64_t{1} << (device % 64);
+    if ((configured.load(std::memory_order_relaxed) & bit) == 0) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      configured.fetch_or(bit, std::memory_order_relaxed);
+    }
+  }
+  const int blocks = (p.N + kTileRows * kRT - 1) / (kTileRows * kRT);
+  kernel<<<blocks, kThreads, kSmem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename Out>
+void dispatch_tiles(const Params& p, int device, cudaStream_t stream) {
+  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8: each block
+  // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes.
+  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream);
+  return launch<T, Out, 2, 2>(p, device, stream);
+}
+
+template <typename T>
+void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream) {
+  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream);
+  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// The CUDA kernel of the schema in fp8linear/small_m.py:
+//   small_m_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0,
+//                  float eps) -> Tensor
+// x [..., K] with at most 16 rows in all (the leading dims are flattened); y [..., N].
+// The Python wrapper validates with messages that name the argument; these checks keep a direct call of
+// the op from reading out of bounds.
+at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight, const at::Tensor& weight_scale_inv,
+                               const std::optional<at::Tensor>& bias, bool scale_ue8m0, double eps) {
+  TORCH_CHECK(x_any.dim() >= 2, "small_m_linear: x must be [..., M, K]; got ", x_any.sizes());
+  TORCH_CHECK(weight.dim() == 2, "small_m_linear: weight must be [N, K]; got ", weight.sizes());
+  const int64_t K = x_any.size(-1), N = weight.size(0);
+  // Leading dims flattened here rather than in Python: a view for the usual [B, S, K] (host time per call).
+  at::Tensor x_in = x_any.dim() == 2 ? x_any : x_any.reshape({-1, K});
+  if (x_in.stride(1) != 1) x_in = x_in.contiguous();  // the kernel reads rows with unit element stride
+  const int64_t M = x_in.size(0);
+  std::vector<int64_t> y_shape(x_any.sizes().begin(), x_any.sizes().end());
+  y_shape.back() = N;
+  const at::ScalarType x_dtype = x_in.scalar_type();
+  TORCH_CHECK(x_dtype == at::ScalarType::BFloat16 || x_dtype == at::ScalarType::Half || x_dtype == at::ScalarType::Float,
+              "small_m_linear: x must be bfloat16, float16 or float32; got ", x_dtype);
+  TORCH_CHECK(M <= kMaxM, "small_m_linear: at most ", kMaxM, " rows; got M=", M);
+  TORCH_CHECK(K % kGroup == 0 && K > 0, "small_m_linear: K must be a positive multiple of 128; got ", K);
+  TORCH_CHECK(weight.size(1) == K, "small_m_linear: weight must be [N, ", K, "]; got ", weight.sizes());
+  const bool int8 = weight.scalar_type() == at::ScalarType::Char;
+  TORCH_CHECK(int8 || weight.scalar_type() == at::ScalarType::Float8_e4m3fn,
+              "small_m_linear: weight must be float8_e4m3fn or int8; got ", weight.scalar_type());
+  TORCH_CHECK(weight.is_contiguous() && aligned16(weight.data_ptr()),
+              "small_m_linear: weight must be contiguous and 16-byte aligned");
+  const int64_t G = K / kGroup;
+  TORCH_CHECK(weight_scale_inv.scalar_type() == at::ScalarType::Float && weight_scale_inv.is_contiguous() &&
+                  weight_scale_inv.dim() == 2 && weight_scale_inv.size(0) == (N + kGroup - 1) / kGroup &&
+                  weight_scale_inv.size(1) == G,
+              "small_m_linear: weight_scale_inv must be contiguous fp32 [", (N + kGroup - 1) / kGroup, ", ", G,
+              "]; got ", weight_scale_inv.scalar_type(), " ", weight_scale_inv.sizes());
+  TORCH_CHECK(x_in.device() == weight.device() && weight_scale_inv.device() == weight.device() && x_in.is_cuda(),
+              "small_m_linear: x, weight and weight_scale_inv must be on one CUDA device");
+  TORCH_CHECK(N < (int64_t{1} << 31) / 64 && M * N < (int64_t{1} << 31), "small_m_linear: N=", N, " too large");
+  int bias_kind = kNoBias;
+  const void* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.device() == weight.device(),
+                "small_m_linear: bias must be a contiguous [", N, "] tensor on the weight's device; got ", b.sizes());
+    switch (b.scalar_type()) {
+      case at::ScalarType::BFloat16: bias_kind = kBiasBf16; break;
+      case at::ScalarType::Half: bias_kind = kBiasFp16; break;
+      case at::ScalarType::Float: bias_kind = kBiasFp32; break;
+      default: TORCH_CHECK(false, "small_m_linear: bias must be bfloat16, float16 or float32; got ", b.scalar_type());
+    }
+    bias_ptr = b.data_ptr();
+  }
+
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty(y_shape, x_in.options());
+  if (M == 0 || N == 0) return y;
+  TORCH_CHECK(x_in.stride(1) == 1 || M == 0, "small_m_linear: x's last dim must be contiguous; got strides ",
+              x_in.strides());
+  // 16-byte loads need aligned rows; a slice at an odd offset is copied (it is M <= 16 rows).
+  at::Tensor x = x_in;
+  const int64_t row_bytes = (M > 1 ? x_in.stride(0) : K) * x_in.element_size();
+  if (!aligned16(x_in.data_ptr()) || row_bytes % 16 != 0) {
+    x = at::empty({M, K}, x_in.options());
+    x.copy_(x_in);
+  }
+
+  Params p;
+  p.x = x.data_ptr();
+  p.x_stride_row = M > 1 ? x.stride(0) : K;
+  p.w = static_cast<const uint8_t*>(weight.data_ptr());
+  p.ws = weight_scale_inv.data_ptr<float>();
+  p.bias = bias_ptr;
+  p.bias_kind = bias_kind;
+  p.y = y.data_ptr();
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.G = static_cast<int>(G);
+  p.eps = static_cast<float>(eps);
+  p.ue8m0 = scale_ue8m0;
+
+  const int device = x.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  switch (x_dtype) {
+    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, p, device, stream); break;
+    case at::ScalarType::Half: dispatch_out<__half>(int8, p, device, stream); break;
+    default: dispatch_out<float>(int8, p, device, stream); break;
+  }
+  return y;
+}
+
+}  // namespace small_m
+}  // namespace fp8linear
+
+TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
+  m.impl("small_m_linear", &fp8linear::small_m::small_m_linear_cuda);
+}
