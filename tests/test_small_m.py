@@ -624,3 +624,30 @@ def test_fp8linear_small_m_refuses_m17():
     assert mod(torch.randn(16, 256, device="cuda", dtype=BF16)).shape == (16, 256)
     with pytest.raises(BackendUnsupportedError, match=r"backend='small_m' cannot serve M=17, N=256, K=256"):
         mod(torch.randn(17, 256, device="cuda", dtype=BF16))
+
+
+@pytest.mark.gpu
+def test_small_m_first_call_in_a_fresh_process_loads_the_kernels():
+    """FP8Linear's first forward at decode size may be the process's first use of the kernels (auto picks
+    small_m for M = 1 and nothing else has loaded them): the backend must build and load them itself.
+    In-process tests cannot see this, since an earlier test has loaded them."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    code = (
+        "import torch\n"
+        "from fp8linear import FP8Linear\n"
+        "lin = torch.nn.Linear(256, 128, bias=False, device='cuda', dtype=torch.bfloat16)\n"
+        "m = FP8Linear.from_linear(lin, backend='small_m')\n"
+        "x = torch.randn(1, 256, device='cuda', dtype=torch.bfloat16)\n"
+        "ref = FP8Linear.from_linear(lin, backend='reference').cpu()(x.cpu())\n"
+        "y = m(x).cpu()\n"
+        "err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()\n"
+        "assert err < 1e-2, err\n"
+        "print('ok', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok")

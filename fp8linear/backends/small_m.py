@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _build
 from .. import small_m as _op
 
 NAME = "small_m"
@@ -38,7 +39,12 @@ def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch
 
 
 def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [N, K], weight_scale_inv fp32 [ceil(N/128), K/128]), contiguous (a copy only if not)."""
+    """(weight [N, K], weight_scale_inv fp32 [ceil(N/128), K/128]), contiguous (a copy only if not).
+
+    Also builds and loads the CUDA kernels: `linear` calls the op directly (no wrapper on the hot path),
+    and FP8Linear prepares the weight before a backend's first call."""
+    if weight.is_cuda:
+        _build.ensure_loaded()
     return weight.contiguous(), weight_scale_inv.float().contiguous()
 
 
