@@ -165,6 +165,7 @@ def quantize_model(
     backend: str = "auto",
     progress: bool = True,
     fuse_mlp: bool = False,
+    fuse_norm: bool = False,
 ) -> nn.Module:
     """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations).
 
@@ -180,6 +181,9 @@ def quantize_model(
             one gate_up GEMM, SiLU-and-mul fused into the activation quantization, the down GEMM. MLPs
             that cannot fuse (intermediate size not a multiple of 128, ...) stay as they are, with the
             reason in `fp8linear_fused_mlps`. state_dict keys (and so checkpoints) stay per projection.
+        fuse_norm: also swap each decoder layer's RMSNorms for fp8linear.norm.FP8RMSNorm: one kernel
+            computes the norm and quantizes its output for the FP8Linear layers that read it (q/k/v,
+            gate/up), which then skip their own quantization. Report in `fp8linear_fused_norms`.
 
     Returns the model (the same object, swapped in place; a new FP8Linear if `model` itself is an
     nn.Linear). The summary (QuantizeSummary) is logged at INFO and attached as `fp8linear_summary`.
@@ -257,6 +261,10 @@ def quantize_model(
         from .mlp import fuse_gated_mlps
 
         result.fp8linear_fused_mlps = fuse_gated_mlps(result)
+    if fuse_norm:
+        from .norm import fuse_norms
+
+        result.fp8linear_fused_norms = fuse_norms(result)
     return result
 
 

@@ -99,6 +99,9 @@ class FP8Linear(nn.Module):
         self.out_features = out_features
         self._choice: dict[int, types.ModuleType] = {}
         self._prepared: dict[str, tuple[tuple, Any]] = {}
+        # (h, q, s, backend, version) from an fp8linear.norm.FP8RMSNorm whose output h this layer reads:
+        # h already quantized in this layer's layout; used once, when forward's x is h itself.
+        self._handoff: "tuple | None" = None
 
         N, K = out_features, in_features
         bn, bk = self.config.block_size
@@ -209,6 +212,7 @@ class FP8Linear(nn.Module):
         module._prepared.clear()
 
     def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_handoff"] = None
         self._prepared.clear()
         self._choice.clear()  # the choice depends on the device
         return super()._apply(fn, *args, **kwargs)
@@ -249,6 +253,7 @@ class FP8Linear(nn.Module):
         state = dict(self.__dict__)
         state["_choice"] = {}
         state["_prepared"] = {}
+        state["_handoff"] = None
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +283,14 @@ class FP8Linear(nn.Module):
         if backend.FUSES_QUANT:
             # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
             return backend.linear(x, prepared, self.bias, self.scale_ue8m0)
+        handoff = self._handoff
+        if handoff is not None:
+            self.__dict__["_handoff"] = None  # used once (and not kept alive)
+            h, q, s, made_for, version = handoff
+            if h is x and made_for is backend and _version(x) == version and not torch.compiler.is_compiling():
+                # x is the output of the FP8RMSNorm before this layer, quantized by it in this layout.
+                y = backend.gemm(q, s, prepared, x.dtype, self.bias)
+                return (y if y.shape[0] == M else y[:M]).reshape(*x.shape[:-1], N)
 
         lead = x.shape[:-1]
         x2d = x.reshape(-1, K)  # [M, K]

@@ -178,7 +178,8 @@ class FP8GatedMLP(nn.Module):
         M = x2d.shape[0]
         if M == 0:
             return x.new_empty((*lead, H))
-        h = self.gate_up_proj(x2d)  # [M, 2I] = [gate | up], x's dtype
+        # gate_up_proj sees x itself (not the 2-D view): an FP8RMSNorm before it may have quantized x already.
+        h = self.gate_up_proj(x).reshape(-1, 2 * I)  # [M, 2I] = [gate | up], x's dtype
         down = self.down_proj
         backend = down._backend_for(M, x.device)
         prepared = down._prepared_for(backend)

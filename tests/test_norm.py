@@ -1,0 +1,168 @@
+"""FP8RMSNorm and quantize_model(fuse_norm=True): the norm's output reaches q/k/v and gate/up quantized.
+
+The contract (fp8linear.norm): a consumer that receives the handoff computes bit for bit what it computes
+by quantizing the norm's output itself; the swap changes only the norm (rmsnorm_reference's formula).
+So the tests compare a fused model with the same model whose norms hand nothing over, bit for bit, and
+count the quantizations that no longer run. CPU tests run the CPU op implementations; the GPU tests the
+kernels, with the backends auto picks (cuBLASLt / DeepGEMM at prefill sizes, small_m at decode).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fp8linear  # noqa: E402
+from fp8linear import linear as linear_module  # noqa: E402
+from fp8linear.fused import rmsnorm_reference  # noqa: E402
+from fp8linear.norm import FP8RMSNorm, fuse_norms  # noqa: E402
+
+from test_hf_models import tiny_model  # noqa: E402
+
+
+def _norms(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, FP8RMSNorm)}
+
+
+def _without_handoff(model):
+    """A deep copy whose FP8RMSNorms feed nobody: every layer quantizes its own input."""
+    other = copy.deepcopy(model)
+    for norm in _norms(other).values():
+        object.__setattr__(norm, "_consumers", ())
+    return other
+
+
+def _count_quantizations(monkeypatch):
+    calls = []
+    real = linear_module.quantize_for_gemm
+
+    def counting(x2d, *args, **kwargs):
+        calls.append(tuple(x2d.shape))
+        return real(x2d, *args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "quantize_for_gemm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("fuse_mlp", [False, True])
+def test_fused_norms_are_exact_and_skip_the_consumers_quantization(monkeypatch, fuse_mlp):
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False,
+                                     fuse_mlp=fuse_mlp, fuse_norm=True)
+    layers = model.config.num_hidden_layers
+    assert model.fp8linear_fused_norms == {f"model.layers.{i}.{n}": None for i in range(layers)
+                                           for n in ("input_layernorm", "post_attention_layernorm")}
+    assert len(_norms(model)) == 2 * layers
+    plain = _without_handoff(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    calls = _count_quantizations(monkeypatch)
+    with torch.no_grad():
+        ref = plain(ids).logits
+    unfused_count = len(calls)
+    calls.clear()
+    with torch.no_grad():
+        got = model(ids).logits
+    # Per layer without the handoff: q, k, v, o, gate, up, down (FP8GatedMLP: q, k, v, o, gate_up; its
+    # down_proj input comes quantized from the SiLU kernel); with it: o and down (FP8GatedMLP: o).
+    assert unfused_count == layers * (5 if fuse_mlp else 7)
+    assert len(calls) == layers * (1 if fuse_mlp else 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # Every handoff was used once and dropped: nothing keeps activations alive after the forward.
+    assert all(m._handoff is None for m in model.modules() if isinstance(m, linear_module.FP8Linear))
+
+
+def test_norm_output_is_the_reference_formula_and_close_to_transformers():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    hf_norm = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        hf_norm.weight.normal_(1.0, 0.1)
+    norm = FP8RMSNorm.from_norm(hf_norm)
+    x = torch.randn(5, model.config.hidden_size, dtype=torch.bfloat16) * 3
+    with torch.no_grad():
+        got = norm(x)
+        want = hf_norm(x)
+    torch.testing.assert_close(got, rmsnorm_reference(x, hf_norm.weight, hf_norm.variance_epsilon), rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert norm.weight.data_ptr() == hf_norm.weight.data_ptr()  # shared, not copied
+
+
+def test_a_modified_input_is_quantized_again():
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False, fuse_norm=True)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 4, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        h = layer.input_layernorm(x)
+        h.mul_(2.0)  # after the norm quantized it: the handoff must not be used
+        got = layer.self_attn.q_proj(h)
+        want = copy.deepcopy(layer.self_attn.q_proj)(h)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_state_dict_keys_unchanged_and_unsupported_norms_reported():
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    keys = set(fp8linear.quantize_model(copy.deepcopy(base), progress=False).state_dict())
+    fused = fp8linear.quantize_model(base, progress=False, fuse_norm=True)
+    assert set(fused.state_dict()) == keys
+    # A norm whose consumers are not FP8Linear (skipped projections) stays and says why.
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False,
+                                     skip=[r"model\.layers\.0\.self_attn\.k_proj"])
+    report = fuse_norms(model)
+    assert report["model.layers.0.input_layernorm"] == "the layers it feeds are not all FP8Linear"
+    assert report["model.layers.1.input_layernorm"] is None
+    assert not isinstance(model.model.layers[0].input_layernorm, FP8RMSNorm)
+
+
+def test_from_norm_rejects_other_norms():
+    with pytest.raises(TypeError, match="LayerNorm"):
+        FP8RMSNorm.from_norm(torch.nn.LayerNorm(128))
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("kernels_built")
+@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
+def test_fused_norms_on_gpu_match_the_unfused_model(monkeypatch, tokens):
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16).cuda(), progress=False,
+                                     fuse_mlp=True, fuse_norm=True)
+    plain = _without_handoff(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(tokens))
+    with torch.inference_mode():
+        ref = plain(ids).logits
+        calls = _count_quantizations(monkeypatch)
+        got = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert torch.isfinite(got).all()
+    if tokens > 16:  # prefill sizes: only o_proj quantizes (small_m serves M <= 16 itself)
+        assert len(calls) == model.config.num_hidden_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("kernels_built")
+def test_fused_norms_under_cuda_graph_replay():
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16).cuda(), progress=False,
+                                     fuse_norm=True)
+    x = torch.randn(1, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    layer = model.model.layers[0]
+    with torch.inference_mode():
+        pos = torch.arange(64, device="cuda")[None]
+        emb = model.model.rotary_emb(x, pos)
+        eager = layer(x, position_embeddings=emb)
+        eager = eager[0] if isinstance(eager, tuple) else eager
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(x, position_embeddings=emb)  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x, position_embeddings=emb)
+        out = out[0] if isinstance(out, tuple) else out
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
