@@ -149,6 +149,10 @@ def decode_eager(model, args, prompt: torch.Tensor, label: str, log) -> dict:
     """HF generate with its default dynamic cache: (time(1 + n) - time(1)) / n per token."""
     from fp8linear import hf
 
+    # Untimed first: on the GPU machine the first generate() calls of a model took ~1.2 s each whatever
+    # their length (one-time setup inside transformers/torch), which a median of 2 does not drop.
+    hf.generate(model, prompt, 1, warmup=False)
+    hf.generate(model, prompt, args.decode + 1, warmup=False)
     one, full, tokens = [], [], None
     for _ in range(args.repeats):
         one.append(hf.generate(model, prompt, 1, warmup=False).seconds)
@@ -299,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto", help="FP8Linear backend (default auto)")
     p.add_argument("--fuse-mlp", action="store_true",
                    help="quantize_model(fuse_mlp=True): gate_up GEMM + fused SiLU-and-mul quant + down GEMM (issue 5)")
+    p.add_argument("--fuse-norm", action="store_true",
+                   help="quantize_model(fuse_norm=True): RMSNorm and the next layers' quantization in one kernel")
     p.add_argument("--mode", choices=("eager", "graphs", "both"), default="both",
                    help="decode: eager HF generate, CUDA graphs for both models, or both (default)")
     p.add_argument("--graph-impl", choices=("compile", "manual", "both"), default="both",
@@ -325,7 +331,7 @@ def main(argv=None) -> int:
     graphs_how = f", graphs via {args.graph_impl}" if args.mode != "eager" else ""
     log(f"# model: Llama-3-8B shapes, {args.layers} of 32 layers, random bf16 weights on the GPU; batch 1; "
         f"prefill {args.prefill}; decode {args.decode} tokens after a {args.prompt_tokens}-token prompt; "
-        f"median of {args.repeats}; FP8 backend {args.backend}; fuse_mlp {args.fuse_mlp}; decode mode {args.mode}{graphs_how}")
+        f"median of {args.repeats}; FP8 backend {args.backend}; fuse_mlp {args.fuse_mlp}; fuse_norm {args.fuse_norm}; decode mode {args.mode}{graphs_how}")
     t_start = time.perf_counter()
     config = LlamaConfig(num_hidden_layers=args.layers, architectures=["LlamaForCausalLM"], **LLAMA3_8B)
     torch.cuda.empty_cache()
@@ -342,7 +348,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
-    model = fp8linear.quantize_model(model, backend=args.backend, progress=False, fuse_mlp=args.fuse_mlp)
+    model = fp8linear.quantize_model(model, backend=args.backend, progress=False, fuse_mlp=args.fuse_mlp,
+                                     fuse_norm=args.fuse_norm)
     gc.collect()
     torch.cuda.empty_cache()
     w_fp8 = torch.cuda.memory_allocated() - base
