@@ -273,7 +273,8 @@ class _Resolver:
 
 
 def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | None" = None,
-                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto", fuse_mlp: bool = False) -> nn.Module:
+                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto", fuse_mlp: bool = False,
+                   fuse_norm: bool = False) -> nn.Module:
     """Build the Hugging Face model of an FP8 checkpoint folder with FP8Linear in place, offline.
 
     Args:
@@ -285,6 +286,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
             fp8/int8 and scales fp32.
         backend: the FP8Linear GEMM backend for every quantized layer.
         fuse_mlp: swap gated MLPs for fp8linear.mlp.FP8GatedMLP after loading (as quantize_model's).
+        fuse_norm: swap decoder RMSNorms for fp8linear.norm.FP8RMSNorm after loading (as quantize_model's).
 
     The model is built on the meta device from config.json (quantization_config removed first, so
     transformers' own FP8 quantizer stays out), layers with scales in the checkpoint become
@@ -464,4 +466,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         from .mlp import fuse_gated_mlps
 
         model.fp8linear_fused_mlps = fuse_gated_mlps(model)
+    if fuse_norm:
+        from .norm import fuse_norms
+
+        model.fp8linear_fused_norms = fuse_norms(model)
     return model.eval()

@@ -166,3 +166,13 @@ def test_fused_norms_under_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+def test_save_and_load_with_fused_norms(tmp_path):
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False, fuse_norm=True)
+    fp8linear.save_quantized(model, tmp_path)
+    loaded = fp8linear.load_quantized(tmp_path, device="cpu", fuse_norm=True)
+    assert len(_norms(loaded)) == 2 * model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
