@@ -45,13 +45,15 @@ import datetime
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
+
+import run_commit  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -66,15 +68,7 @@ TARGETS = {"decode": 1.3, "prefill": 1.4, "weights": 0.5}  # issue 4: fp8 / bf16
 
 
 def header() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10, cwd=here).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except Exception:  # noqa: BLE001 - no git on the machine is fine
-        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
+    commit = run_commit.commit()
     import transformers
 
     return (f"# bench_e2e: {torch.cuda.get_device_name()} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"

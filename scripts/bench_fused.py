@@ -28,7 +28,6 @@ import csv
 import datetime
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,9 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
+
+import run_commit  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FULL_M = (1, 16, 128, 1024, 4096, 16384)
@@ -51,14 +53,7 @@ from bench_quant import Timer  # noqa: E402  (scripts/ is on sys.path when run a
 
 
 def header(timer: Timer) -> list[str]:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-        commit += " (+ uncommitted changes)" if dirty else ""
-    except Exception:  # noqa: BLE001 - not a git checkout
-        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
+    commit = run_commit.commit(12)
     props = torch.cuda.get_device_properties(0)
     return [
         f"card: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB",

@@ -22,13 +22,15 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
+
+import run_commit  # noqa: E402
 
 # (N, K) from issue 3: Llama-3-8B, Llama-3-70B, DeepSeek-V3.
 SHAPES = [
@@ -43,18 +45,7 @@ BACKENDS = ("deepgemm", "cublas", "triton", "small_m")
 
 
 def header() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except Exception:
-        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
+    commit = run_commit.commit()
     from fp8linear.backends import cublaslt, deepgemm
 
     return (

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
+
+import run_commit  # noqa: E402
 
 VARIANTS = ("bf16", "fp8-all", "fp8-skip")  # result keys, in table order
 SKIP_FILE = os.path.join("models", "skip-lists", "all-MiniLM-L6-v2.cosine-0.999.txt")  # under the repo root
@@ -55,16 +57,7 @@ TARGET_COSINE = 0.999  # issue 4, against fp32 as `fp8linear eval` measures
 
 
 def _commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10, cwd=here).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=here).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except Exception:  # noqa: BLE001 - no git on the machine is fine
-        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
-    return commit
+    return run_commit.commit()
 
 
 def header(device: torch.device) -> str:

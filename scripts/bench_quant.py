@@ -33,7 +33,6 @@ import os
 import math
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -42,6 +41,9 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
+
+import run_commit  # noqa: E402
 
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
 GROUP = 128
@@ -268,14 +270,7 @@ def check_peer(x, out, dtype, layout) -> str:
 
 def header(timer: Timer) -> list[str]:
     props = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or os.environ.get("FP8LINEAR_COMMIT", "unknown")
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += " (+ uncommitted changes)" if dirty else ""
-    except Exception:  # noqa: BLE001 - not a git checkout
-        commit = os.environ.get("FP8LINEAR_COMMIT", "unknown")  # the GPU copy has no .git
+    commit = run_commit.commit(12)
     try:
         import triton
 
