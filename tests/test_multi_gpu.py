@@ -30,7 +30,7 @@ NEEDS_TWO = pytest.mark.skipif(
 )
 pytestmark = [pytest.mark.gpu, NEEDS_TWO]
 
-BACKENDS = ("auto", "cublas", "deepgemm", "triton", "reference")
+BACKENDS = ("auto", "cublas", "deepgemm", "triton", "small_m", "reference")
 
 
 def _quantized_tensors(N: int, K: int, dtype: torch.dtype):
