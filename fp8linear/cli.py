@@ -101,6 +101,13 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     fp8 = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], backend=args.backend,
                          progress=False)
     say(_quant_line(fp8.fp8linear_summary))
+    # The per-layer accuracy below matches layers by name, so it runs on the unfused swap (the same
+    # quantized weights); generation and speed run on the fused copy.
+    run = fp8
+    if args.fuse:
+        run = copy.deepcopy(fp8)
+        _fuse(run)
+        say(_fuse_line(run) + "; accuracy below is of the unfused swap (same quantized weights)")
 
     tok = hf.ByteTokenizer()
     ids = hf.encode_prompt(tok, args.prompt)
@@ -111,7 +118,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     runs_ref, runs_fp8 = [], []
     for _ in range(rounds):
         runs_ref.append(hf.generate(ref, ids, args.max_new_tokens, warmup=warmup))
-        runs_fp8.append(hf.generate(fp8, ids, args.max_new_tokens, warmup=warmup))
+        runs_fp8.append(hf.generate(run, ids, args.max_new_tokens, warmup=warmup))
     res_ref = min(runs_ref, key=lambda r: r.seconds)
     res_fp8 = min(runs_fp8, key=lambda r: r.seconds)
     # Greedy paths part at the first near-tie of random weights' logits; teacher forcing compares each
@@ -119,7 +126,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     full = torch.cat([ids, res_ref.tokens.unsqueeze(0)], dim=1).to(device)
     with torch.inference_mode():
         pred_ref = ref(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
-        pred_fp8 = fp8(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
+        pred_fp8 = run(full).logits[0, ids.shape[1] - 1:-1].argmax(-1)
     forced = int((pred_ref == pred_fp8).sum())
     equal = res_ref.tokens == res_fp8.tokens
     prefix = int(equal.long().cumprod(0).sum())
@@ -129,7 +136,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         ("tokens", str(res_ref.tokens[:8].tolist())[:-1] + ", ...]", str(res_fp8.tokens[:8].tolist())[:-1] + ", ...]"),
         ("same greedy tokens", "-", f"first {prefix} of {args.max_new_tokens}"),
         ("same next token, same prefix", "-", f"{forced}/{args.max_new_tokens}"),
-        ("weights", f"{_weight_bytes(ref) / 2**20:.1f} MiB", f"{_weight_bytes(fp8) / 2**20:.1f} MiB"),
+        ("weights", f"{_weight_bytes(ref) / 2**20:.1f} MiB", f"{_weight_bytes(run) / 2**20:.1f} MiB"),
         ("tokens/s", f"{res_ref.tokens_per_s:.1f}", f"{res_fp8.tokens_per_s:.1f}"
          + (f"  ({res_fp8.tokens_per_s / res_ref.tokens_per_s:.2f}x)" if device.type == "cuda" else "  (CPU reference path)")),
     ]
@@ -169,16 +176,20 @@ def cmd_generate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if getattr(config, "quantization_config", None) is not None:
         fp8 = load_quantized(args.model, device=device, dtype=dtype, backend=args.backend)
         base_label = f"{_DTYPE_NAMES[dtype]} (dequantized)"
-        base = None if args.no_baseline else dequantize_model(copy.deepcopy(fp8), dtype)
+        base = None if args.no_baseline else dequantize_model(copy.deepcopy(fp8), dtype)  # before any fusion
         say(f"{args.model}: FP8 checkpoint; baseline = the same weights dequantized to {_DTYPE_NAMES[dtype]}")
+        if args.fuse:
+            _fuse(fp8)
     else:
         base = hf.load_pretrained(args.model, dtype, device)
         base_label = _DTYPE_NAMES[dtype]
         fp8 = quantize_model(copy.deepcopy(base) if not args.no_baseline else base, backend=args.backend,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, fuse_mlp=args.fuse, fuse_norm=args.fuse)
         if args.no_baseline:
             base = None
         say(_quant_line(fp8.fp8linear_summary))
+    if args.fuse:
+        say(_fuse_line(fp8))
     ids = hf.encode_prompt(tok, args.prompt)
     say(f"prompt: {args.prompt!r} ({ids.shape[1]} tokens), greedy, {args.max_new_tokens} new tokens")
     runs = ([(base_label, base)] if base is not None else []) + [("fp8", fp8)]
@@ -313,7 +324,30 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     return 0
 
 
+def _fuse(model) -> None:
+    """What quantize_model(fuse_mlp=True, fuse_norm=True) adds, for a model already quantized."""
+    from .mlp import fuse_gated_mlps
+    from .norm import fuse_norms
+
+    model.fp8linear_fused_mlps = fuse_gated_mlps(model)
+    model.fp8linear_fused_norms = fuse_norms(model)
+
+
+def _fuse_line(model) -> str:
+    mlps = getattr(model, "fp8linear_fused_mlps", {})
+    norms = getattr(model, "fp8linear_fused_norms", {})
+    fused_mlps = sum(why is None for why in mlps.values())
+    fused_norms = sum(why is None for why in norms.values())
+    line = f"fused: {fused_mlps} of {len(mlps)} gated MLPs, {fused_norms} of {len(norms)} RMSNorms"
+    reasons = sorted({why for why in (*mlps.values(), *norms.values()) if why is not None})
+    return line + (f" (not fused: {'; '.join(reasons)})" if reasons else "")
+
+
 # -- parser -----------------------------------------------------------------------------------------------
+
+_FUSE_HELP = ("fuse_mlp and fuse_norm: gate_up GEMM with SiLU-and-mul in the quantization, RMSNorms that quantize "
+              "for the layers they feed (fewer kernels; the fastest path on a GPU)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8linear", description="FP8 inference for Hugging Face models, offline.")
@@ -335,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The quick brown fox")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fuse", action="store_true", help=_FUSE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("generate", help="greedy text and tokens/s: original vs FP8 (or an FP8 checkpoint)")
@@ -343,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true", help="run the FP8 model only (saves memory)")
+    p.add_argument("--fuse", action="store_true", help=_FUSE_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="per-layer SNR, cosine and error vs the original; model-level metric")

@@ -83,3 +83,17 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--max-new-tokens", "0"])
     assert main(["eval", "--model", str(tmp_path), "--skip-file", str(tmp_path / "none.txt")]) == 2
+
+
+def test_demo_and_generate_with_fusion(tmp_path, plain_folder, capsys):
+    assert main(["demo", "--max-new-tokens", "2", "--no-progress", "--fuse"]) == 0
+    out = capsys.readouterr().out
+    # demo-llama: intermediate 1408 = 11 x 128 fuses; its 4 layers have 8 RMSNorms.
+    assert "fused: 4 of 4 gated MLPs, 8 of 8 RMSNorms" in out and "logits cosine" in out
+    out_dir = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(out_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "--max-new-tokens", "2", "--prompt", "hi", "--device", "cpu",
+                 "--fuse"]) == 0
+    text = capsys.readouterr().out
+    assert "fused: " in text and "RMSNorms" in text and "tokens/s" in text
