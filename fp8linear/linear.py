@@ -280,12 +280,13 @@ class FP8Linear(nn.Module):
             return x.new_empty((*x.shape[:-1], N))
         backend = self._choice.get(M) or self._backend_for(M, x.device)
         prepared = self._prepared_for(backend)
-        if backend.FUSES_QUANT:
-            # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
-            return backend.linear(x, prepared, self.bias, self.scale_ue8m0)
         handoff = self._handoff
         if handoff is not None:
             self.__dict__["_handoff"] = None  # used once (and not kept alive)
+        if backend.FUSES_QUANT:
+            # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
+            return backend.linear(x, prepared, self.bias, self.scale_ue8m0)
+        if handoff is not None:
             h, q, s, made_for, version = handoff
             if h is x and made_for is backend and _version(x) == version and not torch.compiler.is_compiling():
                 # x is the output of the FP8RMSNorm before this layer, quantized by it in this layout.

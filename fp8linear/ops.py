@@ -20,7 +20,7 @@ from . import _build
 from .layouts import ScaleLayout, check_scales, empty_scales, pack_ue8m0
 from .reference import QMAX, per_token_group_quant_reference
 
-__all__ = ["per_token_group_quant", "quantize_into", "quantize_for_gemm", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
+__all__ = ["per_token_group_quant", "quantize_for_gemm", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
 
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -192,16 +192,6 @@ def per_token_group_quant(
         _build.ensure_loaded()
     torch.ops.fp8linear.per_token_group_quant_(x, out, scale_out, group_size, bool(scale_ue8m0), float(eps), layout.value)
     return out, scale_out
-
-
-def quantize_into(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int, scale_ue8m0: bool,
-                  layout: ScaleLayout, eps: float = 1e-10) -> None:
-    """The op without the public wrapper's checks, for callers that built x, q and s themselves exactly as
-    `per_token_group_quant` would (FP8Linear's forward: its shapes are fixed by the layer). The kernel's own
-    checks still keep a wrong call from writing out of bounds."""
-    if x.is_cuda:
-        _build.ensure_loaded()
-    torch.ops.fp8linear.per_token_group_quant_(x, q, s, group_size, scale_ue8m0, eps, layout.value)
 
 
 def quantize_for_gemm(x: torch.Tensor, group_size: int, dtype: torch.dtype, scale_ue8m0: bool, layout: ScaleLayout,
