@@ -76,9 +76,6 @@ class FP8RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, consumers={len(self._consumers)}"
 
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__)
-
     # -- the hot path ----------------------------------------------------------------------------------
     def _fits(self, x: torch.Tensor) -> bool:
         H = self.weight.shape[0]
