@@ -176,3 +176,30 @@ def test_save_and_load_with_fused_norms(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_consumers_that_read_different_layouts_get_no_handoff(monkeypatch):
+    """q_proj on a `col`-layout backend, k/v_proj on `row`: one buffer cannot serve both, so the norm hands
+    nothing over and each layer quantizes for itself (same result as without the fusion)."""
+    import types
+
+    from fp8linear.backends import reference
+    from fp8linear.layouts import ScaleLayout
+
+    col = types.SimpleNamespace(NAME="reference-col", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4, FUSES_QUANT=False,
+                                prepare_weight=reference.prepare_weight, gemm=reference.gemm)
+    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False, fuse_norm=True)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 6, model.config.hidden_size, dtype=torch.bfloat16)
+    attn.q_proj._choice[6] = col
+    plain_q = copy.deepcopy(attn.q_proj)  # copies start with an empty backend cache: give it the same one
+    plain_q._choice[6] = col
+    calls = _count_quantizations(monkeypatch)
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(x)
+        assert all(c._handoff is None for c in (attn.q_proj, attn.k_proj, attn.v_proj))
+        got = attn.q_proj(h)
+        attn.k_proj(h), attn.v_proj(h)
+        want = plain_q(h)
+    assert len(calls) == 4  # q, k, v, and the copy
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
