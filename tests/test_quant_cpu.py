@@ -492,3 +492,29 @@ def test_torch_compile_fullgraph(layout):
     assert_bitwise_equal(q, q_ref, "compiled q")
     assert s.shape == s_ref.shape and s.stride() == s_ref.stride(), (s.stride(), s_ref.stride())
     assert_bitwise_equal(s.contiguous(), s_ref.contiguous(), "compiled scales")
+
+
+# -- quant_for_gemm: FP8Linear's allocating variant ----------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["row", "col", "ue8m0_packed"])
+@pytest.mark.parametrize("row_align", [1, 4])
+@pytest.mark.parametrize("M", [0, 1, 5, 8])
+@pytest.mark.parametrize("dtype", [FP8, torch.int8])
+def test_quant_for_gemm_matches_the_public_op_on_its_rows(layout, row_align, M, dtype):
+    from fp8linear.layouts import ScaleLayout
+    from fp8linear.ops import quantize_for_gemm
+
+    if layout == "ue8m0_packed" and dtype == torch.int8:
+        pytest.skip("ue8m0_packed is fp8 only")
+    K, g = 640, 128  # G = 5: packed words not full
+    x = generate_activation((max(M, 1), K), g, torch.bfloat16, seed=M + 10 * row_align, specials=False)[:M]
+    q, s = quantize_for_gemm(x, g, dtype, False, ScaleLayout(layout), row_align)
+    M_pad = -(-M // row_align) * row_align
+    want_s = empty_scales((), M_pad, K // g, layout, "cpu")
+    assert q.shape == (M_pad, K) and q.dtype == dtype and q.is_contiguous()
+    assert s.shape == want_s.shape and s.dtype == want_s.dtype
+    if M_pad > 1:
+        assert s.stride() == want_s.stride()
+    ref_q, ref_s = per_token_group_quant(x, g, dtype, scale_layout=layout)
+    assert_bitwise_equal(q[:M], ref_q, "q rows 0..M-1")
+    assert_bitwise_equal(s[:M], ref_s, "s rows 0..M-1")
