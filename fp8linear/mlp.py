@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .fused import silu_and_mul_quant
-from .layouts import empty_scales
+from .ops import gemm_buffers
 from .linear import FP8Linear
 
 __all__ = ["FP8GatedMLP", "fuse_gated_mlps", "unsupported_reason"]
@@ -174,8 +174,7 @@ class FP8GatedMLP(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != H:
             raise ValueError(f"x must be a tensor [..., {H}] (hidden_size); got {getattr(x, 'shape', type(x))}")
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, H)
-        M = x2d.shape[0]
+        M = x.numel() // H
         if M == 0:
             return x.new_empty((*lead, H))
         # gate_up_proj sees x itself (not the 2-D view): an FP8RMSNorm before it may have quantized x already.
@@ -193,9 +192,7 @@ class FP8GatedMLP(nn.Module):
             q, s = silu_and_mul_quant(h, g, down.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=down.scale_ue8m0)
         else:
             # As FP8Linear.forward: the backend reads M_pad rows; rows M.. stay unwritten and are sliced off.
-            M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
-            q = torch.empty((M_pad, I), dtype=down.dtype, device=x.device)
-            s = empty_scales((), M_pad, I // g, backend.SCALE_LAYOUT, x.device)
+            q, s = gemm_buffers(M, I, g, down.dtype, backend.SCALE_LAYOUT, backend.ROW_ALIGN, x.device)
             silu_and_mul_quant(h, g, down.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=down.scale_ue8m0,
                                out=q[:M], scale_out=s[:M])
         y = backend.gemm(q, s, prepared, x.dtype, down.bias)  # [M or M_pad, H]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .fused import rmsnorm_quant, rmsnorm_reference
-from .layouts import empty_scales
+from .ops import gemm_buffers
 
 __all__ = ["FP8RMSNorm", "fuse_norms", "SUPPORTED_NORMS"]
 
@@ -112,13 +112,11 @@ class FP8RMSNorm(nn.Module):
             _, _, h = rmsnorm_quant(x2d, self.weight, self.variance_epsilon, _GROUP, return_normed=True)
             return h.reshape(x.shape)
         backend, first = plan
-        M_pad = -(-M // backend.ROW_ALIGN) * backend.ROW_ALIGN
-        q = torch.empty((M_pad, H), dtype=first.dtype, device=x.device)
-        s = empty_scales((), M_pad, H // _GROUP, backend.SCALE_LAYOUT, x.device)
+        q, s = gemm_buffers(M, H, _GROUP, first.dtype, backend.SCALE_LAYOUT, backend.ROW_ALIGN, x.device)
         h2d = torch.empty((M, H), dtype=x.dtype, device=x.device)
         rmsnorm_quant(x2d, self.weight, self.variance_epsilon, _GROUP, first.dtype, scale_layout=backend.SCALE_LAYOUT,
-                      scale_ue8m0=first.scale_ue8m0, return_normed=True, out=q[:M] if M_pad != M else q,
-                      scale_out=s[:M] if M_pad != M else s, normed_out=h2d)
+                      scale_ue8m0=first.scale_ue8m0, return_normed=True, out=q[:M], scale_out=s[:M],
+                      normed_out=h2d)
         h = h2d.reshape(x.shape)
         handoff = (h, q, s, backend, -1 if h.is_inference() else h._version)
         for c in self._consumers:

@@ -20,7 +20,7 @@ from . import _build
 from .layouts import ScaleLayout, check_scales, empty_scales, pack_ue8m0
 from .reference import QMAX, per_token_group_quant_reference
 
-__all__ = ["per_token_group_quant", "quantize_for_gemm", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
+__all__ = ["per_token_group_quant", "quantize_for_gemm", "gemm_buffers", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
 
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
 SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,24 +55,25 @@ _lib.define(
 )
 
 
-def _gemm_buffers(x, group_size, dtype, layout, row_align):
-    M, K = x.shape
+def gemm_buffers(M: int, K: int, group_size: int, dtype: torch.dtype, layout: "str | ScaleLayout", row_align: int,
+                 device: "torch.device | str") -> "tuple[torch.Tensor, torch.Tensor]":
+    """Uninitialised q [M_pad, K] and scales in `layout` over M_pad = ceil(M / row_align) * row_align rows: what
+    a GEMM that reads whole row tiles takes (quant_for_gemm, and the fused prologues' callers, fill rows 0..M-1)."""
     M_pad = -(-M // row_align) * row_align
-    q = x.new_empty((M_pad, K), dtype=dtype)
-    s = empty_scales((), M_pad, K // group_size, layout, x.device)
-    return q, s
+    q = torch.empty((M_pad, K), dtype=dtype, device=device)
+    return q, empty_scales((), M_pad, K // group_size, layout, device)
 
 
 @torch.library.register_fake("fp8linear::quant_for_gemm")
 def _quant_for_gemm_fake(x, group_size, dtype, scale_ue8m0, eps, layout, row_align):
     if x.device.type == "cuda":
         _build.ensure_loaded()
-    return _gemm_buffers(x, group_size, dtype, layout, row_align)
+    return gemm_buffers(*x.shape, group_size, dtype, layout, row_align, x.device)
 
 
 @torch.library.impl(_lib, "quant_for_gemm", "CPU")
 def _quant_for_gemm_cpu(x, group_size, dtype, scale_ue8m0, eps, layout, row_align):
-    q, s = _gemm_buffers(x, group_size, dtype, layout, row_align)
+    q, s = gemm_buffers(*x.shape, group_size, dtype, layout, row_align, x.device)
     M = x.shape[0]
     if M:
         packed = layout == ScaleLayout.UE8M0_PACKED.value
