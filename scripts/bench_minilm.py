@@ -49,15 +49,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
 
 import run_commit  # noqa: E402
+from bench_e2e import _cuda_time, _median  # noqa: E402  (scripts/ is on sys.path)
 
 VARIANTS = ("bf16", "fp8-all", "fp8-skip")  # result keys, in table order
 SKIP_FILE = os.path.join("models", "skip-lists", "all-MiniLM-L6-v2.cosine-0.999.txt")  # under the repo root
 SMALL_SHAPE = (1, 16)
 TARGET_COSINE = 0.999  # issue 4, against fp32 as `fp8linear eval` measures
-
-
-def _commit() -> str:
-    return run_commit.commit()
 
 
 def header(device: torch.device) -> str:
@@ -69,7 +66,7 @@ def header(device: torch.device) -> str:
     else:
         card, cuda = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", ""
     return (f"# bench_minilm: {card} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
-            f" | torch {torch.__version__}{cuda}, transformers {transformers.__version__} | commit {_commit()}")
+            f" | torch {torch.__version__}{cuda}, transformers {transformers.__version__} | commit {run_commit.commit()}")
 
 
 def stored_dtypes(folder: Path) -> list[str]:
@@ -83,19 +80,10 @@ def stored_dtypes(folder: Path) -> list[str]:
     return sorted(dtypes)
 
 
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
 def _time_once(fn, device: torch.device) -> float:
-    """Seconds of one fn() call: CUDA events on a GPU, wall time otherwise."""
+    """Seconds of one fn() call: CUDA events on a GPU (bench_e2e's timer), wall time otherwise."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return _cuda_time(fn)
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
