@@ -43,6 +43,10 @@ trailing zero bits so n * LN2_HI is exact); p = the degree-7 Taylor polynomial o
 (|r| <= 0.35, truncation < 0.1 ulp); e = (p * 2^(n>>1)) * 2^(n - (n>>1)), two exact power-of-two
 scalings that overflow to inf like the true exp. Max error about 2 ulp against the exact exp (pinned by
 tests/test_fused_cpu.py). The constants are fp32 bit patterns, the same in kernels/fused_quant.cuh.
+For bf16/fp16 input the CUDA kernel evaluates the same formula with fused multiply-adds (fewer
+instructions): other fp32 bits for some t, but the same silu(g) after the rounding to the input dtype for
+every one of the 65536 values of g, which tests/test_fused_cpu.py checks exhaustively with an exact FMA
+emulation; the rounded silu is the only place the exp enters, so the spec above holds bit for bit.
 
 RMSNorm, for x [M, H], weight [H] in x's dtype (`rmsnorm_reference`; Hugging Face's LlamaRMSNorm):
 

@@ -15,7 +15,7 @@
 // amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in the main kernel).
 //
 // silu_and_mul: the chunks of q (M * I / 8 of them, in memory order) are spread over a grid-stride
-// loop of 256-thread blocks; each thread loads the gate and up chunks of kUnroll = 2 slots before
+// loop of 256-thread blocks; each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 2 slots before
 // computing any (64 bytes in flight per thread for bf16). The grid is not capped at a resident wave
 // (FP8L_SILU_MAX_WAVES = 0): once the tensor fills a wave every block runs one iteration, as the quant
 // kernel's measured-best grid. Bytes per output element: 2 sizeof(T) read + 1 written + 4/g of scale:
@@ -26,6 +26,10 @@
 // of them on the conversion pipe (16 per clock per SM on sm_90, an eighth of the FP32 rate). The IEEE
 // division stays: a reciprocal then a multiply (g * rcp(1 + e)) moves the fp16 silu of a common gate
 // (-2.7246) off torch's CPU silu, and bit-exactness with the unfused Hugging Face activation needs it.
+// For bf16/fp16 inputs the exp's reduction and polynomial run as FMAs (FP8L_SILU_FMA): other fp32 bits
+// at a few hundred of the 65536 inputs, the same silu once rounded to the input dtype at all of them
+// (test_kernel_fma_exp_gives_the_reference_silu_for_every_16_bit_input), nine fewer instructions per
+// element; scripts/kernel_microbench.sh timed 120.5 against 133.2 us at M = 4096, I = 14336 (H100).
 //
 // rmsnorm: one 256-thread block per row; lane j holds chunks j, j + 256, ... (at most 8: H <= 16384) in
 // registers with the weight's. Pass 1: each lane adds its squares in order (fp32), a butterfly of
@@ -49,6 +53,7 @@
 
 #include "common.cuh"
 #include "fused_quant.cuh"
+#include "silu_and_mul_quant.cuh"
 
 namespace fp8linear {
 namespace fused {
@@ -56,106 +61,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-// Tuning knobs of silu_and_mul (override with FP8LINEAR_NVCC_EXTRA="-DFP8L_SILU_..." to re-tune only).
-// UNROLL: slots (chunk pairs of gate and up, 2 x 16 bytes for bf16) a thread loads before computing.
-// MAX_WAVES: 0 sizes the grid so that each block runs one iteration of UNROLL slots once the tensor fills
-// a resident wave (fewer slots per block below a wave), as the quant kernel's measured-best grid (no
-// persistent cap, 2 loads per thread in flight, 256 threads); > 0 caps the grid at that many waves and
-// blocks loop over the rest (the earlier, persistent grid was 1).
-#ifndef FP8L_SILU_UNROLL
-#define FP8L_SILU_UNROLL 2
-#endif
-#ifndef FP8L_SILU_MAX_WAVES
-#define FP8L_SILU_MAX_WAVES 0
-#endif
-constexpr int kUnroll = FP8L_SILU_UNROLL;
-constexpr int kSiluMaxWaves = FP8L_SILU_MAX_WAVES;
-static_assert(kUnroll >= 1 && kUnroll <= 8, "FP8L_SILU_UNROLL must be in 1..8");
-
-struct SiluParams {
-  // pointers
-  const void* x;  // T [M, 2I], element (m, k) at m * x_stride_row + k
-  uint8_t* q;     // fp8 / int8 bytes, contiguous [M, I]
-  ScaleOut s;
-  // sizes
-  uint32_t num_chunks;        // M * I / 8 (< 2^31)
-  FastDivmod chunks_per_row;  // I / 8
-  uint32_t I;
-  int tpg;       // lanes per group, g / 8
-  int tpg_log2;  // log2(tpg)
-  // strides (elements of x)
-  int64_t x_stride_row;
-  // semantics
-  float eps;
-  bool scale_ue8m0;
-  bool vec;        // x, its row stride and I * sizeof(T) allow 16-byte loads
-  bool q_aligned;  // q is 8-byte aligned
-};
-
-template <typename T, typename Out, bool kPacked>
-__global__ void __launch_bounds__(kThreads) silu_and_mul_quant_kernel(const SiluParams p) {
-  const T* __restrict__ x = static_cast<const T*>(p.x);
-  const uint32_t stride = gridDim.x * kThreads;
-  const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
-  const uint32_t warp_offset = threadIdx.x & ~(kWarpSize - 1);
-
-  // 64-bit chunk indices: with an uncapped grid, base + kUnroll * stride may pass 2^32 after the last
-  // iteration (num_chunks < 2^31, stride up to num_chunks).
-  for (uint64_t base = static_cast<uint64_t>(blockIdx.x) * kThreads; base < p.num_chunks;
-       base += static_cast<uint64_t>(kUnroll) * stride) {
-    Vec8<T> gate[kUnroll], up[kUnroll];
-    uint32_t row[kUnroll], col[kUnroll];  // row m and chunk index within the row
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint64_t c64 = base + static_cast<uint64_t>(u) * stride + threadIdx.x;
-      row[u] = col[u] = 0;
-      gate[u] = up[u] = zero8<T>();
-      if (c64 < p.num_chunks) {
-        const uint32_t c = static_cast<uint32_t>(c64);
-        row[u] = p.chunks_per_row.div(c);
-        col[u] = c - row[u] * p.chunks_per_row.divisor;
-        const T* g = x + row[u] * p.x_stride_row + static_cast<int64_t>(col[u]) * kChunk;
-        if (p.vec) {
-          gate[u] = load8<T, true>(g);
-          up[u] = load8<T, true>(g + p.I);
-        } else {
-          gate[u] = load8<T, false>(g);
-          up[u] = load8<T, false>(g + p.I);
-        }
-      }
-    }
-
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint64_t first = base + static_cast<uint64_t>(u) * stride;
-      // Warp-uniform: a warp wholly past the end skips; otherwise every lane reaches the shuffles
-      // (num_chunks is a multiple of tpg, so a group is wholly valid or wholly not).
-      if (first + warp_offset >= p.num_chunks) continue;
-      const uint64_t c = first + threadIdx.x;
-
-      float gf[kChunk], uf[kChunk], a[kChunk];
-      to_float8(gate[u], gf);
-      to_float8(up[u], uf);
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) a[k] = silu_fp32(gf[k]);
-      to_float8(Round8<T>::apply(a), a);  // silu(g) in the input dtype, as torch's F.silu returns it
-#pragma unroll
-      for (int k = 0; k < kChunk; ++k) a[k] = __fmul_rn(a[k], uf[k]);
-      const Vec8<T> act = Round8<T>::apply(a);  // silu(g) * u in the input dtype
-
-      const uint32_t amax_bits = group_max(abs_max_bits8(act), p.tpg);
-      const GroupScale gs = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
-      if (c >= p.num_chunks) continue;
-
-      float af[kChunk];
-      to_float8(act, af);
-      uint32_t w[2];
-      quantize_chunk<Out, kChunk>(af, gs.inv, gs.nonfinite, w);
-      store_q8(p.q + static_cast<int64_t>(c) * kChunk, w, p.q_aligned);  // q [M, I] contiguous
-      if (lane_in_group == 0) store_scale<kPacked>(p.s, row[u], col[u] >> p.tpg_log2, gs);
-    }
-  }
-}
 
 struct RmsParams {
   // pointers
@@ -295,20 +200,12 @@ void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
   const auto kernel = silu_and_mul_quant_kernel<T, Out, kPacked>;
   static const int blocks_per_sm = [&] {
     int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kSiluThreads, 0));
     return n > 0 ? n : 1;
   }();
-  const uint32_t blocks_needed = ceil_div<uint32_t>(p.num_chunks, kThreads);  // one slot per thread
   const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
-  uint32_t slots_per_block;  // the same for every block: none runs an iteration longer than the rest
-  if constexpr (kSiluMaxWaves > 0) {
-    slots_per_block = ceil_div<uint32_t>(blocks_needed, wave * kSiluMaxWaves);
-  } else {
-    // Below a wave, one slot per thread and more blocks beat kUnroll slots in fewer blocks.
-    slots_per_block = std::min<uint32_t>(std::max<uint32_t>(ceil_div<uint32_t>(blocks_needed, wave), 1u), kUnroll);
-  }
-  const uint32_t grid = ceil_div<uint32_t>(blocks_needed, slots_per_block);
-  kernel<<<grid, kThreads, 0, stream>>>(p);
+  const uint32_t grid = silu_grid(p.num_chunks, wave);
+  kernel<<<grid, kSiluThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -32,43 +32,70 @@ constexpr float kExpClampLo = -32.0f;
 constexpr float kExpClampHi = 89.0f;
 
 // FP8L_SILU_FAST_EXP (1, default): the same bits as the plain form (0) with fewer instructions (below);
-// kept as a knob so that a re-tune can time both (scripts/tune_quant_kernel.py style, -DFP8L_...).
+// kept as a knob so that a re-tune can time both (scripts/kernel_microbench.sh, -DFP8L_...).
 #ifndef FP8L_SILU_FAST_EXP
 #define FP8L_SILU_FAST_EXP 1
+#endif
+// FP8L_SILU_FMA (1, default): for bf16 and fp16 inputs the exp runs in fused multiply-add form
+// (exp_fp32<true>): nine fewer instructions per element and other fp32 bits than fused.exp_fp32, but the
+// same silu(g) once rounded to the input dtype for every one of the 65536 values g of each 16-bit dtype
+// (tests/test_fused_cpu.py emulates this form with an exact FMA and checks all of them), and silu(g)
+// rounded to T is the only place the exp enters the result: the output is the spec's, bit for bit.
+// fp32 inputs keep the plain form (their silu is not rounded). It needs FP8L_SILU_FAST_EXP.
+#ifndef FP8L_SILU_FMA
+#define FP8L_SILU_FMA 1
 #endif
 
 // t finite and already clamped (silu_fp32 guarantees it: fmaxf drops a NaN). n = rint(t log2 e) lies in
 // [-46, 128]; p = exp(r) lies in [0.70, 1.42], a normal float.
+template <bool kFma>
 __device__ __forceinline__ float exp_fp32(float t) {
+  static_assert(!kFma || FP8L_SILU_FAST_EXP, "the FMA form of exp_fp32 needs FP8L_SILU_FAST_EXP");
 #if FP8L_SILU_FAST_EXP
   // rint without FRND and F2I (conversion-pipe instructions, an eighth of the FP32 rate on sm_90): in
   // [2^23, 2^24) the floats are the integers, so adding 1.5 * 2^23 rounds x = t log2 e to an integer
   // (nearest, ties to even since 1.5 * 2^23 is even: rintf's and torch.round's rule) for |x| < 2^22,
-  // and the sum's bit pattern minus the shifter's is that integer.
+  // and the sum's bit pattern minus the shifter's is that integer. (The FMA form rounds t log2 e + the
+  // shifter once, so its n may differ from rint(t log2 e) at a tie: any integer n reduces correctly.)
   constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
-  const float shifted = __fadd_rn(__fmul_rn(t, __uint_as_float(kLog2eBits)), kShifter);
+  const float shifted = kFma ? __fmaf_rn(t, __uint_as_float(kLog2eBits), kShifter)
+                             : __fadd_rn(__fmul_rn(t, __uint_as_float(kLog2eBits)), kShifter);
   const float n = __fsub_rn(shifted, kShifter);  // exact
   const int ni = __float_as_int(shifted) - __float_as_int(kShifter);
 #else
   const float n = rintf(__fmul_rn(t, __uint_as_float(kLog2eBits)));
   const int ni = static_cast<int>(n);
 #endif
-  float r = __fsub_rn(t, __fmul_rn(n, __uint_as_float(kLn2HiBits)));
-  r = __fsub_rn(r, __fmul_rn(n, __uint_as_float(kLn2LoBits)));
-  float p = __fmul_rn(r, __uint_as_float(kC7Bits));
-  p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC6Bits)), r);
-  p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC5Bits)), r);
-  p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC4Bits)), r);
-  p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC3Bits)), r);
-  p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC2Bits)), r);
-  p = __fmul_rn(__fadd_rn(p, 1.0f), r);
-  p = __fadd_rn(p, 1.0f);
+  float r, p;
+  if constexpr (kFma) {
+    r = __fmaf_rn(-n, __uint_as_float(kLn2HiBits), t);  // the unfused bits: n * LN2_HI is exact
+    r = __fmaf_rn(-n, __uint_as_float(kLn2LoBits), r);
+    p = __fmaf_rn(__uint_as_float(kC7Bits), r, __uint_as_float(kC6Bits));
+    p = __fmaf_rn(p, r, __uint_as_float(kC5Bits));
+    p = __fmaf_rn(p, r, __uint_as_float(kC4Bits));
+    p = __fmaf_rn(p, r, __uint_as_float(kC3Bits));
+    p = __fmaf_rn(p, r, __uint_as_float(kC2Bits));
+    p = __fmaf_rn(p, r, 1.0f);
+    p = __fmaf_rn(p, r, 1.0f);
+  } else {
+    r = __fsub_rn(t, __fmul_rn(n, __uint_as_float(kLn2HiBits)));
+    r = __fsub_rn(r, __fmul_rn(n, __uint_as_float(kLn2LoBits)));
+    p = __fmul_rn(r, __uint_as_float(kC7Bits));
+    p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC6Bits)), r);
+    p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC5Bits)), r);
+    p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC4Bits)), r);
+    p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC3Bits)), r);
+    p = __fmul_rn(__fadd_rn(p, __uint_as_float(kC2Bits)), r);
+    p = __fmul_rn(__fadd_rn(p, 1.0f), r);
+    p = __fadd_rn(p, 1.0f);
+  }
 #if FP8L_SILU_FAST_EXP
   // p * 2^n by adding n to p's exponent field: exact while the result is normal (its exponent is at
   // least 126 - 46 = 80), as the reference's two power-of-two products are. The field reaches 255 only
-  // for n = 128 and p >= 1, where p * 2^128 >= 2^128 rounds to inf: so does this select.
+  // for n = 128 and p >= 1, where p * 2^128 >= 2^128 rounds to inf: so does this min (the sum stays
+  // below 2^31, so the unsigned min is the select `bits >= inf ? inf : bits` in one instruction).
   const uint32_t bits = __float_as_uint(p) + (static_cast<uint32_t>(ni) << 23);
-  return bits >= 0x7F800000u ? __uint_as_float(0x7F800000u) : __uint_as_float(bits);
+  return __uint_as_float(min(bits, 0x7F800000u));
 #else
   const int n1 = ni >> 1;  // arithmetic shift: floor(n / 2), as the reference's >> on int32
   const int n2 = ni - n1;
@@ -80,9 +107,11 @@ __device__ __forceinline__ float exp_fp32(float t) {
 
 // silu(g) = g / (1 + exp(-g)) in fp32 (fused.silu_and_mul_reference, before its rounding to T).
 // A NaN g skips the clamp's NaN (fmaxf drops it) but still makes the quotient NaN, as on the CPU.
+// kFma: exp_fp32's FMA form, for 16-bit T only (FP8L_SILU_FMA above).
+template <bool kFma>
 __device__ __forceinline__ float silu_fp32(float g) {
   const float t = fminf(fmaxf(-g, kExpClampLo), kExpClampHi);
-  return __fdiv_rn(g, __fadd_rn(1.0f, exp_fp32(t)));
+  return __fdiv_rn(g, __fadd_rn(1.0f, exp_fp32<kFma>(t)));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -209,7 +238,7 @@ __device__ __forceinline__ void store8(T* dst, const Vec8<T>& v, bool aligned) {
 // aligned, else byte stores.
 __device__ __forceinline__ void store_q8(uint8_t* dst, const uint32_t (&w)[2], bool aligned) {
   if (aligned) {
-    *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    store_stream8(dst, w[0], w[1]);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)));

@@ -13,6 +13,7 @@ import math
 import pathlib
 import re
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -250,6 +251,93 @@ def test_kernel_fast_exp_is_exp_fp32():
     with np.errstate(all="ignore"):
         assert_bitwise_equal(kernel_fast_exp(t), exp_fp32(t), "fast exp")
     assert torch.isinf(kernel_fast_exp(torch.tensor([89.0]))).all()
+
+
+def fma_fp32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """IEEE fp32 fused multiply-add (CUDA's __fmaf_rn), exactly, from float64 torch ops: a * b is exact in
+    float64; the sum's rounding error comes exactly from TwoSum; the float64 sum is then rounded to odd
+    (an inexact sum with an even last bit steps toward the error), and rounding a round-to-odd value of
+    53 bits to 24 is correct rounding (53 >= 24 + 2), so no double-rounding error is possible."""
+    a, b, c = torch.broadcast_tensors(a, b, c)
+    p = a.double() * b.double()
+    cd = c.double()
+    s = p + cd
+    back = s - p
+    err = (p - (s - back)) + (cd - back)
+    inf = torch.tensor(math.inf, dtype=torch.float64)
+    toward = torch.nextafter(s, torch.where(err > 0, inf, -inf))
+    even = (s.view(torch.int64) & 1) == 0
+    return torch.where((err != 0) & even, toward, s).float()
+
+
+def round_fraction_to_fp32(v: "Fraction") -> np.float32:
+    """The fp32 nearest to the rational v (ties to even), by exact comparisons; |v| within fp32's range."""
+    x = np.float32(float(v))  # float64 then float32: at most one fp32 step off (double rounding)
+    cands = [x, np.nextafter(x, F32(np.inf)), np.nextafter(x, F32(-np.inf))]
+    def key(c):
+        return (abs(Fraction(float(c)) - v), int(np.array(c).view(np.int32)) & 1)
+    return min(cands, key=key)
+
+
+def test_fma_fp32_is_exact():
+    """fma_fp32 against exact rational arithmetic: random operands, and operands chosen so that a * b and c
+    nearly cancel or sit at the magnitudes where a float64 sum rounds on an fp32 midpoint."""
+    rng = np.random.default_rng(7)
+    n = 6000
+    bits = rng.integers(0, 2**32, size=(3, n), dtype=np.uint64).astype(np.uint32)
+    exps = np.stack([rng.integers(118, 136, n), rng.integers(118, 136, n), rng.integers(100, 150, n)]).astype(np.uint32)
+    close = (bits & np.uint32(0x807FFFFF)) | (exps << np.uint32(23))
+    bits = np.where(np.arange(n) % 2 == 0, bits, close)
+    a, b, c = (torch.from_numpy(bits[i].astype(np.int64).astype(np.int32)).view(torch.float32) for i in range(3))
+    ok = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c) & (a.double().abs() < 1e18) & (b.double().abs() < 1e18)
+    ok &= (a.double() * b.double() + c.double()).abs() < 3e38  # inside fp32's range
+    a, b, c = a[ok], b[ok], c[ok]
+    got = fma_fp32(a, b, c)
+    for i in range(a.numel()):
+        exact = Fraction(a[i].item()) * Fraction(b[i].item()) + Fraction(c[i].item())
+        want = round_fraction_to_fp32(exact) if exact != 0 else F32(0.0)
+        assert got[i].item() == float(want), (a[i].item(), b[i].item(), c[i].item(), got[i].item(), float(want))
+
+
+def kernel_fma_exp(t: torch.Tensor) -> torch.Tensor:
+    """kernels/fused_quant.cuh's exp_fp32<true> (FP8L_SILU_FMA, 16-bit inputs), emulated with fma_fp32:
+    the shifter's rint fused with t * log2(e), the reduction and the polynomial in FMA form, the scaling by
+    an add to the exponent field and a min with inf's bits. Finite t only."""
+    c = {k: torch.tensor(v, dtype=torch.int32).view(torch.float32) for k, v in fused.EXP_CONSTANT_BITS.items()}
+    shifter, one = torch.tensor(12582912.0), torch.tensor(1.0)
+    shifted = fma_fp32(t, c["LOG2E"], shifter)
+    n = shifted - shifter
+    ni = shifted.view(torch.int32) - shifter.view(torch.int32)
+    r = fma_fp32(-n, c["LN2_HI"], t)
+    r = fma_fp32(-n, c["LN2_LO"], r)
+    p = fma_fp32(c["C7"], r, c["C6"])
+    for k in ("C5", "C4", "C3", "C2"):
+        p = fma_fp32(p, r, c[k])
+    p = fma_fp32(fma_fp32(p, r, one), r, one)
+    bits = p.view(torch.int32).to(torch.int64) + (ni.to(torch.int64) << 23)
+    return torch.clamp(bits, max=0x7F800000).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernel_fma_exp_gives_the_reference_silu_for_every_16_bit_input(dtype):
+    """The kernel's FMA exp has other fp32 bits than exp_fp32 (hundreds of the 65536 inputs), but silu(g)
+    rounded to bf16 / fp16 is the same for every one of the 65536 values g: the only place the exp enters
+    silu_and_mul's result, so the kernel's FMA form is exact to the spec for 16-bit inputs."""
+    g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    lo, hi = (torch.tensor(v) for v in fused.EXP_CLAMP)
+    t = torch.minimum(torch.maximum(-g, lo), hi)
+    nan = torch.isnan(t)  # the kernel's fmaxf drops the NaN: t = -32 there, the quotient is NaN anyway
+    one = torch.tensor(1.0)
+    with np.errstate(all="ignore"):
+        e_ref = exp_fp32(t)
+        e_fma = kernel_fma_exp(torch.where(nan, lo, t))
+    assert ((e_ref.view(torch.int32) != e_fma.view(torch.int32)) & ~nan).any(), "the forms should differ somewhere"
+    s_ref = (g / (one + e_ref)).to(dtype)
+    s_fma = (g / (one + e_fma)).to(dtype)
+    both_nan = torch.isnan(s_ref.float()) & torch.isnan(s_fma.float())
+    differ = (s_ref.view(torch.int16) != s_fma.view(torch.int16)) & ~both_nan
+    assert not differ.any(), f"silu differs at g = {g[differ][:8].tolist()}"
+    assert torch.equal(torch.isnan(s_ref.float()), torch.isnan(s_fma.float()))
 
 
 # ------------------------------------------------------------------------------------------------
