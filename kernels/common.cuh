@@ -129,27 +129,29 @@ struct InputTraits<float> {
 
 // Cache policy of the streaming 16-byte loads (a tuning knob, timed by scripts/kernel_microbench.cu):
 // 0 the read-only path (ld.global.nc), 1 evict-first (ld.global.cs), 2 read-only without L1 allocation,
-// 3 as 2 with a 256-byte L2 prefetch. Every value reads the same bytes.
+// 3 as 2 with a 256-byte L2 prefetch. Every value reads the same bytes. FP8L_LOAD_HINT is the quant
+// kernel's; a kernel may pass its own (the SiLU kernel: FP8L_SILU_LOAD_HINT).
 #ifndef FP8L_LOAD_HINT
 #define FP8L_LOAD_HINT 0
 #endif
 
+template <int kHint = FP8L_LOAD_HINT>
 __device__ __forceinline__ uint4 load_stream16(const void* ptr) {
-#if FP8L_LOAD_HINT == 1
-  return __ldcs(reinterpret_cast<const uint4*>(ptr));
-#elif FP8L_LOAD_HINT == 2 || FP8L_LOAD_HINT == 3
   uint4 v;
-#if FP8L_LOAD_HINT == 2
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-#else
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-#endif
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
+  if constexpr (kHint == 1) {
+    v = __ldcs(reinterpret_cast<const uint4*>(ptr));
+  } else if constexpr (kHint == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+  } else if constexpr (kHint == 3) {
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(ptr));
+  } else {
+    v = __ldg(reinterpret_cast<const uint4*>(ptr));
+  }
   return v;
-#else
-  return __ldg(reinterpret_cast<const uint4*>(ptr));
-#endif
 }
 
 // Cache policy of the quantized-byte stores (knob as above): 0 plain, 1 streaming (st.global.cs).
@@ -176,10 +178,10 @@ __device__ __forceinline__ void store_stream4(void* dst, uint32_t a) {
 // One 16-byte chunk of input. kVec: one LDG.128 through the read-only path (the launcher proved the
 // address 16-byte aligned); otherwise element-wide loads (a row slice at an odd offset, say)
 // assembled into the same uint4, so everything after the load is shared.
-template <typename T, bool kVec>
+template <typename T, bool kVec, int kHint = FP8L_LOAD_HINT>
 __device__ __forceinline__ uint4 load_chunk(const T* ptr) {
   if constexpr (kVec) {
-    return load_stream16(ptr);
+    return load_stream16<kHint>(ptr);
   } else if constexpr (sizeof(T) == 4) {
     const uint32_t* p = reinterpret_cast<const uint32_t*>(ptr);
     return make_uint4(__ldg(p), __ldg(p + 1), __ldg(p + 2), __ldg(p + 3));

@@ -61,10 +61,8 @@ __device__ __forceinline__ float exp_fp32(float t) {
   const float shifted = kFma ? __fmaf_rn(t, __uint_as_float(kLog2eBits), kShifter)
                              : __fadd_rn(__fmul_rn(t, __uint_as_float(kLog2eBits)), kShifter);
   const float n = __fsub_rn(shifted, kShifter);  // exact
-  const int ni = __float_as_int(shifted) - __float_as_int(kShifter);
 #else
   const float n = rintf(__fmul_rn(t, __uint_as_float(kLog2eBits)));
-  const int ni = static_cast<int>(n);
 #endif
   float r, p;
   if constexpr (kFma) {
@@ -94,9 +92,12 @@ __device__ __forceinline__ float exp_fp32(float t) {
   // least 126 - 46 = 80), as the reference's two power-of-two products are. The field reaches 255 only
   // for n = 128 and p >= 1, where p * 2^128 >= 2^128 rounds to inf: so does this min (the sum stays
   // below 2^31, so the unsigned min is the select `bits >= inf ? inf : bits` in one instruction).
-  const uint32_t bits = __float_as_uint(p) + (static_cast<uint32_t>(ni) << 23);
+  // n << 23 is the shifted sum's bits << 23 (mod 2^32): its bits are the shifter's, 0x4B400000, plus n,
+  // and 0x4B400000 << 23 wraps to 0; so one shift-and-add, no subtraction.
+  const uint32_t bits = __float_as_uint(p) + (__float_as_uint(shifted) << 23);
   return __uint_as_float(min(bits, 0x7F800000u));
 #else
+  const int ni = static_cast<int>(n);
   const int n1 = ni >> 1;  // arithmetic shift: floor(n / 2), as the reference's >> on int32
   const int n2 = ni - n1;
   const float two_n1 = __uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
@@ -136,11 +137,11 @@ __device__ __forceinline__ Vec8<T> zero8() {
 }
 
 // kVec: 16-byte aligned (one LDG.128 per word); else element loads (common.cuh load_chunk).
-template <typename T, bool kVec>
+template <typename T, bool kVec, int kHint = FP8L_LOAD_HINT>
 __device__ __forceinline__ Vec8<T> load8(const T* ptr) {
   Vec8<T> v;
 #pragma unroll
-  for (int i = 0; i < Vec8<T>::kWords; ++i) v.w[i] = load_chunk<T, kVec>(ptr + i * Vec8<T>::kPerWord);
+  for (int i = 0; i < Vec8<T>::kWords; ++i) v.w[i] = load_chunk<T, kVec, kHint>(ptr + i * Vec8<T>::kPerWord);
   return v;
 }
 

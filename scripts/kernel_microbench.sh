@@ -23,6 +23,7 @@ declare -A VARIANTS=(
   [t128]="-DFP8L_THREADS=128"
   # the SiLU kernel: kernels/fused_quant.cuh, silu_and_mul_quant.cuh
   [silu_plain_exp]="-DFP8L_SILU_FMA=0"
+  [silu_ld0]="-DFP8L_SILU_LOAD_HINT=0"
   [silu_u1]="-DFP8L_SILU_UNROLL=1"
   [silu_u4]="-DFP8L_SILU_UNROLL=4"
   [silu_u1_mb8]="-DFP8L_SILU_UNROLL=1 -DFP8L_SILU_MIN_BLOCKS=8"

@@ -221,22 +221,29 @@ def test_naive_exp_matches_exp_fp32():
 
 
 def kernel_fast_exp(t: torch.Tensor) -> torch.Tensor:
-    """kernels/fused_quant.cuh's exp_fp32 with FP8L_SILU_FAST_EXP=1, emulated step for step: rint by the
-    1.5 * 2^23 shifter and n read from the sum's bits, the scaling by an add to the exponent field with an
-    overflow select. Finite t only (the kernel's clamp never passes a NaN)."""
+    """kernels/fused_quant.cuh's exp_fp32<false> with FP8L_SILU_FAST_EXP=1, emulated step for step: rint by
+    the 1.5 * 2^23 shifter, the scaling by an add to the exponent field (scale_by_shifted_bits). Finite t
+    only (the kernel's clamp never passes a NaN)."""
     c = {k: torch.tensor(v, dtype=torch.int32).view(torch.float32) for k, v in fused.EXP_CONSTANT_BITS.items()}
     shifter = torch.tensor(12582912.0)
     shifted = t * c["LOG2E"] + shifter  # two torch ops: two roundings, as __fmul_rn then __fadd_rn
     n = shifted - shifter
-    ni = shifted.view(torch.int32) - shifter.view(torch.int32)
     r = (t - n * c["LN2_HI"]) - n * c["LN2_LO"]
     p = r * c["C7"]
     for k in ("C6", "C5", "C4", "C3", "C2"):
         p = (p + c[k]) * r
     p = (p + 1.0) * r + 1.0
-    bits = p.view(torch.int32).to(torch.int64) + (ni.to(torch.int64) << 23)  # uint32 arithmetic, no wrap here
-    inf = torch.tensor(0x7F800000, dtype=torch.int64)
-    return torch.where(bits >= inf, inf, bits).to(torch.int32).view(torch.float32)
+    return scale_by_shifted_bits(p, shifted)
+
+
+def scale_by_shifted_bits(p: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """The kernel's p * 2^n: p's bits plus the shifted sum's bits << 23 in uint32 arithmetic (the shifter's
+    own bits shift out), then the unsigned min with inf's bits."""
+    mask = (1 << 32) - 1
+    p_bits = p.view(torch.int32).to(torch.int64) & mask
+    s_bits = shifted.view(torch.int32).to(torch.int64) & mask
+    bits = (p_bits + ((s_bits << 23) & mask)) & mask
+    return torch.clamp(bits, max=0x7F800000).to(torch.int32).view(torch.float32)
 
 
 def test_kernel_fast_exp_is_exp_fp32():
@@ -301,21 +308,19 @@ def test_fma_fp32_is_exact():
 
 def kernel_fma_exp(t: torch.Tensor) -> torch.Tensor:
     """kernels/fused_quant.cuh's exp_fp32<true> (FP8L_SILU_FMA, 16-bit inputs), emulated with fma_fp32:
-    the shifter's rint fused with t * log2(e), the reduction and the polynomial in FMA form, the scaling by
-    an add to the exponent field and a min with inf's bits. Finite t only."""
+    the shifter's rint fused with t * log2(e), the reduction and the polynomial in FMA form, the scaling as
+    exp_fp32<false>'s (scale_by_shifted_bits). Finite t only."""
     c = {k: torch.tensor(v, dtype=torch.int32).view(torch.float32) for k, v in fused.EXP_CONSTANT_BITS.items()}
     shifter, one = torch.tensor(12582912.0), torch.tensor(1.0)
     shifted = fma_fp32(t, c["LOG2E"], shifter)
     n = shifted - shifter
-    ni = shifted.view(torch.int32) - shifter.view(torch.int32)
     r = fma_fp32(-n, c["LN2_HI"], t)
     r = fma_fp32(-n, c["LN2_LO"], r)
     p = fma_fp32(c["C7"], r, c["C6"])
     for k in ("C5", "C4", "C3", "C2"):
         p = fma_fp32(p, r, c[k])
     p = fma_fp32(fma_fp32(p, r, one), r, one)
-    bits = p.view(torch.int32).to(torch.int64) + (ni.to(torch.int64) << 23)
-    return torch.clamp(bits, max=0x7F800000).to(torch.int32).view(torch.float32)
+    return scale_by_shifted_bits(p, shifted)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
