@@ -1,6 +1,6 @@
 """Where one FP8Linear forward spends its time, per backend: host, GPU, and each kernel.
 
-    python3 scripts/profile_linear.py [--N 4096] [--K 4096] [--M 1 64 512]
+    python3 scripts/profile_linear.py [--N 4096] [--K 4096] [--M 1 64 512] [--cprofile | --parts]
 
 Per (backend, M): host microseconds per call (a loop of calls, one synchronize at the end), GPU
 microseconds per call (CUDA-graph replay of 20 calls: no host in the way), and the kernels of one
@@ -85,6 +85,36 @@ def host_profile(fn, n: int = 100) -> None:
     print("    " + "\n    ".join(lines))
 
 
+def host_parts(N: int, K: int, Ms) -> None:
+    """Host microseconds per call of the pieces of a cuBLASLt-backed forward, each alone in a loop: a
+    trivial op (the floor of one Python -> dispatcher round trip), one allocation, the quant op, the
+    GEMM op on ready operands, the whole forward, and bf16 F.linear. Says which piece to make cheaper."""
+    from fp8linear import FP8Linear
+    from fp8linear.backends import cublaslt
+    from fp8linear.layouts import ScaleLayout
+    from fp8linear.ops import quantize_for_gemm
+
+    lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    mod = FP8Linear.from_linear(lin, backend="cublas")
+    prepared = cublaslt.prepare_weight(mod.weight, mod.weight_scale_inv)
+    print(f"# host parts, cublas backend ({cublaslt.api_name()}), N={N} K={K}: us per call, loop of 200, one sync")
+    with torch.inference_mode():
+        for M in Ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            q, s = quantize_for_gemm(x, 128, torch.float8_e4m3fn, False, ScaleLayout.COL, cublaslt.ROW_ALIGN)
+            parts = {
+                "x.view(-1)": lambda: x.view(-1),
+                "torch.empty_like(x)": lambda: torch.empty_like(x),
+                "quantize_for_gemm": lambda: quantize_for_gemm(x, 128, torch.float8_e4m3fn, False, ScaleLayout.COL,
+                                                               cublaslt.ROW_ALIGN),
+                "cublaslt._gemm_impl": lambda: cublaslt._gemm_impl(q, s, *prepared),
+                "cublaslt.gemm": lambda: cublaslt.gemm(q, s, prepared, torch.bfloat16, None),
+                "FP8Linear forward": lambda: mod(x),
+                "bf16 F.linear": lambda: torch.nn.functional.linear(x, lin.weight),
+            }
+            print("  M=%-6d " % M + "  ".join(f"{name} {host_us(fn):.1f}" for name, fn in parts.items()), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=4096)
@@ -92,10 +122,14 @@ def main() -> int:
     ap.add_argument("--M", type=int, nargs="+", default=[1, 64, 512])
     ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "small_m", "auto"])
     ap.add_argument("--cprofile", action="store_true", help="also print where the host time of each provider goes")
+    ap.add_argument("--parts", action="store_true", help="only the host time of each piece of a cuBLASLt forward")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_linear.py needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.parts:
+        host_parts(args.N, args.K, args.M)
+        return 0
     from fp8linear import FP8Linear
     from fp8linear.backends import unsupported_reason
 
