@@ -4,6 +4,7 @@ Triton's interpreter when triton is installed). GPU backends: tests/test_backend
 from __future__ import annotations
 
 import importlib.util
+import pathlib
 
 import pytest
 import torch
@@ -356,6 +357,34 @@ def test_shipped_auto_table_is_valid_json():
         for row in entry["rows"]:
             assert set(row) >= {"dtype", "N", "K", "M_max", "backend"}
             assert row["backend"] in backends.NAMES
+
+
+def _tune_auto():
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
+    return importlib.import_module("tune_auto")  # scripts/ is not a package
+
+
+def test_auto_pick_rule():
+    """DeepGEMM needs a 1.1x margin over cuBLASLt only where its host time could show (short GEMMs)."""
+    pick = _tune_auto().pick
+    assert pick({"deepgemm": 100.0, "cublas": 105.0}) == "cublas"  # short: the margin applies
+    assert pick({"deepgemm": 100.0, "cublas": 115.0}) == "deepgemm"  # short, but past the margin
+    assert pick({"deepgemm": 780.0, "cublas": 851.0}) == "deepgemm"  # long: the host is hidden
+    assert pick({"deepgemm": 800.0, "cublas": 790.0, "triton": 900.0}) == "cublas"
+    assert pick({"small_m": 8.0, "cublas": 16.0}) == "small_m"
+
+
+def test_shipped_auto_table_follows_the_pick_rule():
+    import json
+
+    pick = _tune_auto().pick
+    data = json.loads(auto.table_path().read_text())
+    rows = [r for name, e in data.items() if not name.startswith("_") for r in e["rows"] if r.get("us")]
+    assert rows
+    for row in rows:
+        assert row["backend"] == pick(row["us"]), row
 
 
 # -- config --------------------------------------------------------------------------------------------
