@@ -53,6 +53,7 @@
 
 #include "common.cuh"
 #include "fused_quant.cuh"
+#include "launch_utils.h"
 #include "silu_and_mul_quant.cuh"
 
 namespace fp8linear {
@@ -174,20 +175,6 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_quant_kernel(const RmsParams
 // ------------------------------------------------------------------------------------------------
 // Host side: checks, the instantiation, the grid, a launch on the current stream.
 // ------------------------------------------------------------------------------------------------
-
-int device_sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // written once per device with the same value
-  int n = 0;
-  if (device >= 0 && device < kMaxDevices) n = __atomic_load_n(&cache[device], __ATOMIC_RELAXED);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    if (device >= 0 && device < kMaxDevices) __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
-  }
-  return n;
-}
-
-bool aligned_to(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
 
 int log2_exact(int64_t v) {
   int l = 0;

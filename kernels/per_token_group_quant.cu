@@ -45,6 +45,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launch_utils.h"
 #include "per_token_group_quant.cuh"
 
 namespace fp8linear {
@@ -52,22 +53,6 @@ namespace fp8linear {
 // ------------------------------------------------------------------------------------------------
 // Host side: pick the instantiation, size the grid, launch on the current stream.
 // ------------------------------------------------------------------------------------------------
-
-int sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // written once per device with the same value
-  if (device < 0 || device >= kMaxDevices) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }
-  int n = __atomic_load_n(&cache[device], __ATOMIC_RELAXED);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
-  }
-  return n;
-}
 
 template <typename T, typename Out, int kGroup, bool kPacked, bool kVec>
 void launch(const QuantParams& p, int device, cudaStream_t stream) {
@@ -77,7 +62,7 @@ void launch(const QuantParams& p, int device, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
     return n > 0 ? n : 1;
   }();
-  const uint32_t wave = static_cast<uint32_t>(sm_count(device) * blocks_per_sm);
+  const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
   const uint32_t grid = quant_grid<T, kGroup>(p.num_groups, wave);
   kernel<<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -117,8 +102,6 @@ void dispatch_output(at::ScalarType q_dtype, bool packed, bool vec, int64_t grou
   }
   return dispatch_layout<T, OutInt8>(packed, vec, group_size, p, device, stream);
 }
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // The CUDA kernel of the schema in fp8linear/ops.py:
 //   per_token_group_quant_(Tensor x, Tensor(a!) q, Tensor(b!) s, int group_size, bool scale_ue8m0,
@@ -181,10 +164,10 @@ void per_token_group_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& 
   p.s_stride_col = s.size(-1) > 1 ? s.stride(-1) : 0;
   p.eps = static_cast<float>(eps);  // round to nearest, as the reference's full_like(amax, eps)
   p.scale_ue8m0 = scale_ue8m0;
-  p.q_aligned = aligned16(p.q);
+  p.q_aligned = aligned_to(p.q, 16);
 
   const int64_t elem = x.element_size();
-  const bool vec = aligned16(p.x) && p.q_aligned && (p.x_stride_row * elem) % 16 == 0 &&
+  const bool vec = aligned_to(p.x, 16) && p.q_aligned && (p.x_stride_row * elem) % 16 == 0 &&
                    (p.x_stride_batch * elem) % 16 == 0;
 
   switch (x_dtype) {

@@ -42,6 +42,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "launch_utils.h"
 
 namespace fp8linear {
 namespace small_m {
@@ -344,7 +345,6 @@ void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream) {
   return dispatch_tiles<T, OutFp8E4M3>(p, device, stream);
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 // The CUDA kernel of the schema in fp8linear/small_m.py:
 //   small_m_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0,
@@ -372,8 +372,9 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   const bool int8 = weight.scalar_type() == at::ScalarType::Char;
   TORCH_CHECK(int8 || weight.scalar_type() == at::ScalarType::Float8_e4m3fn,
               "small_m_linear: weight must be float8_e4m3fn or int8; got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous() && aligned16(weight.data_ptr()),
-              "small_m_linear: weight must be contiguous and 16-byte aligned");
+  TORCH_CHECK(weight.is_contiguous() && aligned_to(weight.data_ptr(), 16),
+              "small_m_linear: weight must be contiguous and 16-byte aligned; got strides ", weight.strides(),
+              " at address offset ", reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16, " mod 16");
   const int64_t G = K / kGroup;
   TORCH_CHECK(weight_scale_inv.scalar_type() == at::ScalarType::Float && weight_scale_inv.is_contiguous() &&
                   weight_scale_inv.dim() == 2 && weight_scale_inv.size(0) == (N + kGroup - 1) / kGroup &&
@@ -381,14 +382,16 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
               "small_m_linear: weight_scale_inv must be contiguous fp32 [", (N + kGroup - 1) / kGroup, ", ", G,
               "]; got ", weight_scale_inv.scalar_type(), " ", weight_scale_inv.sizes());
   TORCH_CHECK(x_in.device() == weight.device() && weight_scale_inv.device() == weight.device() && x_in.is_cuda(),
-              "small_m_linear: x, weight and weight_scale_inv must be on one CUDA device");
+              "small_m_linear: x, weight and weight_scale_inv must be on one CUDA device; got ", x_in.device(), ", ",
+              weight.device(), ", ", weight_scale_inv.device());
   TORCH_CHECK(N < (int64_t{1} << 31) / 64 && M * N < (int64_t{1} << 31), "small_m_linear: N=", N, " too large");
   int bias_kind = kNoBias;
   const void* bias_ptr = nullptr;
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.device() == weight.device(),
-                "small_m_linear: bias must be a contiguous [", N, "] tensor on the weight's device; got ", b.sizes());
+                "small_m_linear: bias must be a contiguous [", N, "] tensor on the weight's device; got ", b.sizes(),
+                " with strides ", b.strides(), " on ", b.device());
     switch (b.scalar_type()) {
       case at::ScalarType::BFloat16: bias_kind = kBiasBf16; break;
       case at::ScalarType::Half: bias_kind = kBiasFp16; break;
@@ -406,7 +409,7 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   // 16-byte loads need aligned rows; a slice at an odd offset is copied (it is M <= 16 rows).
   at::Tensor x = x_in;
   const int64_t row_bytes = (M > 1 ? x_in.stride(0) : K) * x_in.element_size();
-  if (!aligned16(x_in.data_ptr()) || row_bytes % 16 != 0) {
+  if (!aligned_to(x_in.data_ptr(), 16) || row_bytes % 16 != 0) {
     x = at::empty({M, K}, x_in.options());
     x.copy_(x_in);
   }
