@@ -53,10 +53,10 @@ struct TileShape {
   static constexpr int kChunks = kGroup / kPerChunk;            // chunks per group: 2 .. 64
   static constexpr int kTPG = kChunks < kWarpSize ? kChunks : kWarpSize;  // lanes per group
   static constexpr int kChunksPerLane = kChunks / kTPG;         // 1, or 2 for g = 256 fp32
-  static constexpr int kUnroll = kLoadsPerThread / kChunksPerLane;  // groups per lane per iteration
+  // groups per lane per iteration (at least one: a g = 256 fp32 group is two loads per lane by itself)
+  static constexpr int kUnroll = kLoadsPerThread / kChunksPerLane > 0 ? kLoadsPerThread / kChunksPerLane : 1;
   static constexpr int kGroupsPerTile = kThreads / kTPG;
   static_assert(kGroup % kPerChunk == 0 && kChunks % kTPG == 0, "group size must be whole chunks");
-  static_assert(kUnroll >= 1, "kLoadsPerThread too small");
 };
 
 // Store one chunk's quantized bytes (kPerChunk = 8 or 4 bytes) at q + offset (offset % kPerChunk == 0).

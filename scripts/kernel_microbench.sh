@@ -18,6 +18,7 @@ declare -A VARIANTS=(
   [ld_noL1]="-DFP8L_LOAD_HINT=2"
   [ld_noL1_pf256]="-DFP8L_LOAD_HINT=3"
   [st_cs]="-DFP8L_STORE_HINT=1"
+  [loads1]="-DFP8L_LOADS_PER_THREAD=1"
   [loads4]="-DFP8L_LOADS_PER_THREAD=4"
   [t512]="-DFP8L_THREADS=512"
   [t128]="-DFP8L_THREADS=128"
