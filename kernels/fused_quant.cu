@@ -17,9 +17,10 @@
 // silu_and_mul: the chunks of q (M * I / 8 of them, in memory order) are spread over a grid-stride
 // loop of 256-thread blocks; each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 2 slots before
 // computing any (64 bytes in flight per thread for bf16). The grid is not capped at a resident wave
-// (FP8L_SILU_MAX_WAVES = 0): once the tensor fills a wave every block runs one iteration, as the quant
-// kernel's measured-best grid. Bytes per output element: 2 sizeof(T) read + 1 written + 4/g of scale:
-// 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096, I = 14336 moves 296 MB, about 99 us.
+// (FP8L_SILU_MAX_WAVES = 0): every block runs one iteration, of one slot per thread while the tensor fits
+// two waves (M = 128, I = 14336: 9.5 us against 11.0) and of two beyond. Bytes per output element:
+// 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096,
+// I = 14336 moves 296 MB, about 99 us.
 // Arithmetic: the exp (fused_quant.cuh) rounds to an integer with a shifter add and scales by an
 // integer add to the exponent field, not FRND + F2I and two multiplies: the same bits (pinned by
 // tests/test_fused_cpu.py test_kernel_fast_exp_is_exp_fp32), four fewer instructions per element, two

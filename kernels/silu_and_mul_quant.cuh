@@ -31,10 +31,9 @@ constexpr int kSiluThreads = FP8L_SILU_THREADS;
 template <typename T>
 constexpr bool kSiluFma = FP8L_SILU_FMA != 0 && sizeof(T) == 2;
 // UNROLL: slots (chunk pairs of gate and up, 2 x 16 bytes for bf16) a thread loads before computing.
-// MAX_WAVES: 0 sizes the grid so that each block runs one iteration of UNROLL slots once the tensor fills
-// a resident wave (fewer slots per block below a wave), as the quant kernel's measured-best grid (no
-// persistent cap, 2 loads per thread in flight, 256 threads); > 0 caps the grid at that many waves and
-// blocks loop over the rest (the earlier, persistent grid was 1).
+// MAX_WAVES: 0 sizes the grid so that each block runs one iteration: of one slot per thread while the
+// tensor fits two resident waves, of UNROLL slots beyond (silu_grid below); > 0 caps the grid at that many
+// waves and blocks loop over the rest (the earlier, persistent grid was 1).
 #ifndef FP8L_SILU_UNROLL
 #define FP8L_SILU_UNROLL 2
 #endif
