@@ -28,7 +28,6 @@ import csv
 import datetime
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -50,7 +49,7 @@ CHECK_ROWS = 8
 
 
 # The same timer as the quant benchmark (do_bench median, L2 flushed; CUDA events without triton).
-from bench_quant import Timer  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from bench_quant import Timer, copy_us  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 def header(timer: Timer) -> list[str]:
@@ -62,13 +61,6 @@ def header(timer: Timer) -> list[str]:
         f"torch {torch.__version__}, CUDA {torch.version.cuda}; commit {commit}",
         f"timing: {timer.how}",
     ]
-
-
-def copy_us(timer: Timer, nbytes: int) -> float:
-    """A device-to-device copy moving `nbytes` in total (half read, half written)."""
-    src = torch.empty(max(nbytes // 2, 16), dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    return statistics.median(timer.us(lambda: dst.copy_(src)) for _ in range(3))  # one timing moves by up to 20%
 
 
 def rmsnorm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
