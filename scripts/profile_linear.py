@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from bench_quant import graph_us  # scripts/ is on sys.path when run as a script
+
 
 def host_us(fn, n: int = 200) -> float:
     fn()
@@ -24,31 +26,6 @@ def host_us(fn, n: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e6
-
-
-def graph_us(fn, n: int = 20, reps: int = 20) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / n)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def kernels(fn) -> str:
@@ -149,7 +126,7 @@ def main() -> int:
             for name, fn in fns.items():
                 try:
                     h = host_us(fn)
-                    g = graph_us(fn)
+                    g = graph_us(fn, launches=20, replays=20)
                     k = kernels(fn)
                 except Exception as exc:  # keep profiling the rest
                     print(f"{name:10s} {M:6d} failed: {type(exc).__name__}: {str(exc)[:200]}")
