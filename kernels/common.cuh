@@ -167,6 +167,14 @@ __device__ __forceinline__ void store_stream8(void* dst, uint32_t a, uint32_t b)
 #endif
 }
 
+__device__ __forceinline__ void store_stream16(void* dst, uint4 v) {
+#if FP8L_STORE_HINT == 1
+  __stcs(reinterpret_cast<uint4*>(dst), v);
+#else
+  *reinterpret_cast<uint4*>(dst) = v;
+#endif
+}
+
 __device__ __forceinline__ void store_stream4(void* dst, uint32_t a) {
 #if FP8L_STORE_HINT == 1
   __stcs(reinterpret_cast<unsigned int*>(dst), a);

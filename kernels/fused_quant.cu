@@ -192,7 +192,7 @@ void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
     return n > 0 ? n : 1;
   }();
   const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
-  const uint32_t grid = silu_grid(p.num_chunks, wave);
+  const uint32_t grid = silu_grid(p.num_slots, wave);
   kernel<<<grid, kSiluThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -309,17 +309,13 @@ void silu_and_mul_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& s, 
   p.x = x.data_ptr();
   p.q = static_cast<uint8_t*>(q.data_ptr());
   p.s = scale_out(s, I / group_size);
-  p.num_chunks = static_cast<uint32_t>(M * I / kChunk);
-  p.chunks_per_row = FastDivmod(static_cast<uint32_t>(I / kChunk));
-  p.I = static_cast<uint32_t>(I);
-  p.tpg = static_cast<int>(group_size / kChunk);
-  p.tpg_log2 = log2_exact(p.tpg);
+  silu_set_sizes(p, M, I, group_size);
   p.x_stride_row = M > 1 ? x.stride(0) : 0;
   p.eps = static_cast<float>(eps);
   p.scale_ue8m0 = scale_ue8m0;
   const int64_t elem = x.element_size();
   p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && (I * elem) % 16 == 0;
-  p.q_aligned = aligned_to(p.q, 8);
+  p.q_aligned = aligned_to(p.q, kSiluSlotElems);  // q is contiguous: every slot is then aligned
   dispatch<SiluLaunch>(x.scalar_type(), q.scalar_type(), packed, p, device, stream);
 }
 

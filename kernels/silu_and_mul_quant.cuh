@@ -40,20 +40,29 @@ constexpr bool kSiluFma = FP8L_SILU_FMA != 0 && sizeof(T) == 2;
 #ifndef FP8L_SILU_MAX_WAVES
 #define FP8L_SILU_MAX_WAVES 0
 #endif
+// CHUNKS: consecutive chunks of one row per slot (1 or 2). Two halve the per-chunk work a thread does
+// once per slot (indices, loop, the group's shuffles and scale) and store 16 quantized bytes at once;
+// a group is then g / 16 lanes, so group sizes down to 16 stay whole in a lane.
+#ifndef FP8L_SILU_CHUNKS
+#define FP8L_SILU_CHUNKS 1
+#endif
 constexpr int kSiluUnroll = FP8L_SILU_UNROLL;
 constexpr int kSiluMaxWaves = FP8L_SILU_MAX_WAVES;
+constexpr int kSiluChunks = FP8L_SILU_CHUNKS;
 static_assert(kSiluUnroll >= 1 && kSiluUnroll <= 8, "FP8L_SILU_UNROLL must be in 1..8");
+static_assert(kSiluChunks == 1 || kSiluChunks == 2, "FP8L_SILU_CHUNKS must be 1 or 2");
+constexpr int kSiluSlotElems = kSiluChunks * kChunk;  // elements of q per slot
 
 struct SiluParams {
   // pointers
   const void* x;  // T [M, 2I], element (m, k) at m * x_stride_row + k
   uint8_t* q;     // fp8 / int8 bytes, contiguous [M, I]
   ScaleOut s;
-  // sizes
-  uint32_t num_chunks;        // M * I / 8 (< 2^31)
-  FastDivmod chunks_per_row;  // I / 8
+  // sizes (silu_set_sizes below)
+  uint32_t num_slots;        // M * I / kSiluSlotElems (< 2^31)
+  FastDivmod slots_per_row;  // I / kSiluSlotElems
   uint32_t I;
-  int tpg;       // lanes per group, g / 8
+  int tpg;       // lanes (slots) per group, g / kSiluSlotElems
   int tpg_log2;  // log2(tpg)
   // strides (elements of x)
   int64_t x_stride_row;
@@ -61,7 +70,7 @@ struct SiluParams {
   float eps;
   bool scale_ue8m0;
   bool vec;        // x, its row stride and I * sizeof(T) allow 16-byte loads
-  bool q_aligned;  // q is 8-byte aligned
+  bool q_aligned;  // q is kSiluSlotElems-byte aligned
 };
 
 #if FP8L_SILU_MIN_BLOCKS > 0
@@ -77,28 +86,32 @@ __global__ void FP8L_SILU_BOUNDS silu_and_mul_quant_kernel(const SiluParams p) {
   const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
   const uint32_t warp_offset = threadIdx.x & ~(kWarpSize - 1);
 
-  // 64-bit chunk indices: with an uncapped grid, base + kSiluUnroll * stride may pass 2^32 after the last
-  // iteration (num_chunks < 2^31, stride up to num_chunks).
-  for (uint64_t base = static_cast<uint64_t>(blockIdx.x) * kSiluThreads; base < p.num_chunks;
+  // 64-bit slot indices: with an uncapped grid, base + kSiluUnroll * stride may pass 2^32 after the last
+  // iteration (num_slots < 2^31, stride up to num_slots).
+  for (uint64_t base = static_cast<uint64_t>(blockIdx.x) * kSiluThreads; base < p.num_slots;
        base += static_cast<uint64_t>(kSiluUnroll) * stride) {
-    Vec8<T> gate[kSiluUnroll], up[kSiluUnroll];
-    uint32_t row[kSiluUnroll], col[kSiluUnroll];  // row m and chunk index within the row
+    Vec8<T> gate[kSiluUnroll][kSiluChunks], up[kSiluUnroll][kSiluChunks];
+    uint32_t row[kSiluUnroll], col[kSiluUnroll];  // row m and slot index within the row
 #pragma unroll
     for (int u = 0; u < kSiluUnroll; ++u) {
-      const uint64_t c64 = base + static_cast<uint64_t>(u) * stride + threadIdx.x;
+      const uint64_t s64 = base + static_cast<uint64_t>(u) * stride + threadIdx.x;
       row[u] = col[u] = 0;
-      gate[u] = up[u] = zero8<T>();
-      if (c64 < p.num_chunks) {
-        const uint32_t c = static_cast<uint32_t>(c64);
-        row[u] = p.chunks_per_row.div(c);
-        col[u] = c - row[u] * p.chunks_per_row.divisor;
-        const T* g = x + row[u] * p.x_stride_row + static_cast<int64_t>(col[u]) * kChunk;
-        if (p.vec) {
-          gate[u] = load8<T, true, kSiluLoadHint>(g);
-          up[u] = load8<T, true, kSiluLoadHint>(g + p.I);
-        } else {
-          gate[u] = load8<T, false>(g);
-          up[u] = load8<T, false>(g + p.I);
+#pragma unroll
+      for (int c = 0; c < kSiluChunks; ++c) gate[u][c] = up[u][c] = zero8<T>();
+      if (s64 < p.num_slots) {
+        const uint32_t slot = static_cast<uint32_t>(s64);
+        row[u] = p.slots_per_row.div(slot);
+        col[u] = slot - row[u] * p.slots_per_row.divisor;
+        const T* g = x + row[u] * p.x_stride_row + static_cast<int64_t>(col[u]) * kSiluSlotElems;
+#pragma unroll
+        for (int c = 0; c < kSiluChunks; ++c) {
+          if (p.vec) {
+            gate[u][c] = load8<T, true, kSiluLoadHint>(g + c * kChunk);
+            up[u][c] = load8<T, true, kSiluLoadHint>(g + c * kChunk + p.I);
+          } else {
+            gate[u][c] = load8<T, false>(g + c * kChunk);
+            up[u][c] = load8<T, false>(g + c * kChunk + p.I);
+          }
         }
       }
     }
@@ -107,38 +120,63 @@ __global__ void FP8L_SILU_BOUNDS silu_and_mul_quant_kernel(const SiluParams p) {
     for (int u = 0; u < kSiluUnroll; ++u) {
       const uint64_t first = base + static_cast<uint64_t>(u) * stride;
       // Warp-uniform: a warp wholly past the end skips; otherwise every lane reaches the shuffles
-      // (num_chunks is a multiple of tpg, so a group is wholly valid or wholly not).
-      if (first + warp_offset >= p.num_chunks) continue;
-      const uint64_t c = first + threadIdx.x;
+      // (num_slots is a multiple of tpg, so a group is wholly valid or wholly not).
+      if (first + warp_offset >= p.num_slots) continue;
+      const uint64_t slot = first + threadIdx.x;
 
-      float gf[kChunk], uf[kChunk], a[kChunk];
-      to_float8(gate[u], gf);
-      to_float8(up[u], uf);
+      Vec8<T> act[kSiluChunks];
+      uint32_t amax_bits = 0;
 #pragma unroll
-      for (int k = 0; k < kChunk; ++k) a[k] = silu_fp32<kSiluFma<T>>(gf[k]);
-      to_float8(Round8<T>::apply(a), a);  // silu(g) in the input dtype, as torch's F.silu returns it
+      for (int c = 0; c < kSiluChunks; ++c) {
+        float gf[kChunk], uf[kChunk], a[kChunk];
+        to_float8(gate[u][c], gf);
+        to_float8(up[u][c], uf);
 #pragma unroll
-      for (int k = 0; k < kChunk; ++k) a[k] = __fmul_rn(a[k], uf[k]);
-      const Vec8<T> act = Round8<T>::apply(a);  // silu(g) * u in the input dtype
+        for (int k = 0; k < kChunk; ++k) a[k] = silu_fp32<kSiluFma<T>>(gf[k]);
+        to_float8(Round8<T>::apply(a), a);  // silu(g) in the input dtype, as torch's F.silu returns it
+#pragma unroll
+        for (int k = 0; k < kChunk; ++k) a[k] = __fmul_rn(a[k], uf[k]);
+        act[c] = Round8<T>::apply(a);  // silu(g) * u in the input dtype
+        amax_bits = max(amax_bits, abs_max_bits8(act[c]));
+      }
 
-      const uint32_t amax_bits = group_max(abs_max_bits8(act), p.tpg);
+      amax_bits = group_max(amax_bits, p.tpg);
       const GroupScale gs = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
-      if (c >= p.num_chunks) continue;
+      if (slot >= p.num_slots) continue;
 
-      float af[kChunk];
-      to_float8(act, af);
-      uint32_t w[2];
-      quantize_chunk<Out, kChunk>(af, gs.inv, gs.nonfinite, w);
-      store_q8(p.q + static_cast<int64_t>(c) * kChunk, w, p.q_aligned);  // q [M, I] contiguous
+      uint32_t w[kSiluChunks][2];
+#pragma unroll
+      for (int c = 0; c < kSiluChunks; ++c) {
+        float af[kChunk];
+        to_float8(act[c], af);
+        quantize_chunk<Out, kChunk>(af, gs.inv, gs.nonfinite, w[c]);
+      }
+      uint8_t* dst = p.q + static_cast<int64_t>(slot) * kSiluSlotElems;  // q [M, I] contiguous
+      if constexpr (kSiluChunks == 2) {
+        store_q16(dst, w[0], w[1], p.q_aligned);
+      } else {
+        store_q8(dst, w[0], p.q_aligned);
+      }
       if (lane_in_group == 0) store_scale<kPacked>(p.s, row[u], col[u] >> p.tpg_log2, gs);
     }
   }
 }
 
-// The grid of a launch (host side): one 8-element chunk per thread and slot; `wave` = resident blocks.
+// The sizes of a launch (host side): M rows of I outputs in groups of group_size (a multiple of
+// kSiluSlotElems, I a multiple of group_size, M * I < 2^31: the launcher's checks).
+inline void silu_set_sizes(SiluParams& p, int64_t M, int64_t I, int64_t group_size) {
+  p.num_slots = static_cast<uint32_t>(M * I / kSiluSlotElems);
+  p.slots_per_row = FastDivmod(static_cast<uint32_t>(I / kSiluSlotElems));
+  p.I = static_cast<uint32_t>(I);
+  p.tpg = static_cast<int>(group_size / kSiluSlotElems);
+  p.tpg_log2 = 0;
+  while ((1 << p.tpg_log2) < p.tpg) ++p.tpg_log2;
+}
+
+// The grid of a launch (host side): one slot per thread and iteration; `wave` = resident blocks.
 // Every block runs the same number of slots, so none runs an iteration longer than the rest.
-inline uint32_t silu_grid(uint32_t num_chunks, uint32_t wave) {
-  const uint32_t blocks_needed = ceil_div<uint32_t>(num_chunks, kSiluThreads);  // one slot per thread
+inline uint32_t silu_grid(uint32_t num_slots, uint32_t wave) {
+  const uint32_t blocks_needed = ceil_div<uint32_t>(num_slots, kSiluThreads);  // one slot per thread
   uint32_t slots_per_block;
   if constexpr (kSiluMaxWaves > 0) {
     slots_per_block = ceil_div<uint32_t>(blocks_needed, wave * kSiluMaxWaves);

@@ -31,6 +31,9 @@ declare -A VARIANTS=(
   [silu_mb6]="-DFP8L_SILU_MIN_BLOCKS=6"
   [silu_t512]="-DFP8L_SILU_THREADS=512"
   [silu_t128]="-DFP8L_SILU_THREADS=128"
+  [silu_c2]="-DFP8L_SILU_CHUNKS=2"
+  [silu_c2_u1]="-DFP8L_SILU_CHUNKS=2 -DFP8L_SILU_UNROLL=1"
+  [silu_c2_t128]="-DFP8L_SILU_CHUNKS=2 -DFP8L_SILU_THREADS=128"
 )
 
 cmd=${1:-}

@@ -66,13 +66,34 @@ void check_grids() {
       expect(per_block <= static_cast<uint64_t>(Shape::kUnroll), "quant tiles per block <= unroll", groups, wave, grid);
       if (tiles <= wave) expect(grid == tiles, "quant: one tile per block below a wave", groups, wave, grid);
     }
-    for (uint32_t chunks : {2u, 256u, 257u, 229376u, 7340032u, 0x7FFFFF00u}) {
-      const uint32_t grid = fp8linear::fused::silu_grid(chunks, wave);
-      const uint64_t blocks = (uint64_t{chunks} + fp8linear::fused::kSiluThreads - 1) / fp8linear::fused::kSiluThreads;
-      const uint64_t slots = (blocks + grid - 1) / grid;
-      expect(grid >= 1, "silu_grid >= 1", chunks, wave, grid);
-      expect(slots <= static_cast<uint64_t>(fp8linear::fused::kSiluUnroll), "silu slots <= unroll", chunks, wave, grid);
-      if (blocks <= 2ull * wave) expect(grid == blocks, "silu: one slot per thread up to two waves", chunks, wave, grid);
+    for (uint32_t slots : {2u, 256u, 257u, 229376u, 7340032u, 0x7FFFFF00u}) {
+      const uint32_t grid = fp8linear::fused::silu_grid(slots, wave);
+      const uint64_t blocks = (uint64_t{slots} + fp8linear::fused::kSiluThreads - 1) / fp8linear::fused::kSiluThreads;
+      const uint64_t per_thread = (blocks + grid - 1) / grid;
+      expect(grid >= 1, "silu_grid >= 1", slots, wave, grid);
+      expect(per_thread <= static_cast<uint64_t>(fp8linear::fused::kSiluUnroll), "silu slots <= unroll", slots, wave, grid);
+      if (blocks <= 2ull * wave) expect(grid == blocks, "silu: one slot per thread up to two waves", slots, wave, grid);
+    }
+  }
+}
+
+// silu_set_sizes: a slot is kSiluSlotElems outputs, a group tpg = 2^tpg_log2 whole slots, a row whole
+// groups, for every group size the op takes (16 .. 256) under either FP8L_SILU_CHUNKS.
+void check_silu_sizes() {
+  namespace fu = fp8linear::fused;
+  for (int64_t g : {16, 32, 64, 128, 256}) {
+    for (int64_t I : {g, 3 * g, 7 * g, int64_t{14336}}) {
+      if (I % g != 0) continue;
+      for (int64_t M : {1, 3, 4096}) {
+        fu::SiluParams p{};
+        fu::silu_set_sizes(p, M, I, g);
+        expect(static_cast<int64_t>(p.tpg) * fu::kSiluSlotElems == g, "silu tpg * slot == group", M, I, g);
+        expect((1 << p.tpg_log2) == p.tpg, "silu tpg_log2", p.tpg, p.tpg_log2, g);
+        expect(int64_t{p.num_slots} * fu::kSiluSlotElems == M * I, "silu slots cover M * I", M, I, p.num_slots);
+        expect(int64_t{p.slots_per_row.divisor} * fu::kSiluSlotElems == I, "silu slots per row", M, I, g);
+        expect(p.num_slots % p.tpg == 0, "silu groups are whole", M, I, g);
+        expect(p.I == I, "silu I", M, I, p.I);
+      }
     }
   }
 }
@@ -82,6 +103,7 @@ void check_grids() {
 int main() {
   check_fast_divmod();
   check_grids();
+  check_silu_sizes();
   if (failures) {
     std::printf("%d of %lld checks failed\n", failures, checks);
     return 1;

@@ -3,7 +3,8 @@
 tests/kernel_host_checks.cu checks FastDivmod's quotient (every kernel's indexing) against `/` over every
 divisor up to 5000, divisors around powers of two up to 2^31 - 1 and random ones, with numerators around
 multiples of the divisor, at the top of the range and at random; and the quant and SiLU kernels' grid
-rules (kernels/per_token_group_quant.cuh quant_grid, kernels/silu_and_mul_quant.cuh silu_grid). Skipped
+rules (kernels/per_token_group_quant.cuh quant_grid, kernels/silu_and_mul_quant.cuh silu_grid) and the SiLU
+kernel's sizes (silu_set_sizes), under each FP8L_SILU_CHUNKS the kernel takes. Skipped
 where nvcc is missing (CI and the developers' machines have it).
 """
 
@@ -18,13 +19,14 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_kernel_header_host_checks(tmp_path):
+@pytest.mark.parametrize("silu_chunks", [1, 2])
+def test_kernel_header_host_checks(tmp_path, silu_chunks):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     exe = tmp_path / "kernel_host_checks"
     build = subprocess.run(
-        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}",
+        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}", f"-DFP8L_SILU_CHUNKS={silu_chunks}",
          str(REPO / "tests" / "kernel_host_checks.cu"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600,
     )
