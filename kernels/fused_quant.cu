@@ -10,15 +10,18 @@
 //     written too when asked (the residual path).
 // Scales go to `row`, `col` or `ue8m0_packed` (DESIGN.md "Scale layouts"), as per_token_group_quant.cu.
 //
-// Thread-to-data mapping. A chunk is 8 consecutive elements of T (16 bytes of bf16/fp16, 32 of fp32),
-// owned by one lane; a group of g elements is TPG = g / 8 adjacent lanes (2 .. 32) of one warp, whose
-// amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in the main kernel).
+// Thread-to-data mapping. A chunk is 8 consecutive elements of T (16 bytes of bf16/fp16, 32 of fp32).
+// rmsnorm: each chunk is owned by one lane; a group of g elements is TPG = g / 8 adjacent lanes (2 .. 32)
+// of one warp, whose amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in
+// the main kernel). silu_and_mul: a lane owns a slot of FP8L_SILU_CHUNKS = 2 consecutive chunks, so a group
+// is g / 16 lanes (1 .. 16), reduced the same way.
 //
-// silu_and_mul: the chunks of q (M * I / 8 of them, in memory order) are spread over a grid-stride
-// loop of 256-thread blocks; each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 2 slots before
-// computing any (64 bytes in flight per thread for bf16). The grid is not capped at a resident wave
-// (FP8L_SILU_MAX_WAVES = 0): every block runs one iteration, of one slot per thread while the tensor fits
-// two waves (M = 128, I = 14336: 9.5 us against 11.0) and of two beyond. Bytes per output element:
+// silu_and_mul: the slots of q (M * I / 16 of them, in memory order) are spread over 256-thread blocks;
+// each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 1 slot (64 bytes in flight per thread
+// for bf16) before computing. The grid is not capped at a resident wave (FP8L_SILU_MAX_WAVES = 0): every
+// block runs one iteration. The kernel is issue-bound: two chunks per slot (once per slot: indices, the
+// group's shuffles and its scale; one 16-byte store) took 109.7 us at M = 4096, I = 14336 against 121.9
+// for one chunk per slot and two slots per thread. Bytes per output element:
 // 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096,
 // I = 14336 moves 296 MB, about 99 us.
 // Arithmetic: the exp (fused_quant.cuh) rounds to an integer with a shifter add and scales by an

@@ -30,21 +30,24 @@ constexpr int kSiluThreads = FP8L_SILU_THREADS;
 // exp_fp32's FMA form for 16-bit inputs (fused_quant.cuh, FP8L_SILU_FMA).
 template <typename T>
 constexpr bool kSiluFma = FP8L_SILU_FMA != 0 && sizeof(T) == 2;
-// UNROLL: slots (chunk pairs of gate and up, 2 x 16 bytes for bf16) a thread loads before computing.
+// UNROLL: slots (FP8L_SILU_CHUNKS chunks each of gate and up) a thread loads before computing.
 // MAX_WAVES: 0 sizes the grid so that each block runs one iteration: of one slot per thread while the
 // tensor fits two resident waves, of UNROLL slots beyond (silu_grid below); > 0 caps the grid at that many
 // waves and blocks loop over the rest (the earlier, persistent grid was 1).
+// Default: two chunks per slot, one slot per thread (64 bytes of gate and up in flight for bf16):
+// 109.7 us at M = 4096, I = 14336 against 121.9 for one chunk and two slots (94% against 85% of a copy
+// of the same bytes; scripts/kernel_microbench.sh, H100, docs/runs/2026-11-25-kernel-microbench-4-h100.md).
 #ifndef FP8L_SILU_UNROLL
-#define FP8L_SILU_UNROLL 2
+#define FP8L_SILU_UNROLL 1
 #endif
 #ifndef FP8L_SILU_MAX_WAVES
 #define FP8L_SILU_MAX_WAVES 0
 #endif
-// CHUNKS: consecutive chunks of one row per slot (1 or 2). Two halve the per-chunk work a thread does
-// once per slot (indices, loop, the group's shuffles and scale) and store 16 quantized bytes at once;
-// a group is then g / 16 lanes, so group sizes down to 16 stay whole in a lane.
+// CHUNKS: consecutive chunks of one row per slot (1 or 2). Two halve the work a thread does once per
+// slot (indices, loop, the group's shuffles and scale: the kernel is issue-bound, not memory-bound) and
+// store 16 quantized bytes at once; a group is then g / 16 lanes, so group sizes down to 16 stay whole.
 #ifndef FP8L_SILU_CHUNKS
-#define FP8L_SILU_CHUNKS 1
+#define FP8L_SILU_CHUNKS 2
 #endif
 constexpr int kSiluUnroll = FP8L_SILU_UNROLL;
 constexpr int kSiluMaxWaves = FP8L_SILU_MAX_WAVES;

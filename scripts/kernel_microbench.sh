@@ -25,15 +25,11 @@ declare -A VARIANTS=(
   # the SiLU kernel: kernels/fused_quant.cuh, silu_and_mul_quant.cuh
   [silu_plain_exp]="-DFP8L_SILU_FMA=0"
   [silu_ld0]="-DFP8L_SILU_LOAD_HINT=0"
-  [silu_u1]="-DFP8L_SILU_UNROLL=1"
-  [silu_u4]="-DFP8L_SILU_UNROLL=4"
-  [silu_u1_mb8]="-DFP8L_SILU_UNROLL=1 -DFP8L_SILU_MIN_BLOCKS=8"
+  [silu_c1_u2]="-DFP8L_SILU_CHUNKS=1 -DFP8L_SILU_UNROLL=2"
+  [silu_u2]="-DFP8L_SILU_UNROLL=2"
   [silu_mb6]="-DFP8L_SILU_MIN_BLOCKS=6"
   [silu_t512]="-DFP8L_SILU_THREADS=512"
   [silu_t128]="-DFP8L_SILU_THREADS=128"
-  [silu_c2]="-DFP8L_SILU_CHUNKS=2"
-  [silu_c2_u1]="-DFP8L_SILU_CHUNKS=2 -DFP8L_SILU_UNROLL=1"
-  [silu_c2_t128]="-DFP8L_SILU_CHUNKS=2 -DFP8L_SILU_THREADS=128"
 )
 
 cmd=${1:-}
