@@ -24,7 +24,21 @@ namespace fp8linear {
 #ifndef FP8L_MAX_WAVES
 #define FP8L_MAX_WAVES 0  // 0: no persistent cap, one loop iteration per block once the tensor fills a wave
 #endif
+// CHUNKS_PER_LANE: 16-byte chunks of one group each lane loads (1 or 2; more where a group is wider than
+// a warp's 32 chunks). Two halve the lanes per group, so the shuffles, the scale and the index math run
+// once per 16 bf16 elements instead of 8 (SGLang's kernels give each lane 16 elements too).
+#ifndef FP8L_CHUNKS_PER_LANE
+#define FP8L_CHUNKS_PER_LANE 1
+#endif
+// LANE_CONTIGUOUS: with several chunks per lane, 1 gives a lane adjacent chunks (one 16-byte store of
+// bf16/fp16 -> 8-bit bytes), 0 interleaves them across the group's lanes (each load instruction of a warp
+// then covers whole groups).
+#ifndef FP8L_LANE_CONTIGUOUS
+#define FP8L_LANE_CONTIGUOUS 0
+#endif
 constexpr int kThreads = FP8L_THREADS;
+constexpr int kMinChunksPerLane = FP8L_CHUNKS_PER_LANE;
+static_assert(kMinChunksPerLane == 1 || kMinChunksPerLane == 2, "FP8L_CHUNKS_PER_LANE must be 1 or 2");
 // 16-byte loads issued by each thread before its first reduction (64 bytes in flight at 4).
 constexpr int kLoadsPerThread = FP8L_LOADS_PER_THREAD;
 constexpr int kMaxWaves = FP8L_MAX_WAVES;
@@ -51,11 +65,17 @@ template <typename T, int kGroup>
 struct TileShape {
   static constexpr int kPerChunk = InputTraits<T>::kPerChunk;  // elements per 16-byte chunk
   static constexpr int kChunks = kGroup / kPerChunk;            // chunks per group: 2 .. 64
-  static constexpr int kTPG = kChunks < kWarpSize ? kChunks : kWarpSize;  // lanes per group
-  static constexpr int kChunksPerLane = kChunks / kTPG;         // 1, or 2 for g = 256 fp32
+  static constexpr int kLanesWanted = kChunks / kMinChunksPerLane > 0 ? kChunks / kMinChunksPerLane : 1;
+  static constexpr int kTPG = kLanesWanted < kWarpSize ? kLanesWanted : kWarpSize;  // lanes per group
+  static constexpr int kChunksPerLane = kChunks / kTPG;  // kMinChunksPerLane, or 2 for g = 256 fp32
   // groups per lane per iteration (at least one: a g = 256 fp32 group is two loads per lane by itself)
   static constexpr int kUnroll = kLoadsPerThread / kChunksPerLane > 0 ? kLoadsPerThread / kChunksPerLane : 1;
   static constexpr int kGroupsPerTile = kThreads / kTPG;
+  static constexpr bool kContiguous = FP8L_LANE_CONTIGUOUS != 0 && kChunksPerLane > 1;
+  // The l-th chunk a lane owns, within its group.
+  __device__ __forceinline__ static int chunk_of(int lane, int l) {
+    return kContiguous ? lane * kChunksPerLane + l : lane + l * kTPG;
+  }
   static_assert(kGroup % kPerChunk == 0 && kChunks % kTPG == 0, "group size must be whole chunks");
 };
 
@@ -105,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
         const uint32_t m = row[u] - b * p.rows.divisor;
         const T* group = x + b * p.x_stride_batch + m * p.x_stride_row + static_cast<int64_t>(col[u]) * kGroup;
 #pragma unroll
-        for (int l = 0; l < kL; ++l) v[u][l] = load_chunk<T, kVec>(group + (lane + l * kTPG) * kPerChunk);
+        for (int l = 0; l < kL; ++l) v[u][l] = load_chunk<T, kVec>(group + Shape::chunk_of(lane, l) * kPerChunk);
       } else {
 #pragma unroll
         for (int l = 0; l < kL; ++l) v[u][l] = make_uint4(0u, 0u, 0u, 0u);
@@ -131,14 +151,28 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
       const GroupScale g = group_scale<T>(amax_bits, p.eps, Out::kQmax, p.scale_ue8m0);
       if (!valid) continue;
 
+      uint32_t w[kL][kPerChunk / 4];
 #pragma unroll
       for (int l = 0; l < kL; ++l) {
         float f[kPerChunk];
         InputTraits<T>::to_float(v[u][l], f);
-        uint32_t w[kPerChunk / 4];
-        quantize_chunk<Out, kPerChunk>(f, g.inv, g.nonfinite, w);
-        const int64_t q_offset = static_cast<int64_t>(gi) * kGroup + (lane + l * kTPG) * kPerChunk;
-        store_chunk<kPerChunk / 4, kVec>(p.q + q_offset, w, p.q_aligned);
+        quantize_chunk<Out, kPerChunk>(f, g.inv, g.nonfinite, w[l]);
+      }
+      const int64_t group_q = static_cast<int64_t>(gi) * kGroup;
+      if constexpr (Shape::kContiguous && kL == 2 && kPerChunk == 8) {
+        // Two adjacent 8-byte chunks: one 16-byte store (q and the group start are 16-byte aligned).
+        uint8_t* dst = p.q + group_q + lane * 2 * kPerChunk;
+        if (kVec || p.q_aligned) {
+          store_stream16(dst, make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]));
+        } else {
+          store_chunk<2, false>(dst, w[0], false);
+          store_chunk<2, false>(dst + kPerChunk, w[1], false);
+        }
+      } else {
+#pragma unroll
+        for (int l = 0; l < kL; ++l) {
+          store_chunk<kPerChunk / 4, kVec>(p.q + group_q + Shape::chunk_of(lane, l) * kPerChunk, w[l], p.q_aligned);
+        }
       }
 
       if (lane == 0) {

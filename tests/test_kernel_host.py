@@ -4,7 +4,8 @@ tests/kernel_host_checks.cu checks FastDivmod's quotient (every kernel's indexin
 divisor up to 5000, divisors around powers of two up to 2^31 - 1 and random ones, with numerators around
 multiples of the divisor, at the top of the range and at random; and the quant and SiLU kernels' grid
 rules (kernels/per_token_group_quant.cuh quant_grid, kernels/silu_and_mul_quant.cuh silu_grid) and the SiLU
-kernel's sizes (silu_set_sizes), under each FP8L_SILU_CHUNKS the kernel takes. Skipped
+kernel's sizes (silu_set_sizes), under the shipped knobs and the ones they replace or may take (FP8L_SILU_CHUNKS,
+FP8L_CHUNKS_PER_LANE). Skipped
 where nvcc is missing (CI and the developers' machines have it).
 """
 
@@ -19,14 +20,18 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("silu_chunks", [1, 2])
-def test_kernel_header_host_checks(tmp_path, silu_chunks):
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["-DFP8L_SILU_CHUNKS=1"], ["-DFP8L_CHUNKS_PER_LANE=2", "-DFP8L_LANE_CONTIGUOUS=1"]],
+    ids=["shipped", "silu_chunks_1", "quant_2_chunks_per_lane"],
+)
+def test_kernel_header_host_checks(tmp_path, flags):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     exe = tmp_path / "kernel_host_checks"
     build = subprocess.run(
-        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}", f"-DFP8L_SILU_CHUNKS={silu_chunks}",
+        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}", *flags,
          str(REPO / "tests" / "kernel_host_checks.cu"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600,
     )
