@@ -348,8 +348,8 @@ def run(args) -> int:
                     nbytes = moved_bytes(M, K, layout)
                     if nbytes not in copy_cache:
                         copy_cache[nbytes] = copy_us(timer, nbytes)
-                    copy_us = copy_cache[nbytes]
-                    row = dict(dtype=dtype_name(dtype), layout=layout, M=M, K=K, bytes=nbytes, copy_us=copy_us)
+                    row = dict(dtype=dtype_name(dtype), layout=layout, M=M, K=K, bytes=nbytes,
+                               copy_us=copy_cache[nbytes])
 
                     def ours(xx, dtype=dtype, layout=layout):
                         return fp8linear.per_token_group_quant(xx, GROUP, dtype, scale_layout=layout)
@@ -426,15 +426,15 @@ def _summary(rows: dict) -> dict:
     """Derived numbers for one shape and config: ours' TB/s and %copy, the best peer and the ratio."""
     ours = rows.get("ours", {})
     any_row = next(iter(rows.values()))
-    nbytes, copy_us = any_row["bytes"], any_row["copy_us"]
+    nbytes, copy_time = any_row["bytes"], any_row["copy_us"]
     us = ours.get("us", float("nan"))
     peer_us = {p: rows[p]["us"] for p in PEERS if p in rows and not math.isnan(rows[p]["us"])}
     best = min(peer_us, key=peer_us.get) if peer_us else None
     peer_graph = {p: rows[p]["graph_us"] for p in PEERS if p in rows and not math.isnan(rows[p]["graph_us"])}
     best_graph = min(peer_graph, key=peer_graph.get) if peer_graph else None
     return dict(
-        bytes=nbytes, copy_us=copy_us, us=us, tbps=nbytes / us / 1e6 if us == us else float("nan"),
-        pct=100 * copy_us / us if us == us else float("nan"), peer_us=peer_us, best=best,
+        bytes=nbytes, copy_us=copy_time, us=us, tbps=nbytes / us / 1e6 if us == us else float("nan"),
+        pct=100 * copy_time / us if us == us else float("nan"), peer_us=peer_us, best=best,
         ratio=peer_us[best] / us if best and us == us else float("nan"),
         graph=ours.get("graph_us", float("nan")), best_graph=best_graph, check=ours.get("check", "-"),
     )
