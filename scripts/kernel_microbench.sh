@@ -22,10 +22,8 @@ declare -A VARIANTS=(
   [loads4]="-DFP8L_LOADS_PER_THREAD=4"
   [t512]="-DFP8L_THREADS=512"
   [t128]="-DFP8L_THREADS=128"
-  [cpl2]="-DFP8L_CHUNKS_PER_LANE=2"
-  [cpl2c]="-DFP8L_CHUNKS_PER_LANE=2 -DFP8L_LANE_CONTIGUOUS=1"
-  [cpl2c_loads4]="-DFP8L_CHUNKS_PER_LANE=2 -DFP8L_LANE_CONTIGUOUS=1 -DFP8L_LOADS_PER_THREAD=4"
-  [cpl2c_t128]="-DFP8L_CHUNKS_PER_LANE=2 -DFP8L_LANE_CONTIGUOUS=1 -DFP8L_THREADS=128"
+  [cpl1]="-DFP8L_CHUNKS_PER_LANE=1"
+  [cpl2_interleaved]="-DFP8L_LANE_CONTIGUOUS=0"
   # the SiLU kernel: kernels/fused_quant.cuh, silu_and_mul_quant.cuh
   [silu_plain_exp]="-DFP8L_SILU_FMA=0"
   [silu_ld0]="-DFP8L_SILU_LOAD_HINT=0"
