@@ -24,6 +24,27 @@ __host__ __device__ constexpr T ceil_div(T a, T b) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
+// attribute (launch_utils.h launch_kernel) may start before the kernel ahead of it in the stream has
+// finished; griddep_wait() blocks until every grid it depends on has completed and its memory is
+// visible, so a kernel that calls it before touching global memory reads and writes exactly as if
+// launched plainly, while its launch overlaps the previous kernel's tail. griddep_launch_dependents()
+// lets a dependent launched the same way start before this grid exits. Both are no-ops for a plain
+// launch and below sm_90.
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
 // Division by a runtime-invariant divisor (groups per row G, rows per batch M), without the ~20
 // instructions of a generic 32-bit division per work item.
 //

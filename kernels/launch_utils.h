@@ -1,8 +1,13 @@
 // Host-side helpers shared by the torch launchers of kernels/*.cu (not by the kernels themselves, which stay
-// free of torch types): the device's SM count, cached, and pointer alignment.
+// free of torch types): the device's SM count, cached, pointer alignment, and a launch with programmatic
+// dependent launch where the device has it.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -22,6 +27,44 @@ inline int device_sm_count(int device) {
     if (cached) __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
   }
   return n;
+}
+
+// Whether launches on `device` use programmatic dependent launch: compute capability >= 9.0, unless the
+// environment says FP8LINEAR_PDL=0 (read once per process). Cached per device like the SM count.
+inline bool pdl_enabled(int device) {
+  static const bool allowed = [] {
+    const char* v = std::getenv("FP8LINEAR_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!allowed) return false;
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  const bool cached = device >= 0 && device < kMaxDevices;
+  int state = cached ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
+  if (state == 0) {
+    int major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    state = major >= 9 ? 2 : 1;
+    if (cached) __atomic_store_n(&cache[device], state, __ATOMIC_RELAXED);
+  }
+  return state == 2;
+}
+
+// kernel<<<grid, block, 0, stream>>>(args...), with the programmatic-stream-serialization attribute when
+// `pdl`: the kernel must then call griddep_wait() (common.cuh) before its first global memory access.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 inline bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }

@@ -29,6 +29,12 @@
 // one tile each before that, so a decode-sized call (M <= 16) launches a few blocks doing one tile each;
 // with FP8L_MAX_WAVES > 0 the grid is capped at that many waves and blocks loop (persistent).
 //
+// Launch: with programmatic dependent launch on sm_90+ (launch_utils.h launch_kernel; FP8LINEAR_PDL=0
+// turns it off): the grid may be scheduled while the kernel ahead of it in the stream finishes, and
+// griddep_wait() at the top of the kernel holds every global access until that kernel's memory is
+// visible. SGLang's kernels launch this way too; in CUDA-graph replay at M <= 128 they ran 1.07-1.50 us
+// per launch against our 1.40-2.15 without it (bench_quant, 7f9eb48).
+//
 // Bytes moved per element: sizeof(x) read + 1 written + 4/g for the scale: about 3.03 B for bf16 ->
 // fp8 at g = 128. Floor at the H100's 3.0 TB/s copy bandwidth (read + write): 4096 x 7168 bf16 moves
 // 89 MB, about 30 us; 16384 x 7168 about 119 us.
@@ -68,8 +74,7 @@ void launch(const QuantParams& p, int device, cudaStream_t stream) {
   }();
   const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
   const uint32_t grid = quant_grid<T, kGroup>(p.num_groups, wave);
-  kernel<<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(grid), dim3(kThreads), stream, pdl_enabled(device), p);
 }
 
 template <typename T, typename Out, bool kPacked, bool kVec>

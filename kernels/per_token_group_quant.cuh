@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
   const uint32_t warp_first = (threadIdx.x / kWarpSize) * kGroupsPerWarp;
   const uint32_t tile_stride = gridDim.x * kGroupsPerTile;  // groups between a block's tiles
 
+  griddep_wait();  // launched with programmatic dependent launch: nothing global before this
   for (uint32_t base = blockIdx.x * kGroupsPerTile; base < p.num_groups; base += kU * tile_stride) {
     uint4 v[kU][kL];
     uint32_t row[kU], col[kU];  // flattened row b*M + m, and group j within the row
@@ -195,6 +196,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
       }
     }
   }
+  griddep_launch_dependents();
 }
 
 // The grid of a launch (host side): tiles of kGroupsPerTile groups; `wave` = resident blocks on the device.

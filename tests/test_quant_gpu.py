@@ -511,3 +511,54 @@ def test_opcheck_cuda(shape, layout, out_dtype, pow2):
     torch.library.opcheck(
         torch.ops.fp8linear.per_token_group_quant_.default, (x, q, s, 128, pow2, 1e-10, layout), test_utils=tests
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (kernels/launch_utils.h): the kernel may start before the kernel ahead
+# of it has finished, and must still read that kernel's output and never overwrite what it reads.
+# ------------------------------------------------------------------------------------------------
+
+def test_launch_after_a_producer_and_before_a_consumer_in_one_stream():
+    """No synchronisation in the loop: a torch kernel writes x right before the quant reads it (read
+    after write), and a torch kernel reads q right before the next quant's q, allocated from the block
+    the freed q left, is written (write after read). Every result equals the CPU reference."""
+    base = make_x((256, 4096), 128, torch.bfloat16, seed=30, specials=False).cuda()
+    xs, scales, sums = [], [], []
+    for i in range(24):
+        x = base * float(i % 7 + 1)  # producer
+        q, s = per_token_group_quant(x, 128, FP8, scale_layout="col")
+        sums.append(q.view(torch.uint8).to(torch.int32).sum(dim=1))  # consumer of q
+        xs.append(x)
+        scales.append(s)
+        del q  # its block goes back to the allocator, for the next iteration's q
+    torch.cuda.synchronize()
+    for i, (x, s, total) in enumerate(zip(xs, scales, sums)):
+        q_ref, s_ref = per_token_group_quant(x.cpu(), 128, FP8, scale_layout="col")
+        assert_bitwise_equal(s, s_ref, f"iteration {i}: s")
+        expected = q_ref.view(torch.uint8).to(torch.int32).sum(dim=1)
+        assert_bitwise_equal(total.cpu(), expected, f"iteration {i}: row sums of q read by the next kernel")
+
+
+def test_pdl_off_switch_gives_the_same_bytes(tmp_path):
+    """FP8LINEAR_PDL=0 (read once per process) launches plainly: the same bytes as this process's launches."""
+    import os
+    import subprocess
+    import sys
+
+    x = make_x((37, 7168), 128, torch.bfloat16, seed=31)
+    torch.save(x, tmp_path / "x.pt")
+    q, s = per_token_group_quant(x.cuda(), 128, FP8, scale_layout="ue8m0_packed")
+    script = (
+        "import sys, torch\n"
+        "from fp8linear import per_token_group_quant\n"
+        "x = torch.load(sys.argv[1]).cuda()\n"
+        "q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout='ue8m0_packed')\n"
+        "torch.save((q.cpu(), s.cpu()), sys.argv[2])\n"
+    )
+    env = dict(os.environ, FP8LINEAR_PDL="0")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    q_off, s_off = torch.load(tmp_path / "out.pt")
+    assert_bitwise_equal(q.cpu(), q_off, "q with FP8LINEAR_PDL=0")
+    assert_bitwise_equal(s.cpu(), s_off, "s with FP8LINEAR_PDL=0")
