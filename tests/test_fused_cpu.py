@@ -129,7 +129,7 @@ def naive_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     with np.errstate(all="ignore"):
         for m in range(M):
             for k in range(I):
-                g, u = F32(xf[m, k]), F32(xf[m, I + k])
+                g = F32(xf[m, k])
                 t = F32(-g)
                 if not math.isnan(float(t)):
                     t = min(max(t, F32(-32.0)), F32(89.0))

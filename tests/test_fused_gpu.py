@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cases import FP8, INT8, make_strided
-from conftest import HAS_CUDA, POISON_BYTE, assert_bitwise_equal, poison_
+from conftest import POISON_BYTE, assert_bitwise_equal, poison_
 from fp8linear.fused import rmsnorm_quant, silu_and_mul_quant, silu_and_mul_reference
 from fp8linear.layouts import empty_scales, tma_aligned_rows
 from test_fused_cpu import assert_equal_nan_as_nan, make_rms_input, make_silu_input

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from cases import FP8, GROUP_SIZES, IN_DTYPES, INT8, LAYOUTS, OUT_DTYPES
-from conftest import HAS_CUDA, POISON_BYTE, assert_bitwise_equal, poison_
+from conftest import POISON_BYTE, assert_bitwise_equal, poison_
 from fp8linear import per_token_group_quant
 from fp8linear.layouts import empty_scales, scale_shape, scale_strides, scales_to_row, unpack_ue8m0
 
