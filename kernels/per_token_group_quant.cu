@@ -13,7 +13,7 @@
 // Thread-to-data mapping. A chunk is 16 bytes of input (8 bf16/fp16 or 4 fp32). A group of g elements
 // is C = g / chunk chunks, owned by a sub-warp of TPG = min(C / 2, 32) adjacent lanes (at least 1);
 // lane i loads the two adjacent chunks 2i and 2i + 1 (FP8L_CHUNKS_PER_LANE = 2, FP8L_LANE_CONTIGUOUS = 1;
-// four chunks for g = 256 fp32), so a lane handles 16 bf16 elements and stores its 16 quantized bytes at
+// g = 256 fp32 too, whose 64 chunks fill a warp), so a lane handles 16 bf16 elements and stores its 16 quantized bytes at
 // once, and a warp's two LDG.128 read 1 KB of contiguous input between them. The group amax is a max
 // over unsigned abs-bit patterns (exact, NaN-ordering; see common.cuh) reduced by log2(TPG) xor-shuffles
 // inside the sub-warp; every lane then computes the same scale and quantizes its own chunks; lane 0 of
