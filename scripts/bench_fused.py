@@ -108,7 +108,7 @@ def bench_silu(timer: Timer, Ms, results: list) -> None:
             shape = f"M={M} I={I}"
             row(results, "silu_and_mul", shape, "unfused", t_unfused, nbytes, copy, t_unfused)
             row(results, "silu_and_mul", shape, "fused", timer.us(fused), nbytes, copy, t_unfused)
-            del x, q, s
+            x = q = s = None  # free them before the next shape's
 
 
 def bench_rmsnorm(timer: Timer, Ms, results: list) -> None:
@@ -137,7 +137,7 @@ def bench_rmsnorm(timer: Timer, Ms, results: list) -> None:
             row(results, "rmsnorm", shape, "unfused", t_unfused, nbytes, copy, t_unfused)
             row(results, "rmsnorm", shape, "fused", timer.us(fused), nbytes, copy, t_unfused)
             row(results, "rmsnorm", shape, "fused+y", timer.us(fused_y), nbytes + 2 * M * H, copy_y, t_unfused)
-            del x, q, s, y
+            x = q = s = y = None
 
 
 def bench_mlp(timer: Timer, Ms, results: list) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -108,8 +109,8 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float) -
                              tflops=tflops(M, N, K, us) if provider != "quant" else float("nan"),
                              speedup=results["bf16"] / us if provider not in ("bf16", "quant") else float("nan"),
                              pick=pick))
-        del x
-    del mods, lin
+        x = None  # free it before the next shape's
+    mods = lin = None
     torch.cuda.empty_cache()
     return rows, build_s
 
@@ -181,9 +182,7 @@ def main(argv=None) -> int:
         print("bench_linear.py needs a CUDA GPU (none found); the CPU path is the reference backend only.",
               file=sys.stderr)
         return 2
-    try:
-        import triton  # noqa: F401  (do_bench)
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:  # bench_us times with triton.testing.do_bench
         print("bench_linear.py needs triton for triton.testing.do_bench: pip install triton", file=sys.stderr)
         return 2
 

@@ -384,7 +384,7 @@ def run(args) -> int:
                         results.append(dict(row, provider=name, us=us, graph_us=graph, check=e["check"],
                                             graph_error=e.get("graph_error", "")))
                     print(progress_line(results, row), flush=True)
-                del x, rot
+                x = rot = None  # free them (and empty the cache) before the next shape's
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()
             if stopped:

@@ -108,8 +108,8 @@ def tune_shape(N: int, K: int, Ms, names, rep_ms: float) -> list[dict]:
                          bf16_faster=bf16_us < us[best]))
         flag = "  (bf16 faster)" if bf16_us < us[best] else ""
         print(f"  {N}x{K} M<={M}: {best} {us[best]:.1f} us vs bf16 {bf16_us:.1f} us{flag}", flush=True)
-        del x
-    del mods, lin
+        x = None  # free it before the next shape's
+    mods = lin = None
     torch.cuda.empty_cache()
     return rows
 

@@ -46,7 +46,7 @@ try:
 
     _IMPORT_ERROR: "str | None" = None
 except Exception as exc:  # ImportError, or a broken install
-    triton = tl = None
+    triton = None
 
     class tl:  # noqa: N801 - stands in so the kernel's annotations evaluate without triton
         constexpr = None
