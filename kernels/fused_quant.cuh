@@ -235,29 +235,6 @@ __device__ __forceinline__ void store8(T* dst, const Vec8<T>& v, bool aligned) {
   }
 }
 
-// Eight quantized bytes (two words, element i in byte i) at dst: one 8-byte store when dst is 8-byte
-// aligned, else byte stores.
-__device__ __forceinline__ void store_q8(uint8_t* dst, const uint32_t (&w)[2], bool aligned) {
-  if (aligned) {
-    store_stream8(dst, w[0], w[1]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)));
-  }
-}
-
-// Sixteen quantized bytes (two chunks' words) at dst: one 16-byte store when dst is 16-byte aligned,
-// else byte stores.
-__device__ __forceinline__ void store_q16(uint8_t* dst, const uint32_t (&lo)[2], const uint32_t (&hi)[2],
-                                          bool aligned) {
-  if (aligned) {
-    store_stream16(dst, make_uint4(lo[0], lo[1], hi[0], hi[1]));
-  } else {
-    store_q8(dst, lo, false);
-    store_q8(dst + 8, hi, false);
-  }
-}
-
 // Max of amax_bits over the `lanes` adjacent lanes of a group (lanes a power of two <= 32, groups
 // aligned to it); every lane of the warp must call this.
 __device__ __forceinline__ uint32_t group_max(uint32_t amax_bits, int lanes) {

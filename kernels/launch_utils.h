@@ -15,39 +15,33 @@
 
 namespace fp8linear {
 
-// Multiprocessors of `device`, asked of the driver once per device (launchers size their grids by it on
-// every call). The cache is written with the same value by whichever thread gets there first.
-inline int device_sm_count(int device) {
+// cudaDeviceGetAttribute(kAttr, device), asked of the driver once per device (launchers read these on every
+// call). The cache is written with the same value by whichever thread gets there first; 0 marks "not yet
+// asked" (no attribute read through here is 0 on a real device).
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int device) {
   constexpr int kMaxDevices = 64;
   static int cache[kMaxDevices] = {};
   const bool cached = device >= 0 && device < kMaxDevices;
-  int n = cached ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    if (cached) __atomic_store_n(&cache[device], n, __ATOMIC_RELAXED);
+  int v = cached ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+    if (cached) __atomic_store_n(&cache[device], v, __ATOMIC_RELAXED);
   }
-  return n;
+  return v;
 }
 
+// Multiprocessors of `device` (launchers size their grids by it).
+inline int device_sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
 // Whether launches on `device` use programmatic dependent launch: compute capability >= 9.0, unless the
-// environment says FP8LINEAR_PDL=0 (read once per process). Cached per device like the SM count.
+// environment says FP8LINEAR_PDL=0 (read once per process).
 inline bool pdl_enabled(int device) {
   static const bool allowed = [] {
     const char* v = std::getenv("FP8LINEAR_PDL");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  if (!allowed) return false;
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  const bool cached = device >= 0 && device < kMaxDevices;
-  int state = cached ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
-  if (state == 0) {
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    state = major >= 9 ? 2 : 1;
-    if (cached) __atomic_store_n(&cache[device], state, __ATOMIC_RELAXED);
-  }
-  return state == 2;
+  return allowed && device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9;
 }
 
 // kernel<<<grid, block, 0, stream>>>(args...), with the programmatic-stream-serialization attribute when

@@ -163,13 +163,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
       const int64_t group_q = static_cast<int64_t>(gi) * kGroup;
       if constexpr (Shape::kContiguous && kL == 2 && kPerChunk == 8) {
         // Two adjacent 8-byte chunks: one 16-byte store (q and the group start are 16-byte aligned).
-        uint8_t* dst = p.q + group_q + lane * 2 * kPerChunk;
-        if (kVec || p.q_aligned) {
-          store_stream16(dst, make_uint4(w[0][0], w[0][1], w[1][0], w[1][1]));
-        } else {
-          store_chunk<2, false>(dst, w[0], false);
-          store_chunk<2, false>(dst + kPerChunk, w[1], false);
-        }
+        store_q16(p.q + group_q + lane * 2 * kPerChunk, w[0], w[1], kVec || p.q_aligned);
       } else {
 #pragma unroll
         for (int l = 0; l < kL; ++l) {
