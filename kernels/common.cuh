@@ -23,6 +23,13 @@ __host__ __device__ constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
+// ceil(log2 v) for v >= 1 (host side: shifts of power-of-two lane counts, FastDivmod's shift).
+inline constexpr int ceil_log2(uint64_t v) {
+  int l = 0;
+  while ((uint64_t{1} << l) < v) ++l;
+  return l;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Programmatic dependent launch (sm_90+). A kernel launched with the programmatic-serialization
 // attribute (launch_utils.h launch_kernel) may start before the kernel ahead of it in the stream has
@@ -60,9 +67,7 @@ struct FastDivmod {
   FastDivmod() = default;
 
   __host__ explicit FastDivmod(uint32_t d) : divisor(d) {
-    uint32_t log2_ceil = 0;
-    while ((uint64_t{1} << log2_ceil) < d) ++log2_ceil;
-    shift = 31 + log2_ceil;
+    shift = 31 + static_cast<uint32_t>(ceil_log2(d));
     multiplier = static_cast<uint32_t>(((uint64_t{1} << shift) + d - 1) / d);
   }
 

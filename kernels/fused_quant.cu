@@ -180,12 +180,6 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_quant_kernel(const RmsParams
 // Host side: checks, the instantiation, the grid, a launch on the current stream.
 // ------------------------------------------------------------------------------------------------
 
-int log2_exact(int64_t v) {
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
-}
-
 template <typename T, typename Out, bool kPacked>
 void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
   const auto kernel = silu_and_mul_quant_kernel<T, Out, kPacked>;
@@ -361,7 +355,7 @@ void rmsnorm_quant_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tenso
   p.H = static_cast<uint32_t>(H);
   p.chunks = static_cast<uint32_t>(H / kChunk);
   p.tpg = static_cast<int>(group_size / kChunk);
-  p.tpg_log2 = log2_exact(p.tpg);
+  p.tpg_log2 = ceil_log2(static_cast<uint64_t>(p.tpg));
   p.x_stride_row = M > 1 ? x.stride(0) : 0;
   p.rms_eps = static_cast<float>(rms_eps);  // round to nearest, as the reference's fp32 tensor
   p.eps = static_cast<float>(eps);

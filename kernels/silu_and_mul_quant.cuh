@@ -172,8 +172,7 @@ inline void silu_set_sizes(SiluParams& p, int64_t M, int64_t I, int64_t group_si
   p.slots_per_row = FastDivmod(static_cast<uint32_t>(I / kSiluSlotElems));
   p.I = static_cast<uint32_t>(I);
   p.tpg = static_cast<int>(group_size / kSiluSlotElems);
-  p.tpg_log2 = 0;
-  while ((1 << p.tpg_log2) < p.tpg) ++p.tpg_log2;
+  p.tpg_log2 = ceil_log2(static_cast<uint64_t>(p.tpg));
 }
 
 // The grid of a launch (host side): one slot per thread and iteration; `wave` = resident blocks.
