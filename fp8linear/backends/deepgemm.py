@@ -17,16 +17,31 @@ pads the scale rows by TMA alignment exactly as our `col` layout does (get_tma_a
 Its first call per (N, K, tile config) JIT-compiles with nvcc (seconds); later calls launch a cached
 kernel on the current stream, which CUDA graphs capture. Under torch.compile, `gemm` goes through the
 opaque op `fp8linear::deepgemm_gemm_nt` so dynamo never traces DeepGEMM's Python.
+
+Launch path (legacy API). DeepGEMM's legacy Python launch costs 150-220 us of host time per call on the
+lent H100's host (four TMA descriptors and a launch config built through cuda-python), which made eager
+layers host-bound up to M of a few thousand. So only the first call per (M, N, K, device) goes through
+DeepGEMM; it compiles, tunes and runs the kernel, and `_legacy_plan` reads back what it ran: the CUkernel
+handle and the tile configuration (`get_best_configs`, the tuner's cache). Later calls launch that same
+kernel from C++ (`fp8linear::deepgemm_gemm`, kernels/deepgemm_launch.cu), bit for bit the same result.
+Where the plan cannot be read (another DeepGEMM layout of its internals, a kernel whose parameters differ),
+every call keeps DeepGEMM's own launch and one INFO log line says why; `FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`
+forces that path (for comparisons).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 
-from ..layouts import ScaleLayout
+from .. import _build
+from ..layouts import ScaleLayout, tma_aligned_rows
 from . import bf16_epilogue
+
+log = logging.getLogger(__name__)
 
 NAME = "deepgemm"
 SCALE_LAYOUT = ScaleLayout.COL
@@ -78,11 +93,70 @@ def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tupl
     return weight.contiguous(), weight_scale_inv.float().contiguous()
 
 
+#: False: every call through DeepGEMM's own Python launch (FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm).
+OWN_LAUNCH = os.environ.get("FP8LINEAR_DEEPGEMM_LAUNCH", "") != "deepgemm"
+
+#: The legacy kernel's launch arguments, in the order FP8GemmRuntime passes them (deep_gemm/jit_kernels/
+#: runtime.py); kernels/deepgemm_launch.cu passes the same. Another list means another kernel signature.
+_LEGACY_LAUNCH_ARGS = ["NUM_TMA_MULTICAST", "M", "BLOCK_M", "GMEM_D", "SCALES_B", "GROUPED_LAYOUT", "NUM_SMS",
+                       "SMEM_SIZE", "TENSOR_MAP_A", "TENSOR_MAP_B", "TENSOR_MAP_SCALES_A", "TENSOR_MAP_D", "STREAM"]
+
+#: (M, N, K, device index) -> the C++ launch's arguments after the tensors (kernel, num_sms, block_m, block_n,
+#: smem_size, swizzle_d, multicast), or () where DeepGEMM's own launch serves that shape.
+_plans: "dict[tuple[int, int, int, int], tuple[int, ...]]" = {}
+_logged: "set[str]" = set()
+
+
+def _legacy_plan(M: int, N: int, K: int) -> "tuple[int, ...] | str":
+    """What DeepGEMM's legacy `gemm_fp8_fp8_bf16_nt` ran for this shape on the current device (call it once
+    first): the launch arguments of `fp8linear::deepgemm_gemm`, or the reason they cannot be read."""
+    try:
+        from deep_gemm.jit_kernels import gemm as dg_gemm
+        from deep_gemm.jit_kernels.tuner import jit_tuner
+        from deep_gemm.jit_kernels.utils import get_num_sms
+
+        # The same derivation as gemm_fp8_fp8_bf16_nt: configs by shape, then the tuner's key for them.
+        num_sms, block_m, block_n, num_stages, (multicast, on_a), (smem, swizzle_d, n_pad) = \
+            dg_gemm.get_best_configs(M, N, K, 1, get_num_sms())
+        keys = {"N": N, "K": K, "BLOCK_M": block_m, "BLOCK_N": block_n, "SWIZZLE_D_MODE": swizzle_d,
+                "BLOCK_N_PADDING": n_pad, "NUM_STAGES": num_stages, "NUM_TMA_MULTICAST": multicast,
+                "IS_TMA_MULTICAST_ON_A": on_a}
+        signature = str({k: keys[k] for k in sorted(keys)})  # JITTuner.compile_and_tune's f'{keys}'
+        entry = jit_tuner.tuned.get(("gemm_fp8_fp8_bf16_nt", signature))
+        if entry is None:
+            return "DeepGEMM's tuner holds no kernel under the key its configs give"
+        runtime = entry[0]
+        if list(getattr(runtime, "args", None) or []) != _LEGACY_LAUNCH_ARGS:
+            return f"the kernel takes other launch arguments ({getattr(runtime, 'args', None)})"
+        if getattr(runtime, "kernel", None) is None:
+            return "DeepGEMM has not loaded the kernel"
+        return (int(runtime.kernel), int(num_sms), int(block_m), int(block_n), int(smem), int(swizzle_d), int(multicast))
+    except Exception as exc:  # its internals moved: keep its own launch
+        return f"{type(exc).__name__}: {exc}"
+
+
 def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
-    fn, _ = _api()
-    y = torch.empty((q.shape[0], weight.shape[0]), dtype=torch.bfloat16, device=q.device)  # [M, N]
-    if q.shape[0] > 0:
-        fn((q, s), (weight, weight_scale_inv), y)
+    M, K = q.shape
+    N = weight.shape[0]
+    key = (M, N, K, q.device.index)
+    plan = _plans.get(key) if OWN_LAUNCH else ()
+    if plan and s.stride() == (1, tma_aligned_rows(M)):
+        return torch.ops.fp8linear.deepgemm_gemm(q, s, weight, weight_scale_inv, *plan)
+    y = torch.empty((M, N), dtype=torch.bfloat16, device=q.device)  # [M, N]
+    if M == 0:
+        return y
+    fn, api = _api()
+    fn((q, s), (weight, weight_scale_inv), y)
+    if plan is None:  # the first call of this shape: read back what DeepGEMM ran
+        plan = _legacy_plan(M, N, K) if api == "legacy" else "the current API launches from C++ already"
+        if isinstance(plan, str):
+            if plan not in _logged:
+                _logged.add(plan)
+                log.info("DeepGEMM keeps its own launch (M=%d, N=%d, K=%d): %s", M, N, K, plan)
+            plan = ()
+        else:
+            _build.ensure_loaded()  # the C++ launch lives in fp8linear's extension
+        _plans[key] = plan
     return y
 
 
@@ -102,9 +176,14 @@ def gemm(
     return bf16_epilogue(y, bias, out_dtype)
 
 
-# -- the opaque op torch.compile sees -----------------------------------------------------------------
+# -- the opaque op torch.compile sees, and the C++ launch ---------------------------------------------
 _lib = torch.library.Library("fp8linear", "FRAGMENT")
 _lib.define("deepgemm_gemm_nt(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv) -> Tensor")
+# kernels/deepgemm_launch.cu: launch a kernel DeepGEMM compiled (its handle and tile configuration) -> y bf16.
+_lib.define(
+    "deepgemm_gemm(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv, int kernel, int num_sms, "
+    "int block_m, int block_n, int smem_size, int swizzle_d, int multicast) -> Tensor"
+)
 
 
 @torch.library.register_fake("fp8linear::deepgemm_gemm_nt", lib=_lib)
@@ -116,3 +195,8 @@ def _gemm_fake(q, s, weight, weight_scale_inv):
 def _gemm_cuda(q, s, weight, weight_scale_inv):
     # DeepGEMM's legacy API re-lays s itself (a slow copy) should the compiler have changed its strides.
     return _gemm_impl(q, s, weight, weight_scale_inv)
+
+
+@torch.library.register_fake("fp8linear::deepgemm_gemm", lib=_lib)
+def _launch_fake(q, s, weight, weight_scale_inv, kernel, num_sms, block_m, block_n, smem_size, swizzle_d, multicast):
+    return q.new_empty((q.shape[0], weight.shape[0]), dtype=torch.bfloat16)
