@@ -44,6 +44,17 @@ def kernels(fn) -> str:
     return "; ".join(parts)
 
 
+def python_launch(mod, x):
+    """mod(x) with every DeepGEMM call through DeepGEMM's own Python launch (fp8linear.backends.deepgemm)."""
+    from fp8linear.backends import deepgemm
+
+    deepgemm.OWN_LAUNCH = False
+    try:
+        return mod(x)
+    finally:
+        deepgemm.OWN_LAUNCH = True
+
+
 def host_profile(fn, n: int = 100) -> None:
     """cProfile of n calls: the functions with the most time of their own."""
     import cProfile
@@ -114,7 +125,7 @@ def main() -> int:
     lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     mods = {b: FP8Linear.from_linear(lin, backend=b) for b in args.backends}
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}  N={N} K={K}")
-    print(f"{'provider':10s} {'M':>6s} {'host us':>9s} {'graph us':>9s}  kernels of one call")
+    print(f"{'provider':12s} {'M':>6s} {'host us':>9s} {'graph us':>9s}  kernels of one call")
     with torch.inference_mode():
         for M in args.M:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -123,15 +134,17 @@ def main() -> int:
                 if b != "auto" and unsupported_reason(b, M, N, K, torch.float8_e4m3fn, x.device) is not None:
                     continue
                 fns[b] = (lambda m: (lambda: m(x)))(mod)
+                if b == "deepgemm":  # the same kernel through DeepGEMM's own Python launch, for comparison
+                    fns["deepgemm-py"] = (lambda m: (lambda: python_launch(m, x)))(mod)
             for name, fn in fns.items():
                 try:
                     h = host_us(fn)
                     g = graph_us(fn, launches=20, replays=20)
                     k = kernels(fn)
                 except Exception as exc:  # keep profiling the rest
-                    print(f"{name:10s} {M:6d} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    print(f"{name:12s} {M:6d} failed: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
-                print(f"{name:10s} {M:6d} {h:9.1f} {g:9.1f}  {k}", flush=True)
+                print(f"{name:12s} {M:6d} {h:9.1f} {g:9.1f}  {k}", flush=True)
                 if args.cprofile and name != "bf16":
                     host_profile(fn)
     return 0

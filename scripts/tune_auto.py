@@ -30,34 +30,19 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import bench_linear  # noqa: E402  (scripts/ is not a package)
 
 
-#: DeepGEMM must beat cuBLASLt by this factor to be picked. Per call, DeepGEMM's legacy Python path costs
-#: more host time (322 vs 239 us at M = 4096, N = K = 4096, scripts/profile_linear.py on the H100,
-#: 2026-11-25), which an isolated per-layer timing charges only in part, and eager FP8Linear forwards are
-#: host-bound on that machine up to M of a few thousand. (A first guess that DeepGEMM explained a slow
-#: e2e prefill was wrong: with cuBLASLt everywhere the 2048-token prefill still varied 14.1-28.4 ms between
-#: machines, host-bound. Under CUDA graphs, where host time is free, this rule can cost up to 10%.)
-DEEPGEMM_MARGIN = 1.10
-#: ... but only where the host time could show: a layer whose DeepGEMM time is at least this long keeps the
-#: GPU busy past the ~150-320 us of host time its call costs, so the host runs ahead and the faster kernel
-#: wins outright. The margin had handed Llama-3-8B's merged gate_up at M = 4096 to cuBLASLt (851 us against
-#: DeepGEMM's 780), which erased fuse_mlp's gain in bench_fused (1.00x, 2026-11-25).
-DEEPGEMM_HOST_HIDDEN_US = 350.0
-#: Below that, an eager DeepGEMM call costs at least its host time, 150 us at the least measured
-#: (scripts/profile_linear.py): cuBLASLt is kept wherever it finishes within that. At 2112x7168, M = 2048
-#: the table said DeepGEMM 78 us against cuBLASLt's 95, and bench_linear then measured DeepGEMM at 0.63x
-#: bf16 (auto 0.38x) against cuBLASLt's 1.10x (2026-11-25, commit 84467e6).
-DEEPGEMM_HOST_US = 150.0
-PICK_RULE = (f"deepgemm under {DEEPGEMM_HOST_HIDDEN_US:.0f} us only when cublas takes more than both "
-             f"{DEEPGEMM_MARGIN}x its time and {DEEPGEMM_HOST_US:.0f} us; else the fastest")
+#: The pick is the fastest backend. Until DeepGEMM's calls launched from C++ (kernels/deepgemm_launch.cu),
+#: DeepGEMM also had to beat cuBLASLt by 10% and by its 150 us of Python launch time, unless the GEMM was
+#: long enough (350 us) to hide it: that launch cost more host time than an isolated do_bench timing
+#: charges (322 vs 239 us per eager forward at M = 4096, N = K = 4096; scripts/profile_linear.py on the
+#: H100, 2026-11-25), and at 2112x7168, M = 2048 the table had named DeepGEMM (78 us against cuBLASLt's 95)
+#: where bench_linear then measured it at 0.63x bf16. With the C++ launch its host time is no longer the
+#: larger one (docs/benchmarks.md), so the timings decide alone.
+PICK_RULE = "the fastest"
 
 
 def pick(us: dict) -> str:
     """The backend auto serves a bucket with, from that bucket's times (us per backend)."""
-    best = min(us, key=us.get)
-    if (best == "deepgemm" and "cublas" in us and us["deepgemm"] < DEEPGEMM_HOST_HIDDEN_US
-            and us["cublas"] <= max(DEEPGEMM_MARGIN * us["deepgemm"], DEEPGEMM_HOST_US)):
-        return "cublas"
-    return best
+    return min(us, key=us.get)
 
 
 def reselect(path: str) -> int:
