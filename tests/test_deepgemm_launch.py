@@ -9,6 +9,8 @@ The CPU half checks the bookkeeping around it with a stand-in for DeepGEMM.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
 import sys
 import types
 
@@ -81,27 +83,56 @@ def test_cpp_launch_equals_deepgemm_launch(monkeypatch, M, N, K):
     assert torch.equal(ours, theirs) and torch.equal(first, theirs)
 
 
+# Run in a child process: on the lent H100's torch 2.11 build, an exception thrown by *any* C++ extension's
+# TORCH_CHECK (a five-line torch.utils.cpp_extension.load_inline op included) kills the process with SIGSEGV
+# instead of reaching Python (docs/benchmarks.md, 2026-11-25). The child tells a rejected call from a crash.
+_BAD_ARGUMENTS = r"""
+import sys, torch
+from fp8linear import per_token_group_quant
+from fp8linear.backends import deepgemm
+from fp8linear.weights import quantize_weight_blockwise
+FP8 = torch.float8_e4m3fn
+M, N, K = 64, 256, 512
+x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+q, s = per_token_group_quant(x, 128, FP8, scale_layout="col")
+weight, wsi = quantize_weight_blockwise(torch.randn(N, K, device="cuda"), FP8)
+if sys.argv[1] == "control":  # a TORCH_CHECK of the quant op, which has always been there
+    cases = {"row_align must be >= 1": lambda: torch.ops.fp8linear.quant_for_gemm(x, 128, FP8, False, 1e-10, "col", 0)}
+else:
+    deepgemm._gemm_impl(q, s, weight, wsi)
+    plan = deepgemm._plans[(M, N, K, q.device.index)]
+    assert plan, "no plan recorded"
+    op = torch.ops.fp8linear.deepgemm_gemm
+    cases = {
+        r"s must be [M, K/128]": lambda: op(q, s.contiguous(), weight, wsi, *plan),  # row-major scales
+        "kernel must be a CUkernel handle": lambda: op(q, s, weight, wsi, 0, *plan[1:]),
+        "N % 64 == 0": lambda: op(q, s, weight[:200], wsi, *plan),
+        "q and weight must be float8_e4m3fn": lambda: op(q.view(torch.int8), s, weight, wsi, *plan),
+        "multicast must be 1 or 2": lambda: op(q, s, weight, wsi, *plan[:-1], 3),
+    }
+for expected, call in cases.items():
+    try:
+        call()
+    except RuntimeError as exc:
+        assert expected in str(exc), (expected, str(exc))
+    else:
+        raise AssertionError(f"no error for {expected!r}")
+torch.cuda.synchronize()  # nothing above reached the GPU
+print("all rejected")
+"""
+
+
+def _child(which: str) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-c", _BAD_ARGUMENTS, which], capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.gpu
 @needs_legacy
 def test_cpp_launch_rejects_bad_arguments_with_clear_errors():
-    M, N, K = 64, 256, 512
-    q, s, weight, wsi = _operands(M, N, K)
-    deepgemm._gemm_impl(q, s, weight, wsi)
-    plan = deepgemm._plans[(M, N, K, q.device.index)]
-    assert plan
-    op = torch.ops.fp8linear.deepgemm_gemm
-    s_row = s.contiguous()  # [M, G] row-major: not what the kernel's TMA map reads
-    with pytest.raises(RuntimeError, match=r"s must be \[M, K/128\].*'col' layout"):
-        op(q, s_row, weight, wsi, *plan)
-    with pytest.raises(RuntimeError, match="kernel must be a CUkernel handle"):
-        op(q, s, weight, wsi, 0, *plan[1:])
-    with pytest.raises(RuntimeError, match="N % 64 == 0"):
-        op(q, s, weight[:200], wsi, *plan)
-    with pytest.raises(RuntimeError, match="q and weight must be float8_e4m3fn"):
-        op(q.view(torch.int8), s, weight, wsi, *plan)
-    with pytest.raises(RuntimeError, match="multicast must be 1 or 2"):
-        op(q, s, weight, wsi, *plan[:-1], 3)
-    torch.cuda.synchronize()  # nothing above reached the GPU
+    result = _child("deepgemm")
+    if result.returncode == -signal.SIGSEGV and _child("control").returncode == -signal.SIGSEGV:
+        pytest.skip("this torch build turns every C++ extension's TORCH_CHECK into SIGSEGV (the quant op's too)")
+    assert result.returncode == 0 and "all rejected" in result.stdout, result.stdout + result.stderr
 
 
 # -- CPU: the bookkeeping, with a stand-in for DeepGEMM ---------------------------------------------------
