@@ -380,14 +380,15 @@ GPU_NK = (
     (2112, 7168),  # DeepSeek-V3 q_a/kv_a projection: 16.5 N blocks, G = 56
     (4096, 4096),  # Llama-class square layer
     (4160, 256),  # many N blocks, the last half full; short K (two groups)
+    (8336, 256),  # N / 32 >= the SM count: 32-row blocks at M > 8 (fewer N: 16-row), the last one partial
 )
 BIAS_DTYPES = (None, BF16, FP32)
 
 
 def _gpu_grid():
     """Every (M, N, K, dtype) once; the remaining options (x dtype, bias dtype, power-of-two scales: 18
-    combinations) dealt out over a seeded shuffle of the 48 (M, N, K) of each dtype, so each combination
-    runs two or three times per dtype at unrelated shapes. The full product (1728) would run for minutes
+    combinations) dealt out over a seeded shuffle of the 56 (M, N, K) of each dtype, so each combination
+    runs two or three times per dtype at unrelated shapes. The full product (2016) would run for minutes
     on the CPU oracle alone."""
     rng = random.Random(0)
     options = list(itertools.product((BF16, FP16, FP32), BIAS_DTYPES, (False, True)))
