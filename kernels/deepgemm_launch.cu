@@ -2,9 +2,10 @@
 //
 // Why: DeepGEMM's legacy API (`deep_gemm.gemm_fp8_fp8_bf16_nt`, the sgl-kernel 0.1-0.2 build) launches its
 // JIT-compiled kernel from Python. Per call it builds four TMA descriptors and a launch config through
-// cuda-python, sorts and formats a dict of template keys, and allocates an empty tensor: 150-220 us of host
-// time on the lent H100's host (scripts/profile_linear.py, docs/benchmarks.md), against 20 us for a bf16
-// F.linear. An eager FP8Linear forward was host-bound up to M of a few thousand because of it.
+// cuda-python, sorts and formats a dict of template keys, and allocates an empty tensor. An eager FP8Linear
+// forward through it cost 127-133 us of host time at M <= 512 on the lent H100's host, against 45-51 us with
+// this launch and 20-28 us for a bf16 F.linear (scripts/profile_linear.py, docs/benchmarks.md): eager layers
+// were host-bound up to M of a few thousand.
 //
 // What runs here is DeepGEMM's own compiled kernel, unchanged: fp8linear.backends.deepgemm lets DeepGEMM
 // compile, tune and run the first call of each (M, N, K), then reads back the kernel handle (a CUkernel

@@ -18,12 +18,12 @@ Its first call per (N, K, tile config) JIT-compiles with nvcc (seconds); later c
 kernel on the current stream, which CUDA graphs capture. Under torch.compile, `gemm` goes through the
 opaque op `fp8linear::deepgemm_gemm_nt` so dynamo never traces DeepGEMM's Python.
 
-Launch path (legacy API). DeepGEMM's legacy Python launch costs 150-220 us of host time per call on the
-lent H100's host (four TMA descriptors and a launch config built through cuda-python), which made eager
-layers host-bound up to M of a few thousand. So only the first call per (M, N, K, device) goes through
-DeepGEMM; it compiles, tunes and runs the kernel, and `_legacy_plan` reads back what it ran: the CUkernel
-handle and the tile configuration (`get_best_configs`, the tuner's cache). Later calls launch that same
-kernel from C++ (`fp8linear::deepgemm_gemm`, kernels/deepgemm_launch.cu), bit for bit the same result.
+Launch path (legacy API). Through DeepGEMM's legacy Python launch (four TMA descriptors and a launch config
+built through cuda-python per call) an eager forward cost 127-234 us of host time on the lent H100's host,
+80-140 us more than the same kernel launched from C++ (scripts/profile_linear.py, docs/benchmarks.md).
+So only the first call per (M, N, K, device) goes through DeepGEMM; it compiles, tunes and runs the
+kernel, and `_legacy_plan` reads back what it ran: the CUkernel handle and the tile configuration
+(`get_best_configs`, the tuner's cache). Later calls launch that same kernel from C++ (`fp8linear::deepgemm_gemm`, kernels/deepgemm_launch.cu), bit for bit the same result.
 Where the plan cannot be read (another DeepGEMM layout of its internals, a kernel whose parameters differ),
 every call keeps DeepGEMM's own launch and one INFO log line says why; `FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`
 forces that path (for comparisons).
