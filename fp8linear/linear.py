@@ -9,7 +9,8 @@ forward(x), for x [..., K] in bf16, fp16 or fp32 (DESIGN.md "The data path"):
     return y.reshape(..., N)
 
 A backend that quantizes inside its GEMM (`small_m`, M <= 16: decode) takes x itself instead:
-y = backend.linear(x, prepared weight, bias), one op call per forward.
+y = backend.linear(x, prepared weight, bias), one op call per forward. A backend with `quant_gemm`
+(`deepgemm`) does the two steps above in one op call when it can (same bytes), else returns None.
 
 Padding rule for K % 128 != 0: the quant op needs whole groups, so x gets zero columns up to Kp. Zeros
 never raise a group's amax (the scales of the real columns are unchanged) and contribute nothing to the
@@ -300,6 +301,11 @@ class FP8Linear(nn.Module):
             x2d = torch.nn.functional.pad(x2d, (0, Kp - K))  # [M, Kp], zero columns (module docstring)
         elif x2d.stride(-1) != 1:
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
+        quant_gemm = getattr(backend, "quant_gemm", None)
+        if quant_gemm is not None:  # deepgemm: quantize and multiply in one op call, once the shape is known
+            y = quant_gemm(x2d, prepared, self.scale_ue8m0, x.dtype, self.bias)
+            if y is not None:
+                return y.reshape(*lead, N)
         # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4): one op
         # call allocates q and s over M_pad rows and quantizes rows 0..M-1; rows M.. stay unwritten (each
         # output row depends on its own input row only) and y's padding rows are sliced off below. x is

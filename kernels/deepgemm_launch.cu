@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include "launch_utils.h"
+#include "quant_ops.h"
 
 namespace fp8linear {
 namespace deepgemm {
@@ -212,7 +213,24 @@ at::Tensor deepgemm_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at
   return y;
 }
 
+// The whole forward of an FP8Linear served by DeepGEMM in one op call (fp8linear/backends/deepgemm.py):
+//   deepgemm_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, bool scale_ue8m0, float eps, int kernel,
+//                   int num_sms, int block_m, int block_n, int smem_size, int swizzle_d, int multicast) -> Tensor
+// x [M, K] (bf16, fp16 or fp32, unit stride along K) is quantized per 1x128 group into the `col` layout, exactly
+// as fp8linear::quant_for_gemm does, then multiplied as deepgemm_gemm does -> y bf16 [M, N]. One op call
+// instead of two: on the lent H100's host each op call from Python costs 10-20 us.
+at::Tensor deepgemm_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale_inv,
+                                bool scale_ue8m0, double eps, int64_t kernel, int64_t num_sms, int64_t block_m,
+                                int64_t block_n, int64_t smem_size, int64_t swizzle_d, int64_t multicast) {
+  const auto [q, s] = quant_for_gemm_cuda(x, kBlockK, at::ScalarType::Float8_e4m3fn, scale_ue8m0, eps, "col", 1);
+  return deepgemm_gemm_cuda(q, s, weight, weight_scale_inv, kernel, num_sms, block_m, block_n, smem_size, swizzle_d,
+                            multicast);
+}
+
 }  // namespace deepgemm
 }  // namespace fp8linear
 
-TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) { m.impl("deepgemm_gemm", &fp8linear::deepgemm::deepgemm_gemm_cuda); }
+TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
+  m.impl("deepgemm_gemm", &fp8linear::deepgemm::deepgemm_gemm_cuda);
+  m.impl("deepgemm_linear", &fp8linear::deepgemm::deepgemm_linear_cuda);
+}

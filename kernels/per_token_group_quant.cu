@@ -57,6 +57,7 @@
 
 #include "launch_utils.h"
 #include "per_token_group_quant.cuh"
+#include "quant_ops.h"
 
 namespace fp8linear {
 

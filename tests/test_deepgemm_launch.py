@@ -83,6 +83,33 @@ def test_cpp_launch_equals_deepgemm_launch(monkeypatch, M, N, K):
     assert torch.equal(ours, theirs) and torch.equal(first, theirs)
 
 
+@pytest.mark.gpu
+@needs_legacy
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,bias,pow2", [(1, 256, 512, True, False), (7, 2112, 7168, False, True),
+                                              (300, 4096, 640, True, False)])
+def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
+    """FP8Linear's DeepGEMM forward after the first call of a shape: quant + GEMM in one op call
+    (fp8linear::deepgemm_linear), the same bytes as the quant op followed by the GEMM op."""
+    from fp8linear import FP8Linear
+
+    weight, wsi = quantize_weight_blockwise(torch.randn(N, K, device="cuda") * 0.05, FP8, scale_ue8m0=pow2)
+    b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
+    layer = FP8Linear.from_quantized(weight, wsi, b, backend="deepgemm", scale_ue8m0=pow2)
+    x = torch.randn(2, M, K, device="cuda", dtype=x_dtype)  # 3-D input: 2*M rows
+    first = layer(x)  # DeepGEMM's own launch; records the plan
+    prepared = layer._prepared["deepgemm"][1]
+    x2d = x.reshape(-1, K)
+    assert deepgemm.quant_gemm(x2d, prepared, pow2, x_dtype, b) is not None, "the one-op path should serve"
+    _poison(x.device)
+    second = layer(x)  # the one-op path
+    q, s = per_token_group_quant(x2d, 128, FP8, scale_layout="col", scale_ue8m0=pow2)
+    two_ops = deepgemm.gemm(q, s, prepared, x_dtype, b).reshape(2, M, N)
+    torch.cuda.synchronize()
+    assert second.dtype == x_dtype and second.shape == (2, M, N)
+    assert torch.equal(second, two_ops) and torch.equal(second, first)
+
+
 # Run in a child process: on the lent H100's torch 2.11 build, an exception thrown by *any* C++ extension's
 # TORCH_CHECK (a five-line torch.utils.cpp_extension.load_inline op included) kills the process with SIGSEGV
 # instead of reaching Python (docs/benchmarks.md, 2026-11-25). The child tells a rejected call from a crash.
@@ -193,6 +220,24 @@ def test_unreadable_legacy_internals_keep_deepgemms_launch(fake_dg, monkeypatch,
     assert len(calls) == 2 and torch.equal(ys[0], ys[1])
     assert deepgemm._plans[(5, 64, 128, None)] == ()
     assert any("keeps its own launch" in r.getMessage() for r in caplog.records)
+
+
+def test_one_op_path_waits_for_a_plan(fake_dg, monkeypatch):
+    """quant_gemm serves only shapes whose plan exists (DeepGEMM ran them once) and only with our launch."""
+    fake_dg("legacy")
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    prepared = (torch.randn(64, 128).to(FP8), torch.ones(1, 1))
+    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None  # no plan yet
+    deepgemm._plans[(5, 64, 128, None)] = ()  # DeepGEMM's own launch for this shape
+    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None
+    deepgemm._plans[(5, 64, 128, None)] = (1, 132, 64, 64, 1000, 128, 1)
+    calls = []
+    monkeypatch.setattr(torch.ops.fp8linear, "deepgemm_linear", lambda *a: calls.append(a) or torch.zeros(5, 64))
+    y = deepgemm.quant_gemm(x, prepared, True, torch.float16, torch.ones(64))
+    assert len(calls) == 1 and calls[0][3] is True and calls[0][5:] == (1, 132, 64, 64, 1000, 128, 1)
+    assert y.dtype == torch.float16 and torch.equal(y, torch.ones(5, 64, dtype=torch.float16))  # bias added
+    monkeypatch.setattr(deepgemm, "OWN_LAUNCH", False)
+    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None
 
 
 def test_legacy_plan_reads_the_tuners_entry(monkeypatch):

@@ -24,6 +24,9 @@ and exposes (STYLE.md 11):
                           zeros: FP8Linear pads x with zeros, see fp8linear.linear); s fp32 [M, Kp/128] in
                           SCALE_LAYOUT; bias [N] (any float dtype) or None; y [M, N] in out_dtype.
                           No host synchronisation (CUDA-graph capture and torch.compile must work).
+    quant_gemm(x2d, prepared, scale_ue8m0, out_dtype, bias) -> y | None   (optional; deepgemm)
+                          quantize x2d [M, Kp] and run `gemm` in one op call, with the same result; None
+                          where it cannot (FP8Linear then quantizes and calls `gemm`).
 
 The names (each a `Backend` value, documented in fp8linear.config):
 

@@ -160,6 +160,27 @@ def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_sc
     return y
 
 
+def quant_gemm(
+    x2d: torch.Tensor,
+    prepared: tuple[torch.Tensor, torch.Tensor],
+    scale_ue8m0: bool,
+    out_dtype: torch.dtype,
+    bias: "torch.Tensor | None",
+) -> "torch.Tensor | None":
+    """Quantize x2d [M, K] (unit stride along K) and multiply in one op call -> y [M, N] out_dtype, the
+    result of quantizing with `per_token_group_quant(x2d, 128, fp8, scale_layout="col")` and calling `gemm`,
+    bit for bit; or None where that op cannot serve the call (no plan for this shape yet: the first call
+    of a shape goes through DeepGEMM; under torch.compile), and the caller quantizes and calls `gemm`."""
+    if not OWN_LAUNCH or torch.compiler.is_compiling():
+        return None
+    weight, weight_scale_inv = prepared
+    plan = _plans.get((x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.device.index))
+    if not plan:
+        return None
+    y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, 1e-10, *plan)
+    return bf16_epilogue(y, bias, out_dtype)
+
+
 def gemm(
     q: torch.Tensor,
     s: torch.Tensor,
@@ -184,6 +205,11 @@ _lib.define(
     "deepgemm_gemm(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv, int kernel, int num_sms, "
     "int block_m, int block_n, int smem_size, int swizzle_d, int multicast) -> Tensor"
 )
+# The same, quantizing x [M, K] first (fp8linear::quant_for_gemm's `col` layout) in the same op call.
+_lib.define(
+    "deepgemm_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, bool scale_ue8m0, float eps, int kernel, "
+    "int num_sms, int block_m, int block_n, int smem_size, int swizzle_d, int multicast) -> Tensor"
+)
 
 
 @torch.library.register_fake("fp8linear::deepgemm_gemm_nt", lib=_lib)
@@ -200,3 +226,9 @@ def _gemm_cuda(q, s, weight, weight_scale_inv):
 @torch.library.register_fake("fp8linear::deepgemm_gemm", lib=_lib)
 def _launch_fake(q, s, weight, weight_scale_inv, kernel, num_sms, block_m, block_n, smem_size, swizzle_d, multicast):
     return q.new_empty((q.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("fp8linear::deepgemm_linear", lib=_lib)
+def _linear_fake(x, weight, weight_scale_inv, scale_ue8m0, eps, kernel, num_sms, block_m, block_n, smem_size,
+                 swizzle_d, multicast):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
