@@ -23,7 +23,9 @@ built through cuda-python per call) an eager forward cost 127-234 us of host tim
 80-140 us more than the same kernel launched from C++ (scripts/profile_linear.py, docs/benchmarks.md).
 So only the first call per (M, N, K, device) goes through DeepGEMM; it compiles, tunes and runs the
 kernel, and `_legacy_plan` reads back what it ran: the CUkernel handle and the tile configuration
-(`get_best_configs`, the tuner's cache). Later calls launch that same kernel from C++ (`fp8linear::deepgemm_gemm`, kernels/deepgemm_launch.cu), bit for bit the same result.
+(`get_best_configs`, the tuner's cache). Later calls launch that same kernel from C++, bit for bit the
+same result (kernels/deepgemm_launch.cu): `fp8linear::deepgemm_gemm` on quantized operands, and
+`fp8linear::deepgemm_linear`, quantization included, for FP8Linear's forward (`quant_gemm`: one op call).
 Where the plan cannot be read (another DeepGEMM layout of its internals, a kernel whose parameters differ),
 every call keeps DeepGEMM's own launch and one INFO log line says why; `FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`
 forces that path (for comparisons).
@@ -177,7 +179,8 @@ def quant_gemm(
     plan = _plans.get((x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.device.index))
     if not plan:
         return None
-    y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, 1e-10, *plan)
+    eps = 1e-10  # fp8linear.ops.quantize_for_gemm's, which the other path uses
+    y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, eps, *plan)
     return bf16_epilogue(y, bias, out_dtype)
 
 
