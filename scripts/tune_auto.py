@@ -10,6 +10,7 @@ Rows of other cards in the file are kept. fp8 only: int8 has a single GEMM (trit
     python scripts/tune_auto.py                  # issue 3's shapes (~4 min on an H100)
     python scripts/tune_auto.py --quick          # 3 shapes
     python scripts/tune_auto.py --N 5120 --K 5120 --out /tmp/table.json
+    python scripts/tune_auto.py --N 2112 --K 7168 --M 8 16   # re-measure two buckets; the others stay
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def reselect(path: str) -> int:
         f.write("\n")
     print(f"reselected {path}: {changed} rows changed")
     return 0
+
+
+def merge_rows(old: list[dict], new: list[dict], whole_shapes: bool) -> list[dict]:
+    """The card's rows after a tuning run. `whole_shapes` (every bucket measured): a measured (N, K) loses
+    all its old fp8 rows, buckets that no backend served included. Otherwise (--M, some buckets): only the
+    re-measured (N, K, M_max) rows are replaced and the shape's other buckets stay."""
+    if whole_shapes:
+        measured = {(r["N"], r["K"]) for r in new}
+        kept = [r for r in old if r.get("dtype") != "e4m3" or (r.get("N"), r.get("K")) not in measured]
+    else:
+        measured = {(r["N"], r["K"], r["M_max"]) for r in new}
+        kept = [r for r in old if r.get("dtype") != "e4m3" or (r.get("N"), r.get("K"), r.get("M_max")) not in measured]
+    return kept + new
 
 
 def tune_shape(N: int, K: int, Ms, names, rep_ms: float) -> list[dict]:
@@ -141,12 +155,12 @@ def main(argv=None) -> int:
             table = json.load(f)
     card = torch.cuda.get_device_name()
     old = table.get(card, {}).get("rows", []) if isinstance(table.get(card), dict) else []
-    measured = {(r["N"], r["K"]) for r in rows}
-    kept = [r for r in old if (r.get("N"), r.get("K")) not in measured or r.get("dtype") != "e4m3"]
+    old_meta = table.get(card, {}).get("meta", {}) if isinstance(table.get(card), dict) else {}
+    buckets = Ms if args.M is None else sorted(set(old_meta.get("buckets", [])) | set(Ms))
     table[card] = {
-        "meta": {"header": head, "date": datetime.date.today().isoformat(), "buckets": Ms,
+        "meta": {"header": head, "date": datetime.date.today().isoformat(), "buckets": buckets,
                  "pick_rule": PICK_RULE},
-        "rows": kept + rows,
+        "rows": merge_rows(old, rows, whole_shapes=args.M is None),
     }
     with open(path, "w") as f:
         json.dump(table, f, indent=1)

@@ -375,6 +375,25 @@ def test_auto_pick_rule():
     assert pick({"small_m": 8.0, "cublas": 16.0}) == "small_m"
 
 
+def test_tune_auto_merges_rows():
+    """A whole-shape run replaces every fp8 row of the shapes it measured; a --M run only its buckets."""
+    merge_rows = _tune_auto().merge_rows
+
+    def row(N, M_max, backend, dtype="e4m3"):
+        return {"dtype": dtype, "N": N, "K": 512, "M_max": M_max, "backend": backend}
+
+    old = [row(256, 1, "small_m"), row(256, 64, "cublas"), row(256, 4096, "deepgemm"), row(512, 64, "cublas"),
+           row(256, 64, "triton", dtype="int8")]
+    new = [row(256, 64, "deepgemm")]
+    partial = merge_rows(old, new, whole_shapes=False)
+    assert sorted((r["N"], r["M_max"], r["backend"], r["dtype"]) for r in partial) == [
+        (256, 1, "small_m", "e4m3"), (256, 64, "deepgemm", "e4m3"), (256, 64, "triton", "int8"),
+        (256, 4096, "deepgemm", "e4m3"), (512, 64, "cublas", "e4m3")]
+    whole = merge_rows(old, new, whole_shapes=True)
+    assert sorted((r["N"], r["M_max"], r["backend"], r["dtype"]) for r in whole) == [
+        (256, 64, "deepgemm", "e4m3"), (256, 64, "triton", "int8"), (512, 64, "cublas", "e4m3")]
+
+
 def test_shipped_auto_table_follows_the_pick_rule():
     import json
 
