@@ -1,17 +1,19 @@
-// A C++ launch path for DeepGEMM's legacy SM90 FP8 GEMM: `fp8linear::deepgemm_gemm` (fp8linear/backends/deepgemm.py).
+// A C++ launch path for DeepGEMM's legacy SM90 FP8 GEMM (fp8linear/backends/deepgemm.py): `fp8linear::deepgemm_gemm`
+// on quantized operands, and `fp8linear::deepgemm_linear`, which quantizes x first in the same op call.
 //
 // Why: DeepGEMM's legacy API (`deep_gemm.gemm_fp8_fp8_bf16_nt`, the sgl-kernel 0.1-0.2 build) launches its
 // JIT-compiled kernel from Python. Per call it builds four TMA descriptors and a launch config through
 // cuda-python, sorts and formats a dict of template keys, and allocates an empty tensor. An eager FP8Linear
 // forward through it cost 127-133 us of host time at M <= 512 on the lent H100's host, against 45-51 us with
-// this launch and 20-28 us for a bf16 F.linear (scripts/profile_linear.py, docs/benchmarks.md): eager layers
-// were host-bound up to M of a few thousand.
+// this launch (two op calls; one call: 35 us against 116 on another machine instance) and 20-28 us for a
+// bf16 F.linear (scripts/profile_linear.py, docs/benchmarks.md): eager layers were host-bound up to M of a
+// few thousand.
 //
 // What runs here is DeepGEMM's own compiled kernel, unchanged: fp8linear.backends.deepgemm lets DeepGEMM
 // compile, tune and run the first call of each (M, N, K), then reads back the kernel handle (a CUkernel
 // from cuLibraryLoadFromFile) and the tile configuration DeepGEMM chose, and passes them to this op. The op
 // rebuilds the launch exactly as deep_gemm/jit_kernels/runtime.py does (FP8GemmRuntime.launch and the
-// make_2d_tma_*_desc helpers), so its output is bit for bit DeepGEMM's (tests/test_linear_gpu.py).
+// make_2d_tma_*_desc helpers), so its output is bit for bit DeepGEMM's (tests/test_deepgemm_launch.py).
 //
 // The kernel's parameters (fp8_gemm_kernel in deep_gemm/include/deep_gemm/fp8_gemm.cuh):
 //   (bf16* gmem_d, float* scales_b, int* grouped_layout, uint32_t shape_m,

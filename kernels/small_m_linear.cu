@@ -13,8 +13,8 @@
 // needs itself, from L2, with the quant kernel's own device code (common.cuh), so q and s never touch HBM.
 //
 // Mapping ("swap AB"): a block owns 16 weight rows (32 when M > 8 and N / 32 fills the SMs, to spread the
-// quantization's ALU work over more weight bytes), in tiles of 16 = the M dimension of a tensor-core `mma.sync.m16n8k32`
-// (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to 16 tokens as one or two n8 tiles.
+// quantization's ALU work over more weight bytes), in tiles of 16 = the M dimension of a tensor-core
+// `mma.sync.m16n8k32` (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to 16 tokens as one or two n8 tiles.
 // Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... . Per group a warp
 //   1. loads its 16 x 128 weight bytes per row tile: lane (g = lane / 4, t = lane % 4) reads 16 bytes at columns
 //      16t .. 16t+15 of each 64-column span of rows g and g + 8 (a warp-wide load covers 8 rows x 64 bytes);
@@ -338,7 +338,8 @@ void dispatch_tiles(const Params& p, int device, cudaStream_t stream) {
   // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
   // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
   if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream);
-  if ((p.N + 2 * kTileRows - 1) / (2 * kTileRows) < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream);
+  const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
+  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream);
   return launch<T, Out, 2, 2>(p, device, stream);
 }
 
