@@ -46,6 +46,17 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def poison_allocator(device="cuda") -> None:
+    """Fill freed blocks of the caching allocator, large pool and small pool (<= 1 MiB), with POISON_BYTE
+    (0x7F: ~3.4e38 as bf16 and fp32, NaN as fp16 and fp8), so an output element a kernel leaves unwritten
+    shows up as a mismatch (decode-sized outputs come from the small pool)."""
+    blocks = [torch.empty(256 << 20, dtype=torch.uint8, device=device)]
+    blocks += [torch.empty(1 << 20, dtype=torch.uint8, device=device) for _ in range(16)]
+    for b in blocks:
+        b.fill_(POISON_BYTE)
+    del blocks, b
+
+
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor") -> None:
     """Compare as raw bytes; on a mismatch report the first differing coordinate, both bytes and values."""
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"

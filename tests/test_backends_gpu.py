@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import poison_allocator
 from fp8linear import FP8Linear
 from fp8linear import backends
 from fp8linear.weights import quantize_weight_blockwise
@@ -30,13 +31,6 @@ NK_CASES = (
     (7168, 1664),  # ceil(K/128) = 13
 )
 GEMM_BACKENDS = ("deepgemm", "cublas", "triton", "small_m")  # small_m: M <= 16 only, K % 128 == 0
-
-
-def _poison_allocator(device: torch.device) -> None:
-    """Fill freed blocks of the caching allocator with 0x7F bytes (NaN as fp8, ~3.4e38 as fp32), so a
-    backend that leaves part of its output or a padding row unwritten shows up as a mismatch."""
-    junk = torch.empty(256 << 20, dtype=torch.uint8, device=device).fill_(0x7F)
-    del junk
 
 
 def _pair(N: int, K: int, dtype: torch.dtype, backend: str, bias: bool = True, device="cuda"):
@@ -69,7 +63,7 @@ def test_backend_matches_reference(backend, dtype, N, K, M):
     _skip_unless_served(backend, M, N, K, dtype)
     mod, ref = _pair(N, K, dtype, backend)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    _poison_allocator(x.device)
+    poison_allocator(x.device)
     y = mod(x)
     torch.cuda.synchronize()
     assert mod._choice[M].NAME == backend

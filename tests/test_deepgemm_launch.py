@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 
+from conftest import poison_allocator
 from fp8linear import per_token_group_quant
 from fp8linear.backends import deepgemm
 from fp8linear.weights import quantize_weight_blockwise
@@ -45,11 +46,6 @@ def _operands(M: int, N: int, K: int):
     return q, s, weight, wsi
 
 
-def _poison(device) -> None:
-    junk = torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(0x7F)  # bf16 0x7F7F: ~3.4e38
-    del junk
-
-
 @pytest.mark.gpu
 @needs_legacy
 @pytest.mark.parametrize(
@@ -72,10 +68,10 @@ def test_cpp_launch_equals_deepgemm_launch(monkeypatch, M, N, K):
     assert plan, "the plan of a legacy kernel should be readable (see the INFO log for why not)"
     kernel, num_sms, block_m, block_n, smem, swizzle_d, multicast = plan
     assert kernel != 0 and block_m in (64, 128, 256) and multicast in (1, 2)
-    _poison(q.device)
+    poison_allocator(q.device)
     ours = deepgemm._gemm_impl(q, s, weight, wsi)  # the C++ launch
     monkeypatch.setattr(deepgemm, "OWN_LAUNCH", False)
-    _poison(q.device)
+    poison_allocator(q.device)
     theirs = deepgemm._gemm_impl(q, s, weight, wsi)  # DeepGEMM's own launch again
     torch.cuda.synchronize()
     assert ours.shape == (M, N) and ours.dtype == torch.bfloat16
@@ -101,7 +97,7 @@ def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
     prepared = layer._prepared["deepgemm"][1]
     x2d = x.reshape(-1, K)
     assert deepgemm.quant_gemm(x2d, prepared, pow2, x_dtype, b) is not None, "the one-op path should serve"
-    _poison(x.device)
+    poison_allocator(x.device)
     second = layer(x)  # the one-op path
     q, s = per_token_group_quant(x2d, 128, FP8, scale_layout="col", scale_ue8m0=pow2)
     two_ops = deepgemm.gemm(q, s, prepared, x_dtype, b).reshape(2, M, N)

@@ -25,7 +25,7 @@ import random
 import pytest
 import torch
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, poison_allocator
 from fp8linear import FP8Linear, backends, small_m
 from fp8linear.backends import BackendUnsupportedError
 from fp8linear.reference import per_token_group_quant_reference
@@ -361,17 +361,6 @@ def assert_close_gpu(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
                              f"ref {ref[idx].item():.4g}) > {MAX_ABS_TOL} * max |ref| = {bound:.4g}")
 
 
-def _poison_allocator() -> None:
-    """Fill freed blocks of the caching allocator, large pool and small pool (<= 1 MiB), with 0x7F bytes
-    (~3.4e38 as bf16 and fp32, NaN as fp16), so an output element the kernel leaves unwritten shows up
-    as a mismatch (test_backends_gpu.py poisons the large pool only; decode outputs come from the small)."""
-    blocks = [torch.empty(256 << 20, dtype=torch.uint8, device="cuda")]
-    blocks += [torch.empty(1 << 20, dtype=torch.uint8, device="cuda") for _ in range(16)]
-    for b in blocks:
-        b.fill_(0x7F)
-    del blocks, b
-
-
 GPU_MS = (1, 2, 3, 5, 8, 9, 15, 16)  # around the MMA tiles (8, 16) and the 4-row padding of other backends
 GPU_NK = (
     (16, 128),  # one partial weight block, one group
@@ -422,7 +411,7 @@ def test_cuda_op_matches_cpu_op(M, N, K, dtype, x_dtype, bias_dtype, pow2):
     bias = make_bias(N, bias_dtype)
     ref = op(x, weight, weight_scale_inv, bias, pow2)
     args = [t.cuda() if t is not None else None for t in (x, weight, weight_scale_inv, bias)]
-    _poison_allocator()
+    poison_allocator()
     y = op(*args, pow2)
     assert y.device.type == "cuda" and y.shape == (M, N) and y.dtype == x_dtype
     assert_close_gpu(y, ref, f"M={M} N={N} K={K} {dtype} x {x_dtype} bias {bias_dtype} pow2={pow2}")
@@ -572,7 +561,7 @@ def test_cuda_largest_benchmark_layer():
         weight, weight_scale_inv = make_weight(N, K, dtype, seed=29, device="cuda")
         bias = make_bias(N, BF16).cuda()
         x = make_x(M, K, BF16, seed=30).cuda()
-        _poison_allocator()
+        poison_allocator()
         y = op(x, weight, weight_scale_inv, bias)
         assert y.shape == (M, N) and y.dtype == BF16
         q, s = per_token_group_quant(x, GROUP, dtype)
