@@ -10,7 +10,7 @@ forward(x), for x [..., K] in bf16, fp16 or fp32 (DESIGN.md "The data path"):
 
 A backend that quantizes inside its GEMM (`small_m`, M <= 16: decode) takes x itself instead:
 y = backend.linear(x, prepared weight, bias), one op call per forward. A backend with `quant_gemm`
-(`deepgemm`) does the two steps above in one op call when it can (same bytes), else returns None.
+(`deepgemm`, `cublas`) does the two steps above in one op call when it can (same bytes), else returns None.
 
 Padding rule for K % 128 != 0: the quant op needs whole groups, so x gets zero columns up to Kp. Zeros
 never raise a group's amax (the scales of the real columns are unchanged) and contribute nothing to the
@@ -302,7 +302,7 @@ class FP8Linear(nn.Module):
         elif x2d.stride(-1) != 1:
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
         quant_gemm = getattr(backend, "quant_gemm", None)
-        if quant_gemm is not None:  # deepgemm: quantize and multiply in one op call, once the shape is known
+        if quant_gemm is not None:  # deepgemm, cublas: quantize and multiply in one op call
             y = quant_gemm(x2d, prepared, self.scale_ue8m0, x.dtype, self.bias)
             if y is not None:
                 return y.reshape(*lead, N)

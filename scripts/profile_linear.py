@@ -44,15 +44,17 @@ def kernels(fn) -> str:
     return "; ".join(parts)
 
 
-def python_launch(mod, x):
-    """mod(x) with every DeepGEMM call through DeepGEMM's own Python launch (fp8linear.backends.deepgemm)."""
-    from fp8linear.backends import deepgemm
+def their_launch(mod, x, backend: str):
+    """mod(x) with the backend's OWN_LAUNCH off: every DeepGEMM call through DeepGEMM's own Python launch,
+    every cuBLASLt call through torch's scaled-mm op (the same kernels, for comparison)."""
+    from fp8linear import backends
 
-    deepgemm.OWN_LAUNCH = False
+    module = backends.get(backend)
+    module.OWN_LAUNCH = False
     try:
         return mod(x)
     finally:
-        deepgemm.OWN_LAUNCH = True
+        module.OWN_LAUNCH = True
 
 
 def host_profile(fn, n: int = 100) -> None:
@@ -134,8 +136,9 @@ def main() -> int:
                 if b != "auto" and unsupported_reason(b, M, N, K, torch.float8_e4m3fn, x.device) is not None:
                     continue
                 fns[b] = (lambda m: (lambda: m(x)))(mod)
-                if b == "deepgemm":  # the same kernel through DeepGEMM's own Python launch, for comparison
-                    fns["deepgemm-py"] = (lambda m: (lambda: python_launch(m, x)))(mod)
+                theirs = {"deepgemm": "deepgemm-py", "cublas": "cublas-torch"}.get(b)
+                if theirs:  # the same kernel through DeepGEMM's own launch / torch's op
+                    fns[theirs] = (lambda m, b: (lambda: their_launch(m, x, b)))(mod, b)
             for name, fn in fns.items():
                 try:
                     h = host_us(fn)

@@ -24,7 +24,7 @@ and exposes (STYLE.md 11):
                           zeros: FP8Linear pads x with zeros, see fp8linear.linear); s fp32 [M, Kp/128] in
                           SCALE_LAYOUT; bias [N] (any float dtype) or None; y [M, N] in out_dtype.
                           No host synchronisation (CUDA-graph capture and torch.compile must work).
-    quant_gemm(x2d, prepared, scale_ue8m0, out_dtype, bias) -> y | None   (optional; deepgemm)
+    quant_gemm(x2d, prepared, scale_ue8m0, out_dtype, bias) -> y | None   (optional; deepgemm, cublas)
                           quantize x2d [M, Kp] and run `gemm` in one op call, with the same result; None
                           where it cannot (FP8Linear then quantizes and calls `gemm`).
 
@@ -32,7 +32,7 @@ The names (each a `Backend` value, documented in fp8linear.config):
 
     reference   dequantize and fp32 matmul, any device (the CPU path and the tests' oracle)
     deepgemm    DeepGEMM, legacy or current API by feature detection
-    cublas      cuBLASLt through torch.nn.functional.scaled_mm (BlockWise1x128 x BlockWise128x128)
+    cublas      cuBLASLt's blockwise FP8 GEMM (BlockWise1x128 x BlockWise128x128), called as torch calls it
     triton      fp8linear's Triton GEMM, fp8 and int8, any N and K
     small_m     fp8linear's CUDA kernel for M <= 16: quantization fused into a tensor-core GEMM
     auto        per shape from measurements on this card (fp8linear.backends.auto)

@@ -23,21 +23,37 @@ tests/test_backends_gpu.py covers K = 640 and 1664 (5 and 13 blocks) against the
 
 Older torch without `torch.nn.functional.scaled_mm` but with blockwise support in `torch._scaled_mm`
 (2.9) infers the recipe from the scale shapes: we fall back to it with the same tensors.
+
+The call itself: fp8linear's own (kernels/cublaslt_gemm.cu) asks cuBLASLt for the same GEMM with the same
+operands, descriptors and heuristic limit as torch's op, but keeps the descriptors and the heuristic's
+kernel per shape instead of rebuilding them on every call, and `quant_gemm` quantizes and multiplies in
+one op call. torch's op stays where fp8linear's extension or cuBLASLt cannot be loaded (logged once),
+under torch.compile (the opaque op below), and everywhere with FP8LINEAR_CUBLAS_LAUNCH=torch.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import torch
 
+from .. import _build
 from ..layouts import ScaleLayout
 from . import bf16_epilogue
+
+log = logging.getLogger(__name__)
 
 NAME = "cublas"
 SCALE_LAYOUT = ScaleLayout.COL
 ROW_ALIGN = 4
 FUSES_QUANT = False
+
+#: Whether calls go through fp8linear's own cuBLASLt call (kernels/cublaslt_gemm.cu: the same kernel as
+#: torch's op, less host time); FP8LINEAR_CUBLAS_LAUNCH=torch keeps torch's op for every call.
+OWN_LAUNCH = os.environ.get("FP8LINEAR_CUBLAS_LAUNCH", "") != "torch"
+_own_ready: "dict[int | None, bool]" = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,9 +125,27 @@ def _fix_col(s: torch.Tensor) -> torch.Tensor:
     return fixed
 
 
+def _own_launch(device: torch.device) -> bool:
+    """Whether fp8linear's cuBLASLt op can serve calls on `device`: asked once per device, a no logged once."""
+    ready = _own_ready.get(device.index)
+    if ready is None:
+        try:
+            _build.ensure_loaded()
+        except _build.KernelBuildError as exc:
+            why = f"fp8linear's CUDA extension is unavailable: {exc}"
+        else:
+            why = torch.ops.fp8linear.cublaslt_unavailable_reason(torch.empty(0, device=device))
+        if why:
+            log.info("cuBLASLt is called through %s on %s: %s", api_name(), device, why)
+        ready = _own_ready[device.index] = not why
+    return ready
+
+
 def _gemm_impl(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
-    name, _ = _api()
     s = _fix_col(s)
+    if OWN_LAUNCH and _own_launch(q.device):
+        return torch.ops.fp8linear.cublaslt_gemm(q, s, b, sb)
+    name, _ = _api()
     # sa shape [M, ceil(K/128)] but sb was padded to L4 columns of K blocks: torch takes sa unpadded.
     if name == "_scaled_mm_v2":
         recipe_a, recipe_b = _recipes()
@@ -123,6 +157,25 @@ def _gemm_impl(q: torch.Tensor, s: torch.Tensor, b: torch.Tensor, sb: torch.Tens
             output_dtype=torch.bfloat16,
         )
     return torch._scaled_mm(q, b, s, sb, out_dtype=torch.bfloat16)
+
+
+def quant_gemm(
+    x2d: torch.Tensor,
+    prepared: tuple[torch.Tensor, torch.Tensor],
+    scale_ue8m0: bool,
+    out_dtype: torch.dtype,
+    bias: "torch.Tensor | None",
+) -> "torch.Tensor | None":
+    """Quantize x2d [M, K] (unit stride along K) and multiply in one op call -> y [M, N] out_dtype, the
+    result of quantizing with `quantize_for_gemm(x2d, 128, fp8, scale_ue8m0, ScaleLayout.COL, ROW_ALIGN)` and
+    calling `gemm`, bit for bit; None where fp8linear's own cuBLASLt call is off or unavailable, or under
+    torch.compile, and the caller quantizes and calls `gemm`."""
+    if not OWN_LAUNCH or torch.compiler.is_compiling() or not _own_launch(x2d.device):
+        return None
+    b, sb = prepared
+    eps = 1e-10  # fp8linear.ops.quantize_for_gemm's, which the other path uses
+    y = torch.ops.fp8linear.cublaslt_linear(x2d, b, sb, scale_ue8m0, eps)
+    return bf16_epilogue(y, bias, out_dtype)
 
 
 def gemm(
@@ -145,6 +198,12 @@ def gemm(
 # matmul to a template that does not know this recipe. ------------------------------------------------
 _lib = torch.library.Library("fp8linear", "FRAGMENT")
 _lib.define("cublaslt_blockwise_mm(Tensor q, Tensor s, Tensor b, Tensor sb) -> Tensor")
+# kernels/cublaslt_gemm.cu: the same GEMM through fp8linear's own cuBLASLt call (operands as above) -> y bf16.
+_lib.define("cublaslt_gemm(Tensor q, Tensor s, Tensor b, Tensor sb) -> Tensor")
+# The same, quantizing x [M, K] first (fp8linear::quant_for_gemm's `col` layout, 4-row padding) -> y bf16 [M, N].
+_lib.define("cublaslt_linear(Tensor x, Tensor b, Tensor sb, bool scale_ue8m0, float eps) -> Tensor")
+# "" when the op above can run on `like`'s device, else why not (cuBLASLt missing or older than 12.9).
+_lib.define("cublaslt_unavailable_reason(Tensor like) -> str")
 
 
 @torch.library.register_fake("fp8linear::cublaslt_blockwise_mm", lib=_lib)
@@ -155,3 +214,13 @@ def _gemm_fake(q, s, b, sb):
 @torch.library.impl(_lib, "cublaslt_blockwise_mm", "CUDA")
 def _gemm_cuda(q, s, b, sb):
     return _gemm_impl(q, s, b, sb)
+
+
+@torch.library.register_fake("fp8linear::cublaslt_gemm", lib=_lib)
+def _own_gemm_fake(q, s, b, sb):
+    return q.new_empty((q.shape[0], b.shape[1]), dtype=torch.bfloat16)
+
+
+@torch.library.register_fake("fp8linear::cublaslt_linear", lib=_lib)
+def _own_linear_fake(x, b, sb, scale_ue8m0, eps):
+    return x.new_empty((x.shape[0], b.shape[1]), dtype=torch.bfloat16)
