@@ -37,7 +37,7 @@ class Backend(str, enum.Enum):
 
     #: Per (M bucket, N, K, dtype), the backend measured fastest on this card
     #: (`fp8linear/backends/auto_table.json`, written by `scripts/tune_auto.py`); without a table for the
-    #: card, a heuristic from DESIGN.md's H100 measurements; never a backend that cannot serve the shape.
+    #: card, a heuristic from the H100 table's measurements; never a backend that cannot serve the shape.
     AUTO = "auto"
     #: DeepGEMM (legacy `gemm_fp8_fp8_bf16_nt` or current `fp8_gemm_nt`): fp8 only, SM90, N % 64 == 0,
     #: K % 128 == 0. Fastest at large M on wide layers.

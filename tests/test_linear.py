@@ -337,10 +337,8 @@ def test_auto_heuristic_and_cpu_choice():
     assert auto.heuristic(1, 4096, 4096, INT8) == "small_m"
     assert auto.heuristic(8, 4096, 4096, FP8) == "small_m"
     assert auto.heuristic(9, 4096, 4096, INT8) == "triton"
-    assert auto.heuristic(16, 7168, 7168, FP8) == "cublas"
-    assert auto.heuristic(256, 7168, 7168, FP8) == "triton"
-    assert auto.heuristic(4096, 7168, 7168, FP8) == "deepgemm"
-    assert auto.heuristic(2048, 4096, 4096, FP8) == "cublas"
+    for M in (9, 256, 512, 2048):  # never triton for fp8: slower than bf16 at most measured points
+        assert auto.heuristic(M, 4096, 4096, FP8) == "deepgemm"
     assert auto.choose(5, 200, 300, FP8, torch.device("cpu")) == "reference"
     assert auto.describe(200, 300, FP8, torch.device("cpu")) == "all M: reference"
     assert backends.select("auto", 5, 200, 300, FP8, "cpu").NAME == "reference"

@@ -9,7 +9,7 @@ The table, `auto_table.json` beside this file, is written by `scripts/tune_auto.
 
 A row serves M <= M_max for its exact (dtype, N, K); the row with the smallest M_max >= M wins, and
 M beyond the largest M_max uses the largest row. Shapes the table lacks (or a card it lacks) get
-`heuristic()`, from DESIGN.md's H100 measurements, and a log line saying it is a heuristic. Whatever
+`heuristic()`, from the H100 table's measurements, and a log line saying it is a heuristic. Whatever
 the table or heuristic names, a backend that cannot serve the shape is skipped for the next one in
 `fp8linear.backends.FALLBACK_ORDER`; every choice is logged at DEBUG (logger `fp8linear.backends.auto`).
 """
@@ -79,26 +79,21 @@ def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str
 
 
 def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
-    """A first choice without measurements, from DESIGN.md's H100 table (torch 2.11, CUDA 13):
+    """A choice for shapes the card's table has no row for, from the H100 table (auto_table.json, 11
+    shapes, DeepGEMM and cuBLASLt launched from C++; docs/benchmarks.md):
 
-    - M <= 8: small_m, the fused quantize-and-GEMM kernel (fp8 and int8; graph replay on the H100 at
-      1 x 4096 x 4096: 7.8 us against cuBLASLt's 16.6 and bf16's 10.5).
+    - M <= 8: small_m, the fused quantize-and-GEMM kernel (fp8 and int8; it wins 11 of the 22 points
+      there and is within 1.3x of the best elsewhere).
     - int8: only triton has an int8 GEMM.
-    - M <= 64: cuBLASLt (3.0 vs DeepGEMM 1.4 TFLOP/s at 1x7168x7168, 47 vs 19-28 at M = 16).
-    - M >= 1024 on layers with N, K >= 7168: DeepGEMM (1310 vs 1169 at 4096x7168x7168).
-    - M >= 1024 otherwise: cuBLASLt (1178 vs DeepGEMM 439 at 2048x4096x4096).
-    - 64 < M < 1024: triton, the mid-M hole where DeepGEMM measured 208 and cuBLASLt between 270 and
-      735 TFLOP/s (two runs) against bf16's ~500: unmeasured for triton; tune the card to decide.
+    - fp8, M > 8: DeepGEMM, the fastest at 80 of the 99 points from M = 16 up; where DeepGEMM is missing
+      or refuses the shape `choose` falls back to cuBLASLt (median 1.08x DeepGEMM's time there). Triton
+      stays out: it is slower than bf16 at 75 of the 88 points from M = 64 up.
     """
     if M <= 8:
         return "small_m"
     if dtype == torch.int8:
         return "triton"
-    if M <= 64:
-        return "cublas"
-    if M >= 1024:
-        return "deepgemm" if (N >= 7168 and K >= 7168) else "cublas"
-    return "triton"
+    return "deepgemm"
 
 
 def choose(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> str:
