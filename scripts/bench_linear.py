@@ -52,7 +52,8 @@ def header() -> str:
     return (
         f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
         f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {commit} | "
-        f"deepgemm: {deepgemm.api_name()} | cublas: {cublaslt.api_name()}"
+        f"deepgemm: {deepgemm.api_name()}{'' if deepgemm.OWN_LAUNCH else ', its own launch'} | "
+        f"cublas: {'our cuBLASLt call' if cublaslt.OWN_LAUNCH else cublaslt.api_name()}"
     )
 
 
