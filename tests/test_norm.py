@@ -37,6 +37,10 @@ def _without_handoff(model):
 
 
 def _count_quantizations(monkeypatch):
+    """The shapes of the activations FP8Linear layers quantize themselves from now on: through
+    quantize_for_gemm, or inside a backend's one-op quant_gemm (DeepGEMM, cuBLASLt) when it serves."""
+    from fp8linear.backends import cublaslt, deepgemm
+
     calls = []
     real = linear_module.quantize_for_gemm
 
@@ -45,6 +49,14 @@ def _count_quantizations(monkeypatch):
         return real(x2d, *args, **kwargs)
 
     monkeypatch.setattr(linear_module, "quantize_for_gemm", counting)
+    for backend in (deepgemm, cublaslt):
+        def counting_quant_gemm(x2d, *args, _real=backend.quant_gemm, **kwargs):
+            y = _real(x2d, *args, **kwargs)
+            if y is not None:
+                calls.append(tuple(x2d.shape))
+            return y
+
+        monkeypatch.setattr(backend, "quant_gemm", counting_quant_gemm)
     return calls
 
 
