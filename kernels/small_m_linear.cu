@@ -27,15 +27,9 @@
 //      fp32 accumulators, as DeepGEMM promotes its tensor-core sums every 128 columns.
 // The 8 warps' accumulators are summed in warp order through shared memory (deterministic), the bias is
 // added in fp32, and the result is rounded once to x's dtype.
-//
-// From M = 9 (FP8L_SMALLM_PREQUANT_MIN_M) the op quantizes x once with the quant kernel first and the
-// blocks read q and s instead (step 2 becomes a copy): with 16 tokens, each block's re-quantization of
-// every group of x was the ALU work that bound the kernel (2112 x 7168 at M = 16: 20.7 us against bf16's
-// 9.7 in graph replay, docs/benchmarks.md). The bytes in the buffers, and so the result, are the same.
 
 #include <atomic>
 #include <cstdint>
-#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -49,7 +43,6 @@
 
 #include "common.cuh"
 #include "launch_utils.h"
-#include "quant_ops.h"
 
 namespace fp8linear {
 namespace small_m {
@@ -63,18 +56,14 @@ constexpr int kTileRows = 16;  // weight rows of one mma tile (the mma's M); a b
 constexpr int kGroup = 128;    // activation group = weight block width
 constexpr int kRowBytes = 192;  // smem stride of one token's 128 quantized bytes: tokens g and g+1 of a
                                 // 16-byte B-fragment load then fall in different banks (192 % 128 == 64)
-#ifndef FP8L_SMALLM_PREQUANT_MIN_M
-#define FP8L_SMALLM_PREQUANT_MIN_M 9  // from this M on, x is quantized once before the GEMM kernel
-#endif
 constexpr int kUnroll = FP8L_SMALLM_UNROLL;
 constexpr int kMaxM = 16;
 
 enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
 
 struct Params {
-  const void* x;         // T [M, K], row stride x_stride_row elements, 16-byte aligned rows; or, quantized
-  int64_t x_stride_row;  // beforehand, q fp8 / int8 [M, K] contiguous (x_stride_row = K)
-  const float* s;        // quantized beforehand: q's scales fp32 [M, G] row-major; else unused
+  const void* x;         // T [M, K], row stride x_stride_row elements, 16-byte aligned rows
+  int64_t x_stride_row;
   const uint8_t* w;      // fp8 / int8 [N, K] contiguous
   const float* ws;       // fp32 [ceil(N/128), G] contiguous
   const void* bias;      // [N] in bias_kind's dtype, or null
@@ -145,8 +134,7 @@ struct SmemShape {
 };
 
 // kNT token tiles of 8 (M <= 8 kNT). T: x's dtype (and y's). Out: the quantized type (fp8 e4m3 / int8).
-// kQuantized: p.x and p.s are the quant op's q and s (row layout), which step 2 copies instead of computing.
-template <typename T, typename Out, int kNT, int kRT, bool kQuantized>
+template <typename T, typename Out, int kNT, int kRT>
 __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p) {
   using Shape = SmemShape<kNT, kRT>;
   using Traits = InputTraits<T>;
@@ -225,25 +213,6 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
       if (j >= p.G) break;  // warp-uniform
       uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
       float* const sbuf = reinterpret_cast<float*>(qbuf + Shape::kQBytes);
-      if constexpr (kQuantized) {  // the same bytes and scales, from the quant op's output
-        const uint8_t* const q = static_cast<const uint8_t*>(p.x);
-#pragma unroll
-        for (int pass = 0; pass < kPasses; ++pass) {
-          const int tok = pass * kTokPerPass + tok_in_pass;
-          if (pass * kTokPerPass >= p.M) break;  // warp-uniform
-          const bool live = tok < p.M;
-          const uint8_t* src = q + static_cast<int64_t>(live ? tok : 0) * p.K + static_cast<int64_t>(j) * kGroup +
-                               sub * kPerChunk;
-          uint8_t* dst = qbuf + tok * kRowBytes + sub * kPerChunk;
-          if constexpr (kPerChunk == 8) {
-            *reinterpret_cast<uint2*>(dst) = live ? __ldg(reinterpret_cast<const uint2*>(src)) : make_uint2(0u, 0u);
-          } else {
-            *reinterpret_cast<uint32_t*>(dst) = live ? __ldg(reinterpret_cast<const uint32_t*>(src)) : 0u;
-          }
-          if (sub == 0) sbuf[tok] = live ? __ldg(p.s + static_cast<int64_t>(tok) * p.G + j) : 0.0f;
-        }
-        continue;
-      }
       uint4 xv[kPasses];
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass) {
@@ -345,10 +314,10 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
   }
 }
 
-template <typename T, typename Out, int kNT, int kRT, bool kQuantized>
+template <typename T, typename Out, int kNT, int kRT>
 void launch(const Params& p, int device, cudaStream_t stream) {
   constexpr int kSmem = SmemShape<kNT, kRT>::kBlockBytes;
-  auto kernel = small_m_linear_kernel<T, Out, kNT, kRT, kQuantized>;
+  auto kernel = small_m_linear_kernel<T, Out, kNT, kRT>;
   if constexpr (kSmem > 48 * 1024) {  // once per instantiation and device: allow > 48 KB of dynamic smem
     static std::atomic<uint64_t> configured{0};
     const uint64_t bit = uint64_t{1} << (device % 64);
@@ -362,28 +331,22 @@ void launch(const Params& p, int device, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename Out, bool kQuantized>
+template <typename T, typename Out>
 void dispatch_tiles(const Params& p, int device, cudaStream_t stream) {
   // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8: each block
   // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes,
   // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
   // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
-  if constexpr (!kQuantized || FP8L_SMALLM_PREQUANT_MIN_M <= 8) {  // else M <= 8 never comes here quantized
-    if (p.M <= 8) return launch<T, Out, 1, 1, kQuantized>(p, device, stream);
-  }
+  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream);
   const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
-  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1, kQuantized>(p, device, stream);
-  return launch<T, Out, 2, 2, kQuantized>(p, device, stream);
+  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream);
+  return launch<T, Out, 2, 2>(p, device, stream);
 }
 
 template <typename T>
-void dispatch_out(bool int8, bool quantized, const Params& p, int device, cudaStream_t stream) {
-  if (quantized) {
-    if (int8) return dispatch_tiles<T, OutInt8, true>(p, device, stream);
-    return dispatch_tiles<T, OutFp8E4M3, true>(p, device, stream);
-  }
-  if (int8) return dispatch_tiles<T, OutInt8, false>(p, device, stream);
-  return dispatch_tiles<T, OutFp8E4M3, false>(p, device, stream);
+void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream) {
+  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream);
+  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream);
 }
 
 
@@ -469,22 +432,13 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   p.G = static_cast<int>(G);
   p.eps = static_cast<float>(eps);
   p.ue8m0 = scale_ue8m0;
-  p.s = nullptr;
-  const bool quantized = M >= FP8L_SMALLM_PREQUANT_MIN_M;
-  at::Tensor q, s;  // alive until the kernel is enqueued (the caching allocator orders later reuse)
-  if (quantized) {
-    std::tie(q, s) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
-    p.x = q.data_ptr();
-    p.x_stride_row = K;
-    p.s = s.data_ptr<float>();
-  }
 
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   switch (x_dtype) {
-    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, quantized, p, device, stream); break;
-    case at::ScalarType::Half: dispatch_out<__half>(int8, quantized, p, device, stream); break;
-    default: dispatch_out<float>(int8, quantized, p, device, stream); break;
+    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, p, device, stream); break;
+    case at::ScalarType::Half: dispatch_out<__half>(int8, p, device, stream); break;
+    default: dispatch_out<float>(int8, p, device, stream); break;
   }
   return y;
 }
