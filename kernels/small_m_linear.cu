@@ -27,7 +27,15 @@
 //      fp32 accumulators, as DeepGEMM promotes its tensor-core sums every 128 columns.
 // The 8 warps' accumulators are summed in warp order through shared memory (deterministic), the bias is
 // added in fp32, and the result is rounded once to x's dtype.
+//
+// Split K: a layer with at most one row block per SM (N = 1024 gives 64 blocks of 16 rows, 2112 gives 132,
+// on the H100's 132 SMs) leaves each SM one block of 8 warps, too few loads in flight for a latency-bound
+// stream. Such a launch splits the groups over `splits` blocks per row block (grid.y), as many as fill the
+// SMs to the kernel's occupancy while every warp keeps a group; each writes its fp32 sums to a
+// [splits, M, N] buffer and a second kernel adds them in split order (deterministic), adds the bias and
+// rounds. FP8L_SMALLM_SPLIT_K=0 turns this off.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -47,6 +55,9 @@
 namespace fp8linear {
 namespace small_m {
 
+#ifndef FP8L_SMALLM_SPLIT_K
+#define FP8L_SMALLM_SPLIT_K 1  // 0: one block per row block whatever the SM count (for comparison)
+#endif
 #ifndef FP8L_SMALLM_UNROLL
 #define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
 #endif
@@ -72,6 +83,8 @@ struct Params {
   int M, N, K, G;
   float eps;
   bool ue8m0;
+  int groups_per_split;  // groups of one grid.y slice: G when the launch is not split
+  float* partial;        // split launches: fp32 [gridDim.y, M, N] sums before the bias; else null
 };
 
 // ---- tensor-core fragments -------------------------------------------------------------------------
@@ -184,7 +197,9 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
   }
   __syncwarp();
 
-  for (int j0 = warp; j0 < p.G; j0 += kWarps * kUnroll) {
+  const int g_begin = blockIdx.y * p.groups_per_split;
+  const int g_end = min(p.G, g_begin + p.groups_per_split);
+  for (int j0 = g_begin + warp; j0 < g_end; j0 += kWarps * kUnroll) {
     // 1. Weights and weight scales of kUnroll groups: the HBM traffic, issued first.
     uint4 wv[kUnroll][kRT][2][2];  // [group][row tile][row lo/hi][span]
     float wscale[kUnroll][kRT];
@@ -192,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u * kWarps;
       const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-      const bool in = j < p.G;
+      const bool in = j < g_end;
       const int64_t k = static_cast<int64_t>(j) * kGroup;
 #pragma unroll
       for (int r = 0; r < kRT; ++r) {
@@ -210,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u * kWarps;
-      if (j >= p.G) break;  // warp-uniform
+      if (j >= g_end) break;  // warp-uniform
       uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
       float* const sbuf = reinterpret_cast<float*>(qbuf + Shape::kQBytes);
       uint4 xv[kPasses];
@@ -252,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u * kWarps;
-      if (j >= p.G) break;
+      if (j >= g_end) break;
       const uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
       const float* const sbuf = reinterpret_cast<const float*>(qbuf + Shape::kQBytes);
 #pragma unroll
@@ -309,13 +324,30 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
     float v = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[w * kSlots + e];
+    if (p.partial != nullptr) {  // a split launch: small_m_split_sum_kernel finishes
+      p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + tok) * p.N + n] = v;
+      continue;
+    }
     if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
     static_cast<T*>(p.y)[static_cast<int64_t>(tok) * p.N + n] = from_float<T>(v);
   }
 }
 
+// y[m, n] = sum over the splits, in order, of partial[s, m, n] (+ bias[n]), rounded once to T.
+template <typename T>
+__global__ void small_m_split_sum_kernel(const Params p, int splits) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t count = static_cast<int64_t>(p.M) * p.N;
+  if (e >= count) return;
+  float v = 0.0f;
+  for (int s = 0; s < splits; ++s) v += p.partial[s * count + e];
+  const int n = static_cast<int>(e % p.N);
+  if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
+  static_cast<T*>(p.y)[e] = from_float<T>(v);
+}
+
 template <typename T, typename Out, int kNT, int kRT>
-void launch(const Params& p, int device, cudaStream_t stream) {
+void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
   constexpr int kSmem = SmemShape<kNT, kRT>::kBlockBytes;
   auto kernel = small_m_linear_kernel<T, Out, kNT, kRT>;
   if constexpr (kSmem > 48 * 1024) {  // once per instantiation and device: allow > 48 KB of dynamic smem
@@ -327,26 +359,54 @@ void launch(const Params& p, int device, cudaStream_t stream) {
     }
   }
   const int blocks = (p.N + kTileRows * kRT - 1) / (kTileRows * kRT);
-  kernel<<<blocks, kThreads, kSmem, stream>>>(p);
+  // At most one block per SM: split K until the SMs are full to this kernel's occupancy, keeping at least
+  // one group per warp in every split. (With two or more blocks per SM already, the second kernel's launch
+  // would cost more than the split saves.)
+  static std::atomic<int> occupancy[64];  // blocks of this instantiation an SM holds, per device (0: not asked)
+  int per_sm = device < 64 ? occupancy[device].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem));
+    per_sm = std::max(per_sm, 1);
+    if (device < 64) occupancy[device].store(per_sm, std::memory_order_relaxed);
+  }
+  int splits = 1;
+  const int resident = per_sm * device_sm_count(device);
+  if (FP8L_SMALLM_SPLIT_K && blocks <= device_sm_count(device)) {
+    splits = std::min((resident + blocks - 1) / blocks, std::max(p.G / kWarps, 1));
+  }
+  p.groups_per_split = (p.G + splits - 1) / splits;
+  splits = (p.G + p.groups_per_split - 1) / p.groups_per_split;  // no empty split
+  at::Tensor partial;
+  if (splits > 1) {
+    partial = at::empty({static_cast<int64_t>(splits) * p.M * p.N}, like.options().dtype(at::kFloat));
+    p.partial = partial.data_ptr<float>();
+  }
+  kernel<<<dim3(blocks, splits), kThreads, kSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t count = static_cast<int64_t>(p.M) * p.N;
+    const int threads = 256;
+    small_m_split_sum_kernel<T><<<static_cast<unsigned>((count + threads - 1) / threads), threads, 0, stream>>>(p, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, typename Out>
-void dispatch_tiles(const Params& p, int device, cudaStream_t stream) {
+void dispatch_tiles(const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
   // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8: each block
   // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes,
   // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
   // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
-  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream);
+  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream, like);
   const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
-  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream);
-  return launch<T, Out, 2, 2>(p, device, stream);
+  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream, like);
+  return launch<T, Out, 2, 2>(p, device, stream, like);
 }
 
 template <typename T>
-void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream) {
-  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream);
-  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream);
+void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
+  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream, like);
+  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream, like);
 }
 
 
@@ -432,13 +492,15 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   p.G = static_cast<int>(G);
   p.eps = static_cast<float>(eps);
   p.ue8m0 = scale_ue8m0;
+  p.groups_per_split = p.G;
+  p.partial = nullptr;
 
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   switch (x_dtype) {
-    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, p, device, stream); break;
-    case at::ScalarType::Half: dispatch_out<__half>(int8, p, device, stream); break;
-    default: dispatch_out<float>(int8, p, device, stream); break;
+    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, p, device, stream, y); break;
+    case at::ScalarType::Half: dispatch_out<__half>(int8, p, device, stream, y); break;
+    default: dispatch_out<float>(int8, p, device, stream, y); break;
   }
   return y;
 }

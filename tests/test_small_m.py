@@ -366,7 +366,8 @@ GPU_NK = (
     (16, 128),  # one partial weight block, one group
     (112, 640),  # N < 128; G = 5
     (200, 1664),  # a partial second N block; G = 13
-    (2112, 7168),  # DeepSeek-V3 q_a/kv_a projection: 16.5 N blocks, G = 56
+    (1024, 4096),  # a GQA k/v projection: 64 row blocks, split K 4 ways (kernels/small_m_linear.cu)
+    (2112, 7168),  # DeepSeek-V3 q_a/kv_a projection: 16.5 N blocks, G = 56; 132 row blocks: split K
     (4096, 4096),  # Llama-class square layer
     (4160, 256),  # many N blocks, the last half full; short K (two groups)
     (8336, 256),  # N / 32 >= the SM count: 32-row blocks at M > 8 (fewer N: 16-row), the last one partial
@@ -376,8 +377,8 @@ BIAS_DTYPES = (None, BF16, FP32)
 
 def _gpu_grid():
     """Every (M, N, K, dtype) once; the remaining options (x dtype, bias dtype, power-of-two scales: 18
-    combinations) dealt out over a seeded shuffle of the 56 (M, N, K) of each dtype, so each combination
-    runs two or three times per dtype at unrelated shapes. The full product (2016) would run for minutes
+    combinations) dealt out over a seeded shuffle of the 64 (M, N, K) of each dtype, so each combination
+    runs three or four times per dtype at unrelated shapes. The full product (2304) would run for minutes
     on the CPU oracle alone."""
     rng = random.Random(0)
     options = list(itertools.product((BF16, FP16, FP32), BIAS_DTYPES, (False, True)))
@@ -463,7 +464,7 @@ def test_cuda_strided_and_misaligned_rows(M, N, K, x_dtype):
     ],
 )
 def test_cuda_nonfinite_group_poisons_its_row(dtype, M, row, group, value):
-    N, K = 2112, 640
+    N, K = 2112, 4096  # 132 row blocks: the launch splits K (kernels/small_m_linear.cu)
     x, weight, weight_scale_inv, bias = _cuda_case(M, N, K, dtype, seed=22)
     clean = op(x, weight, weight_scale_inv, bias)
     bad = x.clone()
