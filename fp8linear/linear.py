@@ -232,7 +232,8 @@ class FP8Linear(nn.Module):
         return backend
 
     def _prepared_for(self, backend: types.ModuleType) -> Any:
-        weight, weight_scale_inv = self.weight, self.weight_scale_inv
+        params = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~1 us a lookup
+        weight, weight_scale_inv = params["weight"], params["weight_scale_inv"]
         entry = self._prepared.get(backend.NAME)
         if torch.compiler.is_compiling():
             # Dynamo cannot trace data_ptr(); the warm-up call filled the cache and replacing the
@@ -274,8 +275,10 @@ class FP8Linear(nn.Module):
             raise ValueError(f"x's last dim must be in_features={K}; got x of shape {list(x.shape)}")
         if x.dtype not in _INPUT_DTYPES:
             raise TypeError(f"x must be bfloat16, float16 or float32; got {x.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but the layer's weight is on {self.weight.device}; move one of them")
+        params = self._parameters  # the hot path skips nn.Module.__getattr__ (~1 us a lookup)
+        weight, bias = params["weight"], params["bias"]
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the layer's weight is on {weight.device}; move one of them")
         M = x.numel() // K
         if M == 0:
             return x.new_empty((*x.shape[:-1], N))
@@ -286,12 +289,12 @@ class FP8Linear(nn.Module):
             self.__dict__["_handoff"] = None  # used once (and not kept alive)
         if backend.FUSES_QUANT:
             # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
-            return backend.linear(x, prepared, self.bias, self.scale_ue8m0)
+            return backend.linear(x, prepared, bias, self.scale_ue8m0)
         if handoff is not None:
             h, q, s, made_for, version = handoff
             if h is x and made_for is backend and _version(x) == version and not torch.compiler.is_compiling():
                 # x is the output of the FP8RMSNorm before this layer, quantized by it in this layout.
-                y = backend.gemm(q, s, prepared, x.dtype, self.bias)
+                y = backend.gemm(q, s, prepared, x.dtype, bias)
                 return (y if y.shape[0] == M else y[:M]).reshape(*x.shape[:-1], N)
 
         lead = x.shape[:-1]
@@ -303,7 +306,7 @@ class FP8Linear(nn.Module):
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
         quant_gemm = getattr(backend, "quant_gemm", None)
         if quant_gemm is not None:  # deepgemm, cublas: quantize and multiply in one op call
-            y = quant_gemm(x2d, prepared, self.scale_ue8m0, x.dtype, self.bias)
+            y = quant_gemm(x2d, prepared, self.scale_ue8m0, x.dtype, bias)
             if y is not None:
                 return y.reshape(*lead, N)
         # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4): one op
@@ -313,7 +316,7 @@ class FP8Linear(nn.Module):
         # forward: docs/design.md).
         q, s = quantize_for_gemm(x2d, self.config.activation_group_size, self.dtype, self.scale_ue8m0,
                                  backend.SCALE_LAYOUT, backend.ROW_ALIGN)
-        y = backend.gemm(q, s, prepared, x.dtype, self.bias)  # [M or M_pad, N]
+        y = backend.gemm(q, s, prepared, x.dtype, bias)  # [M or M_pad, N]
         if y.shape[0] != M:
             y = y[:M]
         return y.reshape(*lead, N)
