@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for N, K in shapes:
             rows += tune_shape(N, K, Ms, args.backends, args.rep_ms)
+    commit = bench_linear.run_commit.commit()
+    for row in rows:  # per row: a partial run keeps older rows, and the meta header names the last run only
+        row["commit"] = commit
 
     path = args.out or str(auto.table_path())
     table = {}
