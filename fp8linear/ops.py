@@ -195,8 +195,13 @@ def per_token_group_quant(
     return out, scale_out
 
 
+#: The amax floor FP8Linear quantizes activations with: quantize_for_gemm's default, and what the backends'
+#: one-op paths (quantization inside their op call) pass, so that both paths write the same bytes.
+GEMM_EPS = 1e-10
+
+
 def quantize_for_gemm(x: torch.Tensor, group_size: int, dtype: torch.dtype, scale_ue8m0: bool, layout: ScaleLayout,
-                      row_align: int, eps: float = 1e-10) -> "tuple[torch.Tensor, torch.Tensor]":
+                      row_align: int, eps: float = GEMM_EPS) -> "tuple[torch.Tensor, torch.Tensor]":
     """Allocate and quantize in one op call, for GEMM callers that have validated x [M, K] themselves
     (FP8Linear's forward): q [M_pad, K] and s in `layout` over M_pad = ceil(M / row_align) * row_align rows,
     the padding rows allocated but unwritten (a GEMM reading whole 4-row tiles; its caller drops those rows)."""

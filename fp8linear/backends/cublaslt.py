@@ -41,6 +41,7 @@ import torch
 
 from .. import _build
 from ..layouts import ScaleLayout
+from ..ops import GEMM_EPS
 from . import bf16_epilogue
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,7 @@ def quant_gemm(
     if not OWN_LAUNCH or torch.compiler.is_compiling() or not _own_launch(x2d.device):
         return None
     b, sb = prepared
-    eps = 1e-10  # fp8linear.ops.quantize_for_gemm's, which the other path uses
-    y = torch.ops.fp8linear.cublaslt_linear(x2d, b, sb, scale_ue8m0, eps)
+    y = torch.ops.fp8linear.cublaslt_linear(x2d, b, sb, scale_ue8m0, GEMM_EPS)
     return bf16_epilogue(y, bias, out_dtype)
 
 

@@ -41,6 +41,7 @@ import torch
 
 from .. import _build
 from ..layouts import ScaleLayout, tma_aligned_rows
+from ..ops import GEMM_EPS
 from . import bf16_epilogue
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,7 @@ def quant_gemm(
     plan = _plans.get((x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.device.index))
     if not plan:
         return None
-    eps = 1e-10  # fp8linear.ops.quantize_for_gemm's, which the other path uses
-    y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, eps, *plan)
+    y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, GEMM_EPS, *plan)
     return bf16_epilogue(y, bias, out_dtype)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import _build
 from .. import small_m as _op
+from ..ops import GEMM_EPS
 
 NAME = "small_m"
 SCALE_LAYOUT = None  # quantizes inside the kernel
@@ -52,7 +53,7 @@ def linear(x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], bias: "
            scale_ue8m0: bool) -> torch.Tensor:
     """x [..., K] (at most 16 rows in all) -> y [..., N] in x's dtype; FP8Linear has checked the shapes."""
     weight, weight_scale_inv = prepared
-    return _OP(x, weight, weight_scale_inv, bias, scale_ue8m0, 1e-10)
+    return _OP(x, weight, weight_scale_inv, bias, scale_ue8m0, GEMM_EPS)
 
 
 def gemm(q, s, prepared, out_dtype, bias):  # the interface's (q, s) entry: FP8Linear calls `linear` instead
