@@ -16,13 +16,12 @@ matmul), the CUDA implementation registered from C++, and `small_m_linear`, the 
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from . import _build
 from .reference import dequantize_groups, per_token_group_quant_reference
-from .weights import dequantize_weight_blockwise
+from .weights import check_linear_operands, dequantize_weight_blockwise
 
 __all__ = ["small_m_linear", "MAX_M", "GROUP"]
 
@@ -110,23 +109,7 @@ def small_m_linear(
         raise TypeError(f"weight must be a float8_e4m3fn or int8 tensor; got {getattr(weight, 'dtype', type(weight))}")
     if weight.dim() != 2 or weight.shape[1] != K:
         raise ValueError(f"weight must have shape [N, {K}] (x's K); got {list(weight.shape)}")
-    N = weight.shape[0]
-    shape_s = (math.ceil(N / GROUP), K // GROUP)
-    if (not isinstance(weight_scale_inv, torch.Tensor) or weight_scale_inv.dtype != torch.float32
-            or tuple(weight_scale_inv.shape) != shape_s):
-        raise ValueError(
-            f"weight_scale_inv must be float32 of shape {list(shape_s)} ([ceil(N/128), K/128]); got "
-            f"{getattr(weight_scale_inv, 'dtype', None)} {list(getattr(weight_scale_inv, 'shape', []))}"
-        )
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)
-                             or bias.dtype not in _FLOAT_DTYPES):
-        raise ValueError(f"bias must be a bf16/fp16/fp32 tensor of shape [{N}] or None; got "
-                         f"{getattr(bias, 'dtype', None)} {list(getattr(bias, 'shape', []))}")
-    for name, t in (("weight", weight), ("weight_scale_inv", weight_scale_inv), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 1e-30):
-        raise ValueError(f"eps must be a finite float >= 1e-30; got {eps!r}")
+    check_linear_operands(x, weight, weight_scale_inv, bias, eps)
     if x.is_cuda:
         _build.ensure_loaded()
     return torch.ops.fp8linear.small_m_linear(

@@ -12,6 +12,8 @@ QMAX is 448 for fp8 e4m3fn, 127 for int8 (int8 rounds half to even). Optional po
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import QMAX, ceil_to_power_of_two
@@ -75,3 +77,28 @@ def dequantize_weight_blockwise(
     """(weight [N, K], weight_scale_inv [ceil(N/bn), ceil(K/bk)]) -> fp32 [N, K]."""
     N, K = weight.shape
     return weight.float() * expand_block_scales(weight_scale_inv.float(), N, K, block_size)
+
+
+def check_linear_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                          bias: "torch.Tensor | None", eps: float) -> None:
+    """The checks the fused linear ops' wrappers share (fp8linear.small_m, fp8linear.sm90), after each has
+    checked x and weight's dtype and [N, K] shape: weight_scale_inv fp32 [ceil(N/128), K/128], bias a float
+    [N] or None, every tensor on x's device, eps a finite float >= 1e-30. Raises ValueError naming the
+    argument."""
+    N, K = weight.shape
+    shape_s = (math.ceil(N / 128), math.ceil(K / 128))
+    if (not isinstance(weight_scale_inv, torch.Tensor) or weight_scale_inv.dtype != torch.float32
+            or tuple(weight_scale_inv.shape) != shape_s):
+        raise ValueError(
+            f"weight_scale_inv must be float32 of shape {list(shape_s)} ([ceil(N/128), K/128]); got "
+            f"{getattr(weight_scale_inv, 'dtype', None)} {list(getattr(weight_scale_inv, 'shape', []))}"
+        )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (N,)
+                             or bias.dtype not in (torch.bfloat16, torch.float16, torch.float32)):
+        raise ValueError(f"bias must be a bf16/fp16/fp32 tensor of shape [{N}] or None; got "
+                         f"{getattr(bias, 'dtype', None)} {list(getattr(bias, 'shape', []))}")
+    for name, t in (("weight", weight), ("weight_scale_inv", weight_scale_inv), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 1e-30):
+        raise ValueError(f"eps must be a finite float >= 1e-30; got {eps!r}")

@@ -30,7 +30,7 @@ NK_CASES = (
     (2112, 7168),  # DeepSeek-V3 q_a/kv_a projection: N % 128 != 0 (16.5 blocks), N % 64 == 0
     (7168, 1664),  # ceil(K/128) = 13
 )
-GEMM_BACKENDS = ("deepgemm", "cublas", "triton", "small_m")  # small_m: M <= 16 only, K % 128 == 0
+GEMM_BACKENDS = ("deepgemm", "cublas", "triton", "small_m", "sm90")  # small_m: M <= 16 only, K % 128 == 0
 
 
 def _pair(N: int, K: int, dtype: torch.dtype, backend: str, bias: bool = True, device="cuda"):
@@ -56,8 +56,9 @@ def _skip_unless_served(backend: str, M: int, N: int, K: int, dtype: torch.dtype
 @pytest.mark.parametrize("N,K", NK_CASES)
 @pytest.mark.parametrize(
     "backend,dtype",
-    [("deepgemm", FP8), ("cublas", FP8), ("triton", FP8), ("triton", INT8), ("small_m", FP8), ("small_m", INT8)],
-    ids=["deepgemm", "cublas", "triton-fp8", "triton-int8", "small_m-fp8", "small_m-int8"],
+    [("deepgemm", FP8), ("cublas", FP8), ("triton", FP8), ("triton", INT8), ("small_m", FP8), ("small_m", INT8),
+     ("sm90", FP8)],
+    ids=["deepgemm", "cublas", "triton-fp8", "triton-int8", "small_m-fp8", "small_m-int8", "sm90"],
 )
 def test_backend_matches_reference(backend, dtype, N, K, M):
     _skip_unless_served(backend, M, N, K, dtype)

@@ -35,6 +35,7 @@ The names (each a `Backend` value, documented in fp8linear.config):
     cublas      cuBLASLt's blockwise FP8 GEMM (BlockWise1x128 x BlockWise128x128), called as torch calls it
     triton      fp8linear's Triton GEMM, fp8 and int8, any N and K
     small_m     fp8linear's CUDA kernel for M <= 16: quantization fused into a tensor-core GEMM
+    sm90        fp8linear's Hopper GEMM (wgmma, TMA), quantizing x inside the same kernel
     auto        per shape from measurements on this card (fp8linear.backends.auto)
 
 Asking for a backend by name that cannot serve a shape raises `BackendUnsupportedError` with the
@@ -65,6 +66,7 @@ _MODULES = {
     "cublas": "fp8linear.backends.cublaslt",
     "triton": "fp8linear.backends.triton_blockwise",
     "small_m": "fp8linear.backends.small_m",
+    "sm90": "fp8linear.backends.sm90",
 }
 NAMES = ("auto", *_MODULES)
 

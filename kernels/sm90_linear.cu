@@ -1,0 +1,801 @@
+// fp8linear's own Hopper GEMM, with the activations' quantization inside the same kernel (backend `sm90`).
+//
+// Why: a lone FP8Linear with bf16 input quantizes x in a pass of its own before the GEMM. That pass moves
+// three bytes per element of x at copy speed, about 675 / N of the layer whatever M is (docs/design.md):
+// 16% at N = 4096, 25% at 2112. Inside a model fuse_norm and fuse_mlp fold it into kernels that run anyway;
+// for a lone layer only the GEMM kernel itself can hide it. Quantizing each tile in shared memory would
+// redo every 128-wide group once per N tile (32 times at N = 4096) on the SM's issue slots, which the
+// tensor cores' promotion already loads (docs/design.md "What the last per-layer targets need"). This
+// kernel quantizes each group exactly once instead, with warps of its own, and writes q and its scales to
+// global memory where the GEMM's TMA loads read them, the way the quant op would: the quantization runs
+// on every SM at once beside the math, reading x while the tensor cores are busy, so what remains of it is
+// the wait for the first tiles.
+//
+// The block (384 threads, one per SM, persistent over 128 x 128 output tiles):
+//   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the
+//                    step's quantized tile to be published, then loads A (q), B (weight) and A's 128 scales
+//                    into the stage; one elected lane.
+//   warps 1-3        quantizers (kQuantize only): take 32-row x 128-column parts of x in the order the tiles
+//                    consume them, write q and the scales exactly as fp8linear::per_token_group_quant does
+//                    (common.cuh's helpers: the same bits), then count the part done in flags[m_block, k].
+//                    They never wait on anything, so every published part eventually lands; the launch is
+//                    cooperative (all blocks resident), so the producers' spin-waits always end.
+//   warpgroups 1-2   math: each a 64 x 128 half of the tile; per K step four wgmma m64n128k32 (e4m3, fp32)
+//                    into a scratch accumulator, then promoted into the tile's accumulator with the two
+//                    scales (scale_a[row] * scale_b[n_block, k]), as DESIGN.md's blockwise contract says.
+//                    The epilogue adds the bias in fp32 and stores y in x's dtype.
+//
+// Operands in shared memory: 128 rows x 128 bytes per tile, written by TMA with the 128-byte swizzle and read
+// by wgmma through descriptors of the same swizzle; kStages stages of (A, B, A's scales), each with a
+// "full" barrier (the TMA transaction count) and an "empty" one (one arrival per math warp).
+//
+// q and s (the `col` layout: s[k * m_pad + row], m_pad = M rounded up to 4) are also returned, so a caller
+// (and the tests) can check them against the quant op; without kQuantize the kernel is a plain blockwise
+// GEMM of given (q, s).
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "launch_utils.h"
+
+namespace fp8linear {
+namespace sm90 {
+
+constexpr int kBlockN = 128;
+constexpr int kBlockK = 128;      // = the scale group along K
+constexpr int kThreads = 384;     // warpgroup 0: producer + quantizers; 1-2: math
+constexpr int kQuantWarps = 3;
+constexpr int kPartRows = 32;     // rows of x one quantizer warp takes at a time
+constexpr int kBTileBytes = kBlockN * kBlockK;
+
+// The two tile heights. 256-row tiles load 0.75x the operand bytes per flop of 128-row ones (the L2 to SM
+// traffic bounds a 128 x 128 tile here, docs/benchmarks.md), but hold 128 rows of accumulators per math
+// thread: the math warpgroups take 232 registers each (setmaxnreg) and warpgroup 0 keeps 40, so its
+// quantizers hold 4 loads in flight instead of 16. 128-row tiles serve M too small to fill the SMs with
+// 256-row ones.
+template <int kBlockM_, int kCluster_>
+struct Tile {
+  static constexpr int kBlockM = kBlockM_;
+  // 2: blocks run in pairs on the same m-block and neighbouring n-blocks, each loading half of the A tile
+  // into both (TMA multicast): a quarter fewer bytes from L2 per flop.
+  static constexpr int kCluster = kCluster_;
+  static constexpr int kSub = kBlockM / 128;             // m64 wgmma rows per math warpgroup, / 64
+  static constexpr int kStages = kBlockM == 256 ? 4 : 6;  // 4 x 49 KB or 6 x 32.5 KB
+  static constexpr int kPartsPerBlock = kBlockM / kPartRows;
+  static constexpr int kGroupM = 1024 / kBlockM;         // tiles run m-fastest over 1024-row groups
+  static constexpr int kLoadBatch = kBlockM == 256 ? 4 : 16;  // quantizer loads in flight per lane
+  static constexpr bool kSetMaxNReg = kBlockM == 256;
+  static constexpr int kATileBytes = kBlockM * kBlockK;
+  static constexpr int kScaleBytes = kBlockM * 4;
+  static constexpr int kSmemBytes =
+      1024 /* alignment slack */ + kStages * (kATileBytes + kBTileBytes + kScaleBytes) + 2 * kStages * 8;
+};
+
+enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
+
+struct Params {
+  const void* x;          // [M, K] in T, rows x_stride elements apart, 16-byte aligned (kQuantize only)
+  int64_t x_stride;
+  uint8_t* q;             // [M, K] fp8 e4m3, row-major (written with kQuantize, else read)
+  float* s;               // `col`: s[k * m_pad + row]
+  const float* sb;        // weight_scale_inv [ceil(N / 128), G]
+  const void* bias;
+  int bias_kind;
+  void* y;                // [M, N] in T
+  uint32_t* flags;        // [m_blocks, G]: quantized parts published (kQuantize only; zeroed by the host)
+  uint32_t* next_part;    // the quantizers' work counter (kQuantize only; zeroed by the host)
+  int M, N, K, G, m_pad, m_blocks, n_blocks;
+  float eps;
+  bool ue8m0;
+};
+
+// ------------------------------------------------------------------------------------------------
+// PTX wrappers (sm_90a).
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Wait until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int inner,
+                                                      int outer, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(inner), "r"(outer), "h"(mask)
+      : "memory");
+}
+
+// Arrive on the barrier at the same shared-memory offset in block `rank` of this cluster.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n" "barrier.cluster.wait.acquire;" ::: "memory");
+}
+
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Orders this thread's generic-proxy view of global memory with its async-proxy (TMA) accesses.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+// A wgmma shared-memory descriptor: K-major tile of 128-byte rows with the 128-byte swizzle, 8-row groups
+// 1024 bytes apart (the stride byte offset); the leading byte offset is unused in this mode.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// d[64] (+)= A[64 x 32] * B[128 x 32]^T, fp8 e4m3 from shared memory, fp32 accumulate; scale_d = 0 overwrites.
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// Keeps the compiler from moving reads of wgmma's outputs above the wait (the wait names no registers).
+__device__ __forceinline__ void fence_operands(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Work order. Tiles: groups of kGroupM m-blocks (1024 rows), m fastest within a group, so the blocks running
+// at once share few B tiles and few m-blocks. Quantized parts: the same groups, then k, then m, then the
+// 32-row part, so the parts the first tiles wait for are the first ones taken.
+// ------------------------------------------------------------------------------------------------
+// With kCluster = 2, t counts tiles of kBlockM x 2 kBlockN and the block of rank r in its pair takes n-block
+// 2 n + r (past the last n-block when n_blocks is odd: it then loads its half of A for its peer, multiplies
+// zeros and stores nothing).
+template <typename C>
+__device__ __forceinline__ int tile_count(const Params& p) {
+  return p.m_blocks * ceil_div(p.n_blocks, C::kCluster);
+}
+
+template <typename C>
+__device__ __forceinline__ void tile_coords(const Params& p, int t, int& m_block, int& n_block) {
+  const int n_tiles = ceil_div(p.n_blocks, C::kCluster);
+  const int per_group = C::kGroupM * n_tiles;
+  const int group = t / per_group;
+  const int within = t - group * per_group;
+  const int rows = min(C::kGroupM, p.m_blocks - group * C::kGroupM);
+  const int n_tile = within / rows;
+  m_block = group * C::kGroupM + (within - n_tile * rows);
+  n_block = n_tile * C::kCluster + static_cast<int>(blockIdx.x % C::kCluster);
+}
+
+// This block's first tile and the stride between its tiles (blocks of a cluster share both).
+template <typename C>
+__device__ __forceinline__ int first_tile() {
+  return static_cast<int>(blockIdx.x / C::kCluster);
+}
+template <typename C>
+__device__ __forceinline__ int tile_stride() {
+  return static_cast<int>(gridDim.x / C::kCluster);
+}
+
+template <typename C>
+__device__ __forceinline__ void part_coords(const Params& p, int v, int& m_block, int& k, int& part) {
+  const int per_group = C::kGroupM * p.G * C::kPartsPerBlock;
+  const int group = v / per_group;
+  const int within = v - group * per_group;
+  const int rows = min(C::kGroupM, p.m_blocks - group * C::kGroupM);
+  k = within / (rows * C::kPartsPerBlock);
+  const int rest = within - k * rows * C::kPartsPerBlock;
+  m_block = group * C::kGroupM + rest / C::kPartsPerBlock;
+  part = rest % C::kPartsPerBlock;
+}
+
+// A quantizer warp: claims 32-row parts of x in order from a global counter (so whichever blocks are resident
+// take every part: no block waits on one that has not started, and the launch needs no co-residency), each
+// 16 lanes to a 128-wide group row (a 16-byte chunk each), two rows per load, kLoadBatch loads in flight.
+// Rows past M are neither read nor written but the part still counts, so every m-block publishes
+// kPartsPerBlock parts per k.
+template <typename C, typename T>
+__device__ void quantize_parts(const Params& p) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int half = lane / 16;
+  const int chunk = lane % 16;
+  const T* x = static_cast<const T*>(p.x);
+  const int total = p.m_blocks * p.G * C::kPartsPerBlock;
+  for (;;) {
+    int v = 0;
+    if (lane == 0) v = static_cast<int>(atomicAdd(p.next_part, 1u));
+    v = __shfl_sync(0xFFFFFFFFu, v, 0);
+    if (v >= total) break;
+    int m_block, k, part;
+    part_coords<C>(p, v, m_block, k, part);
+    const int row0 = m_block * C::kBlockM + part * kPartRows + half;
+#pragma unroll 1
+    for (int batch = 0; batch < kPartRows / 2; batch += C::kLoadBatch) {
+      uint4 in[C::kLoadBatch];
+#pragma unroll
+      for (int j = 0; j < C::kLoadBatch; ++j) {
+        const int row = row0 + 2 * (batch + j);
+        in[j] = row < p.M ? __ldg(reinterpret_cast<const uint4*>(x + row * p.x_stride + k * kBlockK + chunk * 8))
+                          : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < C::kLoadBatch; ++j) {
+        const int row = row0 + 2 * (batch + j);
+        uint32_t amax = InputTraits<T>::abs_max_bits(in[j]);
+#pragma unroll
+        for (int offset = 8; offset >= 1; offset /= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+        const GroupScale g = group_scale<T>(amax, p.eps, OutFp8E4M3::kQmax, p.ue8m0);
+        float f[8];
+        InputTraits<T>::to_float(in[j], f);
+        uint32_t w[2];
+        quantize_chunk<OutFp8E4M3, 8>(f, g.inv, g.nonfinite, w);
+        if (row < p.M) {
+          *reinterpret_cast<uint2*>(p.q + static_cast<int64_t>(row) * p.K + k * kBlockK + chunk * 8) =
+              make_uint2(w[0], w[1]);
+          if (chunk == 0) p.s[static_cast<int64_t>(k) * p.m_pad + row] = g.scale;
+        }
+      }
+    }
+    // Publish: every lane's stores, then one count. The producer that reads this part acquires the count and
+    // fences the async proxy before its TMA reads these bytes.
+    fence_proxy_async_global();
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence();
+      atomicAdd(p.flags + m_block * p.G + k, 1u);
+    }
+  }
+}
+
+__device__ __forceinline__ float bias_at(const Params& p, int col) {
+  switch (p.bias_kind) {
+    case kBiasBf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.bias)[col]);
+    case kBiasFp16: return __half2float(static_cast<const __half*>(p.bias)[col]);
+    case kBiasFp32: return static_cast<const float*>(p.bias)[col];
+    default: return 0.0f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float a, float b);
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* dst, float a, float b) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+
+// The producer warp: per K step, the stage free, the step's parts published (kQuantize), then A, B and A's
+// scales into the stage. The whole warp runs the loop; lane 0 issues. Publication is polled for up to 32 K
+// steps at once (one flag per lane, a ballot), so in the steady state, with the quantizers far ahead, a tile
+// costs one round trip to L2 rather than one per K step.
+template <typename C, bool kQuantize>
+__device__ __forceinline__ void produce(const Params& p, const CUtensorMap* map_a, const CUtensorMap* map_b,
+                                        uint32_t a_tiles, uint32_t b_tiles, uint32_t a_scales, uint32_t full_bars,
+                                        uint32_t empty_bars) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int tiles = tile_count<C>(p);
+  constexpr int kARows = C::kBlockM / C::kCluster;  // rows of A this block loads (for every block of its cluster)
+  const int rank = static_cast<int>(blockIdx.x % C::kCluster);
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = first_tile<C>(); t < tiles; t += tile_stride<C>()) {
+    int m_block, n_block;
+    tile_coords<C>(p, t, m_block, n_block);
+    const int scale_rows = min(C::kBlockM, p.m_pad - m_block * C::kBlockM);  // a multiple of 4: 16-byte copies
+    int published = 0;  // K steps of this m-block known to be published
+    for (int k = 0; k < p.G; ++k) {
+      if constexpr (kQuantize) {
+        if (k >= published) {
+          for (;;) {
+            const int kk = k + lane;
+            const bool ready = kk >= p.G || load_acquire(p.flags + m_block * p.G + kk) >= C::kPartsPerBlock;
+            const uint32_t not_ready = __ballot_sync(0xFFFFFFFFu, !ready);
+            published = k + (not_ready == 0 ? kWarpSize : __ffs(not_ready) - 1);
+            if (k < published) break;
+            __nanosleep(64);
+          }
+          // Once per poll, not per K step (a fence costs about as long as a K step's math).
+          if (lane == 0) {
+            __threadfence();
+            fence_proxy_async_global();
+          }
+        }
+      }
+      if (lane == 0) {
+        mbar_wait(empty_bars + 8 * stage, phase ^ 1u);
+        const uint32_t full = full_bars + 8 * stage;
+        mbar_arrive_expect_tx(full, C::kATileBytes + kBTileBytes + scale_rows * 4);
+        const uint32_t a_dst = a_tiles + stage * C::kATileBytes + rank * kARows * kBlockK;
+        if constexpr (C::kCluster == 1) {
+          tma_load_2d(a_dst, map_a, full, k * kBlockK, m_block * C::kBlockM);
+        } else {
+          tma_load_2d_multicast(a_dst, map_a, full, k * kBlockK, m_block * C::kBlockM + rank * kARows,
+                                static_cast<uint16_t>((1u << C::kCluster) - 1u));
+        }
+        tma_load_2d(b_tiles + stage * kBTileBytes, map_b, full, k * kBlockK, n_block * kBlockN);
+        bulk_load(a_scales + stage * C::kScaleBytes, p.s + static_cast<int64_t>(k) * p.m_pad + m_block * C::kBlockM,
+                  scale_rows * 4, full);
+      }
+      __syncwarp();
+      if (++stage == C::kStages) {
+        stage = 0;
+        phase ^= 1u;
+      }
+    }
+  }
+}
+
+// A math warpgroup: rows wg * kBlockM / 2 .. + kBlockM / 2 of every tile, as kSub m64 slices.
+template <typename C, typename T>
+__device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint32_t b_tiles, const float* a_scales,
+                                        uint32_t full_bars, uint32_t empty_bars) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int wg = threadIdx.x / 128 - 1;
+  const int wg_warp = (threadIdx.x / kWarpSize) % 4;
+  const int r_local = wg * (C::kBlockM / 2) + wg_warp * 16 + lane / 4;  // rows r_local + 64 sub + {0, 8}
+  T* y = static_cast<T*>(p.y);
+  const int tiles = tile_count<C>(p);
+  const uint32_t peer = static_cast<uint32_t>(blockIdx.x % C::kCluster) ^ 1u;
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int t = first_tile<C>(); t < tiles; t += tile_stride<C>()) {
+    int m_block, n_block;
+    tile_coords<C>(p, t, m_block, n_block);
+    const bool live = n_block < p.n_blocks;  // false for a pair's second block past the last n-block
+    const float* sb = p.sb + static_cast<int64_t>(live ? n_block : 0) * p.G;
+    float acc[C::kSub][64];
+#pragma unroll
+    for (int sub = 0; sub < C::kSub; ++sub) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[sub][i] = 0.0f;
+    }
+    for (int k = 0; k < p.G; ++k) {
+      const float scale_b = live ? __ldg(sb + k) : 0.0f;
+      mbar_wait(full_bars + 8 * stage, phase);
+      const uint64_t desc_b = smem_desc(b_tiles + stage * kBTileBytes);
+#pragma unroll
+      for (int sub = 0; sub < C::kSub; ++sub) {
+        const int r = r_local + 64 * sub;
+        const float scale_0 = a_scales[stage * C::kBlockM + r] * scale_b;
+        const float scale_1 = a_scales[stage * C::kBlockM + r + 8] * scale_b;
+        const uint64_t desc_a =
+            smem_desc(a_tiles + stage * C::kATileBytes + (wg * (C::kBlockM / 2) + 64 * sub) * kBlockK);
+        float part[64];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 32; ++kk) wgmma_m64n128k32(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_operands(part);
+        if (sub == C::kSub - 1 && lane == 0) {
+          mbar_arrive(empty_bars + 8 * stage);
+          if constexpr (C::kCluster == 2) mbar_arrive_remote(empty_bars + 8 * stage, peer);  // its multicast too
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          acc[sub][4 * i + 0] = fmaf(scale_0, part[4 * i + 0], acc[sub][4 * i + 0]);
+          acc[sub][4 * i + 1] = fmaf(scale_0, part[4 * i + 1], acc[sub][4 * i + 1]);
+          acc[sub][4 * i + 2] = fmaf(scale_1, part[4 * i + 2], acc[sub][4 * i + 2]);
+          acc[sub][4 * i + 3] = fmaf(scale_1, part[4 * i + 3], acc[sub][4 * i + 3]);
+        }
+      }
+      if (++stage == C::kStages) {
+        stage = 0;
+        phase ^= 1u;
+      }
+    }
+    // Accumulator fragment of wgmma m64nN: acc[4i + {0, 1}] is row r, columns 8i + 2 (lane % 4) + {0, 1};
+    // acc[4i + {2, 3}] the same columns of row r + 8.
+#pragma unroll
+    for (int sub = 0; sub < C::kSub; ++sub) {
+      const int row0 = m_block * C::kBlockM + r_local + 64 * sub;
+      const int row1 = row0 + 8;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int col = n_block * kBlockN + 8 * i + 2 * (lane % 4);
+        if (col < p.N) {  // N % 8 == 0: col + 1 < N too
+          const float b0 = bias_at(p, col), b1 = bias_at(p, col + 1);
+          if (row0 < p.M)
+            store_pair(y + static_cast<int64_t>(row0) * p.N + col, acc[sub][4 * i] + b0, acc[sub][4 * i + 1] + b1);
+          if (row1 < p.M)
+            store_pair(y + static_cast<int64_t>(row1) * p.N + col, acc[sub][4 * i + 2] + b0,
+                       acc[sub][4 * i + 3] + b1);
+        }
+      }
+    }
+  }
+}
+
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegs));
+}
+
+template <typename C, typename T, bool kQuantize>
+__global__ void __launch_bounds__(kThreads, 1)
+    sm90_linear_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap map_a,
+                       const __grid_constant__ CUtensorMap map_b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;  // the 128-byte swizzle needs 1024-byte aligned tiles
+  const uint32_t a_tiles = base;
+  const uint32_t b_tiles = a_tiles + C::kStages * C::kATileBytes;
+  const uint32_t a_scales = b_tiles + C::kStages * kBTileBytes;
+  const float* a_scales_ptr = reinterpret_cast<const float*>(smem_raw + (a_scales - raw));
+  const uint32_t full_bars = a_scales + C::kStages * C::kScaleBytes;
+  const uint32_t empty_bars = full_bars + C::kStages * 8;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::kStages; ++s) {
+      mbar_init(full_bars + 8 * s, 1);
+      mbar_init(empty_bars + 8 * s, 2 * 4 * C::kCluster);  // one arrival per math warp of the cluster
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  if constexpr (C::kCluster > 1) {
+    cluster_sync();  // the peer's barriers are initialized before anything arrives on them
+  } else {
+    __syncthreads();
+  }
+
+  const int warp = threadIdx.x / kWarpSize;
+  if (warp < 4) {
+    if constexpr (C::kSetMaxNReg) setmaxnreg_dec<40>();
+    if (warp == 0) {
+      produce<C, kQuantize>(p, &map_a, &map_b, a_tiles, b_tiles, a_scales, full_bars, empty_bars);
+    } else if constexpr (kQuantize) {
+      quantize_parts<C, T>(p);
+    }
+  } else {
+    if constexpr (C::kSetMaxNReg) setmaxnreg_inc<232>();
+    consume<C, T>(p, a_tiles, b_tiles, a_scales_ptr, full_bars, empty_bars);
+  }
+  // No block leaves while its peer may still multicast into its shared memory or arrive on its barriers.
+  if constexpr (C::kCluster > 1) cluster_sync();
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+// ------------------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status));
+    TORCH_CHECK(status == cudaDriverEntryPointSuccess && p != nullptr,
+                "sm90_linear: the CUDA driver has no cuTensorMapEncodeTiled; update the NVIDIA driver");
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  });
+  return fn;
+}
+
+// A [rows, cols] uint8 row-major matrix as box_rows x 128 boxes with the 128-byte swizzle; out-of-bounds rows
+// and columns read as zeros.
+CUtensorMap fp8_tile_map(const void* base, int64_t rows, int64_t cols, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols)};
+  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
+                                    element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "sm90_linear: cuTensorMapEncodeTiled failed with CUresult ", static_cast<int>(r));
+  return map;
+}
+
+template <typename C, typename T, bool kQuantize>
+void launch(Params p, const void* q, const void* weight, int device, cudaStream_t stream) {
+  auto kernel = &sm90_linear_kernel<C, T, kQuantize>;
+  constexpr int kMaxDevices = 64;
+  static int max_clusters[kMaxDevices] = {};  // resident clusters per device, 0: not yet asked
+  cudaLaunchConfig_t config = {};
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = C::kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = C::kCluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = C::kCluster > 1 ? 1 : 0;
+  int resident = device < kMaxDevices ? __atomic_load_n(&max_clusters[device], __ATOMIC_RELAXED) : 0;
+  if (resident == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    if constexpr (C::kCluster > 1) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
+      config.gridDim = dim3(static_cast<unsigned>(device_sm_count(device)));
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+    } else {
+      resident = device_sm_count(device);
+    }
+    TORCH_CHECK(resident > 0, "sm90_linear: no cluster of ", C::kCluster, " blocks fits on device ", device);
+    if (device < kMaxDevices) __atomic_store_n(&max_clusters[device], resident, __ATOMIC_RELAXED);
+  }
+  p.m_blocks = ceil_div(p.M, C::kBlockM);
+  const CUtensorMap map_a = fp8_tile_map(q, p.M, p.K, C::kBlockM / C::kCluster);
+  const CUtensorMap map_b = fp8_tile_map(weight, p.N, p.K, kBlockN);
+  const int tiles = p.m_blocks * ceil_div(p.n_blocks, C::kCluster);  // tiles of kBlockM x kCluster kBlockN
+  config.gridDim = dim3(static_cast<unsigned>(std::min(tiles, resident) * C::kCluster));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b));
+}
+
+void check_weight(const at::Tensor& weight, const at::Tensor& weight_scale_inv, int64_t K, const char* op) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.scalar_type() == at::ScalarType::Float8_e4m3fn &&
+                  weight.is_contiguous() && aligned_to(weight.data_ptr(), 16),
+              op, ": weight must be contiguous, 16-byte aligned float8_e4m3fn [N, ", K, "]; got ", weight.scalar_type(),
+              " ", weight.sizes());
+  const int64_t N = weight.size(0);
+  TORCH_CHECK(N > 0 && N % 8 == 0, op, ": needs N % 8 == 0; got N=", N);
+  TORCH_CHECK(K > 0 && K % kBlockK == 0, op, ": needs K % 128 == 0; got K=", K);
+  TORCH_CHECK(weight_scale_inv.scalar_type() == at::kFloat && weight_scale_inv.is_contiguous() &&
+                  weight_scale_inv.dim() == 2 && weight_scale_inv.size(0) == (N + kBlockN - 1) / kBlockN &&
+                  weight_scale_inv.size(1) == K / kBlockK,
+              op, ": weight_scale_inv must be contiguous fp32 [", (N + kBlockN - 1) / kBlockN, ", ", K / kBlockK,
+              "]; got ", weight_scale_inv.scalar_type(), " ", weight_scale_inv.sizes());
+  TORCH_CHECK(weight.is_cuda() && weight_scale_inv.device() == weight.device(), op,
+              ": weight and weight_scale_inv must be on one CUDA device");
+}
+
+void set_bias(Params& p, const c10::optional<at::Tensor>& bias, const at::Tensor& weight, const char* op) {
+  p.bias = nullptr;
+  p.bias_kind = kNoBias;
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0) && b.is_contiguous() && b.device() == weight.device(), op,
+              ": bias must be a contiguous [", weight.size(0), "] tensor on the weight's device; got ", b.sizes());
+  switch (b.scalar_type()) {
+    case at::ScalarType::BFloat16: p.bias_kind = kBiasBf16; break;
+    case at::ScalarType::Half: p.bias_kind = kBiasFp16; break;
+    case at::ScalarType::Float: p.bias_kind = kBiasFp32; break;
+    default: TORCH_CHECK(false, op, ": bias must be bfloat16, float16 or float32; got ", b.scalar_type());
+  }
+  p.bias = b.data_ptr();
+}
+
+void fill_sizes(Params& p, int64_t M, int64_t N, int64_t K) {
+  TORCH_CHECK(M < (int64_t{1} << 31) / kBlockK && N < (int64_t{1} << 24) && M * N < (int64_t{1} << 62) &&
+                  K < (int64_t{1} << 24),
+              "sm90_linear: shape too large: M=", M, ", N=", N, ", K=", K);
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.G = static_cast<int>(K / kBlockK);
+  p.m_pad = static_cast<int>((M + 3) / 4 * 4);
+  p.n_blocks = static_cast<int>((N + kBlockN - 1) / kBlockN);
+}
+
+// 256-row tiles where they still give every SM a tile (fewer bytes per flop), else 128-row ones; blocks alone.
+// `block_m` 128 or 256 and `cluster` 1 or 2 force a choice (scripts/bench_sm90.py, tests).
+struct Shape {
+  int block_m;
+  int cluster;
+};
+
+Shape pick_shape(const Params& p, int64_t block_m, int64_t cluster, int device) {
+  TORCH_CHECK(block_m == 0 || block_m == 128 || block_m == 256, "sm90_linear: block_m must be 0 (auto), 128 or 256; got ",
+              block_m);
+  TORCH_CHECK(cluster == 0 || cluster == 1 || cluster == 2, "sm90_linear: cluster must be 0 (auto), 1 or 2; got ",
+              cluster);
+  Shape s;
+  s.block_m = block_m != 0 ? static_cast<int>(block_m)
+                           : (int64_t{ceil_div(p.M, 256)} * p.n_blocks >= device_sm_count(device) ? 256 : 128);
+  // Pairs measured slower everywhere on the H100 (docs/benchmarks.md, 2026-11-26): alone unless asked.
+  s.cluster = cluster != 0 ? static_cast<int>(cluster) : 1;
+  return s;
+}
+
+template <bool kQuantize, typename T>
+void dispatch_tile(const Params& p, Shape s, const void* q, const void* weight, int device, cudaStream_t stream) {
+  if (s.block_m == 256) {
+    s.cluster == 2 ? launch<Tile<256, 2>, T, kQuantize>(p, q, weight, device, stream)
+                   : launch<Tile<256, 1>, T, kQuantize>(p, q, weight, device, stream);
+  } else {
+    s.cluster == 2 ? launch<Tile<128, 2>, T, kQuantize>(p, q, weight, device, stream)
+                   : launch<Tile<128, 1>, T, kQuantize>(p, q, weight, device, stream);
+  }
+}
+
+template <bool kQuantize>
+void dispatch(at::ScalarType dtype, const Params& p, Shape s, const void* q, const void* weight, int device) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+  if (dtype == at::ScalarType::BFloat16) {
+    dispatch_tile<kQuantize, __nv_bfloat16>(p, s, q, weight, device, stream);
+  } else {
+    dispatch_tile<kQuantize, __half>(p, s, q, weight, device, stream);
+  }
+}
+
+// sm90_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0, float eps,
+//             int block_m=0, int cluster=0) -> (Tensor y, Tensor q, Tensor s)
+// x [M, K] bf16/fp16, unit stride along K -> y [M, N] in x's dtype, q [M, K] fp8, s [M, K/128] in the `col` layout
+// (strides (1, m_pad)). The wrapper (fp8linear/sm90.py) checks everything a user can get wrong first.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sm90_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight,
+                                                                const at::Tensor& weight_scale_inv,
+                                                                const c10::optional<at::Tensor>& bias,
+                                                                bool scale_ue8m0, double eps, int64_t block_m,
+                                                                int64_t cluster) {
+  constexpr const char* op = "sm90_linear";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D; got ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf, op,
+              ": x must be bfloat16 or float16; got ", x_in.scalar_type());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  check_weight(weight, weight_scale_inv, K, op);
+  TORCH_CHECK(x_in.device() == weight.device(), op, ": x is on ", x_in.device(), ", weight on ", weight.device());
+  const int64_t N = weight.size(0);
+  Params p;
+  fill_sizes(p, M, N, K);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor y = at::empty({M, N}, x_in.options());
+  at::Tensor q = at::empty({M, K}, x_in.options().dtype(at::ScalarType::Float8_e4m3fn));
+  at::Tensor s_storage = at::empty({K / kBlockK, p.m_pad}, x_in.options().dtype(at::kFloat));
+  at::Tensor s = s_storage.t().narrow(0, 0, M);
+  if (M == 0) return {y, q, s};
+  at::Tensor x = x_in;
+  const int64_t row_stride = M > 1 ? x_in.stride(0) : K;
+  if (x_in.stride(1) != 1 || !aligned_to(x_in.data_ptr(), 16) || (row_stride * 2) % 16 != 0) x = x_in.contiguous();
+  p.x = x.data_ptr();
+  p.x_stride = M > 1 ? x.stride(0) : K;
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.s = s_storage.data_ptr<float>();
+  p.sb = weight_scale_inv.data_ptr<float>();
+  set_bias(p, bias, weight, op);
+  p.y = y.data_ptr();
+  const int device = x_in.get_device();
+  const Shape shape = pick_shape(p, block_m, cluster, device);
+  const int64_t n_flags = ceil_div<int64_t>(M, shape.block_m) * p.G;
+  at::Tensor flags = at::zeros({n_flags + 1}, x_in.options().dtype(at::kInt));  // + the quantizers' counter
+  p.flags = reinterpret_cast<uint32_t*>(flags.data_ptr<int>());
+  p.next_part = p.flags + n_flags;
+  p.eps = static_cast<float>(eps);
+  p.ue8m0 = scale_ue8m0;
+  dispatch<true>(x_in.scalar_type(), p, shape, q.data_ptr(), weight.data_ptr(), device);
+  return {y, q, s};
+}
+
+// sm90_gemm(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv, Tensor? bias, ScalarType out_dtype,
+//           int block_m=0, int cluster=0) -> Tensor
+// The same kernel on given operands: q [M, K] fp8 contiguous, s fp32 [M, K/128] in the `col` layout with
+// storage for m_pad rows per column -> y [M, N] in out_dtype (bf16 or fp16).
+at::Tensor sm90_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at::Tensor& weight,
+                          const at::Tensor& weight_scale_inv, const c10::optional<at::Tensor>& bias,
+                          at::ScalarType out_dtype, int64_t block_m, int64_t cluster) {
+  constexpr const char* op = "sm90_gemm";
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::ScalarType::Float8_e4m3fn && q.is_contiguous() &&
+                  aligned_to(q.data_ptr(), 16),
+              op, ": q must be contiguous, 16-byte aligned float8_e4m3fn [M, K]; got ", q.scalar_type(), " ",
+              q.sizes());
+  const int64_t M = q.size(0), K = q.size(1);
+  check_weight(weight, weight_scale_inv, K, op);
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op, ": out_dtype must be bfloat16 or float16");
+  TORCH_CHECK(q.device() == weight.device() && s.device() == weight.device(), op,
+              ": q, s and weight must be on one device");
+  const int64_t N = weight.size(0);
+  Params p;
+  fill_sizes(p, M, N, K);
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == M && s.size(1) == p.G &&
+                  (M <= 1 || s.stride(0) == 1) && (p.G == 1 || s.stride(1) == p.m_pad) &&
+                  aligned_to(s.data_ptr(), 16) &&
+                  s.storage().nbytes() >= static_cast<size_t>((s.storage_offset() + int64_t{p.G} * p.m_pad) * 4),
+              op, ": s must be fp32 [", M, ", ", p.G, "] in the 'col' layout (strides (1, ", p.m_pad,
+              "), storage for ", p.m_pad, " rows per column, 16-byte aligned); got ", s.sizes(), " with strides ",
+              s.strides());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor y = at::empty({M, N}, q.options().dtype(out_dtype));
+  if (M == 0) return y;
+  p.x = nullptr;
+  p.x_stride = 0;
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.s = s.data_ptr<float>();
+  p.sb = weight_scale_inv.data_ptr<float>();
+  set_bias(p, bias, weight, op);
+  p.y = y.data_ptr();
+  p.flags = nullptr;
+  p.next_part = nullptr;
+  p.eps = 0.0f;
+  p.ue8m0 = false;
+  const int device = q.get_device();
+  dispatch<false>(out_dtype, p, pick_shape(p, block_m, cluster, device), q.data_ptr(), weight.data_ptr(), device);
+  return y;
+}
+
+}  // namespace sm90
+}  // namespace fp8linear
+
+TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
+  m.impl("sm90_linear", &fp8linear::sm90::sm90_linear_cuda);
+  m.impl("sm90_gemm", &fp8linear::sm90::sm90_gemm_cuda);
+}
