@@ -52,8 +52,10 @@ def main(argv=None) -> int:
     if args.N and (not args.K or len(args.N) != len(args.K)):
         ap.error("--N and --K pair up: give both, the same number of values")
 
-    from fp8linear import FP8Linear, per_token_group_quant
+    from fp8linear import FP8Linear, _build, per_token_group_quant
     from fp8linear.backends import unsupported_reason
+
+    _build.ensure_loaded()  # the ops below are called directly, before any FP8Linear forward loads them
 
     fp8 = torch.float8_e4m3fn
     dev = torch.device("cuda")
