@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import sys
 
@@ -53,9 +54,10 @@ def main(argv=None) -> int:
         ap.error("--N and --K pair up: give both, the same number of values")
 
     from fp8linear import FP8Linear, _build, per_token_group_quant
+    importlib.import_module("fp8linear.sm90")  # defines the ops called directly below
     from fp8linear.backends import unsupported_reason
 
-    _build.ensure_loaded()  # the ops below are called directly, before any FP8Linear forward loads them
+    _build.ensure_loaded()  # ... and their CUDA kernels, before any FP8Linear forward would load them
 
     fp8 = torch.float8_e4m3fn
     dev = torch.device("cuda")
