@@ -7,27 +7,34 @@
 // redo every 128-wide group once per N tile (32 times at N = 4096) on the SM's issue slots, which the
 // tensor cores' promotion already loads (docs/design.md "What the last per-layer targets need"). This
 // kernel quantizes each group exactly once instead, with warps of its own, and writes q and its scales to
-// global memory where the GEMM's TMA loads read them, the way the quant op would: the quantization runs
-// on every SM at once beside the math, reading x while the tensor cores are busy, so what remains of it is
-// the wait for the first tiles.
+// global memory where the GEMM's TMA loads read them, the way the quant op would, in the order the tiles
+// consume them.
 //
-// The block (384 threads, one per SM, persistent over 128 x 128 output tiles):
+// Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM and cuBLASLt. Its GEMM
+// on pre-quantized operands is 25-35% behind DeepGEMM's at large M; its three quantizer warps per SM take
+// about 3x the standalone quant op's time for the same x (latency-bound: too few loads in flight and a long
+// dependent chain per row pair), so the quantization lengthens the kernel instead of hiding under it. Opt-in
+// only; `auto` never names it.
+//
+// The block (384 threads, one per SM, persistent over kBlockM x 128 output tiles, kBlockM = 128 or 256):
 //   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the
-//                    step's quantized tile to be published, then loads A (q), B (weight) and A's 128 scales
-//                    into the stage; one elected lane.
-//   warps 1-3        quantizers (kQuantize only): take 32-row x 128-column parts of x in the order the tiles
-//                    consume them, write q and the scales exactly as fp8linear::per_token_group_quant does
-//                    (common.cuh's helpers: the same bits), then count the part done in flags[m_block, k].
-//                    They never wait on anything, so every published part eventually lands; the launch is
-//                    cooperative (all blocks resident), so the producers' spin-waits always end.
-//   warpgroups 1-2   math: each a 64 x 128 half of the tile; per K step four wgmma m64n128k32 (e4m3, fp32)
-//                    into a scratch accumulator, then promoted into the tile's accumulator with the two
-//                    scales (scale_a[row] * scale_b[n_block, k]), as DESIGN.md's blockwise contract says.
-//                    The epilogue adds the bias in fp32 and stores y in x's dtype.
+//                    step's quantized parts to be published, then loads A (q), B (weight) and A's scales into
+//                    the stage; lane 0 issues, the warp polls the publication flags 32 K steps at a time.
+//   warps 1-3        quantizers (kQuantize only): claim 32-row x 128-column parts of x from a counter in the
+//                    order the tiles consume them, write q and the scales exactly as
+//                    fp8linear::per_token_group_quant does (common.cuh's helpers: the same bits), then count the
+//                    part in flags[m_block, k]. They never wait on anything, and whichever blocks are resident
+//                    claim every part, so the producers' waits end without any co-residency guarantee.
+//   warpgroups 1-2   math: each half of the tile's rows as m64 slices; per K step four wgmma m64n128k32 (e4m3,
+//                    fp32) per slice into a scratch accumulator, then promoted into the tile's accumulator with
+//                    the two scales (scale_a[row] * scale_b[n_block, k]), as DESIGN.md's blockwise contract
+//                    says. The epilogue adds the bias in fp32 and stores y in x's dtype.
+// With kCluster = 2, blocks run in pairs on neighbouring n-blocks of one m-block, each loading half of the A
+// tile into both by TMA multicast; each pair's "empty" barriers count both blocks' math warps.
 //
-// Operands in shared memory: 128 rows x 128 bytes per tile, written by TMA with the 128-byte swizzle and read
-// by wgmma through descriptors of the same swizzle; kStages stages of (A, B, A's scales), each with a
-// "full" barrier (the TMA transaction count) and an "empty" one (one arrival per math warp).
+// Operands in shared memory: rows of 128 bytes written by TMA with the 128-byte swizzle and read by wgmma
+// through descriptors of the same swizzle; kStages stages of (A, B, A's scales), each with a "full" barrier
+// (the TMA transaction count) and an "empty" one (one arrival per math warp of the cluster).
 //
 // q and s (the `col` layout: s[k * m_pad + row], m_pad = M rounded up to 4) are also returned, so a caller
 // (and the tests) can check them against the quant op; without kQuantize the kernel is a plain blockwise
@@ -159,7 +166,7 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtens
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
 __device__ __forceinline__ void cluster_sync() {
@@ -176,6 +183,10 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
+}
+
+__device__ __forceinline__ void red_release_add(uint32_t* p, uint32_t v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 // Orders this thread's generic-proxy view of global memory with its async-proxy (TMA) accesses.
@@ -280,11 +291,16 @@ __device__ void quantize_parts(const Params& p) {
   const int chunk = lane % 16;
   const T* x = static_cast<const T*>(p.x);
   const int total = p.m_blocks * p.G * C::kPartsPerBlock;
-  for (;;) {
+  // The next part is claimed before this one is quantized, so the counter's round trip overlaps the work.
+  auto claim = [&]() {
     int v = 0;
     if (lane == 0) v = static_cast<int>(atomicAdd(p.next_part, 1u));
-    v = __shfl_sync(0xFFFFFFFFu, v, 0);
-    if (v >= total) break;
+    return __shfl_sync(0xFFFFFFFFu, v, 0);
+  };
+  int next = claim();
+  while (next < total) {
+    const int v = next;
+    next = claim();
     int m_block, k, part;
     part_coords<C>(p, v, m_block, k, part);
     const int row0 = m_block * C::kBlockM + part * kPartRows + half;
@@ -315,15 +331,13 @@ __device__ void quantize_parts(const Params& p) {
         }
       }
     }
-    // Publish: every lane's stores, then one count. The producer that reads this part acquires the count and
-    // fences the async proxy before its TMA reads these bytes.
+    // Publish: every lane's stores, then one count, released at GPU scope (cumulative over the warp's stores
+    // through the warp barrier) and not waited for. The producer that reads this part acquires the count and
+    // fences the async proxy before its TMA reads these bytes. (Two __threadfence()s here instead cost about
+    // as much as the part's loads: the quantizers then fell behind the GEMM.)
     fence_proxy_async_global();
-    __threadfence();
     __syncwarp();
-    if (lane == 0) {
-      __threadfence();
-      atomicAdd(p.flags + m_block * p.G + k, 1u);
-    }
+    if (lane == 0) red_release_add(p.flags + m_block * p.G + k, 1u);
   }
 }
 
@@ -377,11 +391,9 @@ __device__ __forceinline__ void produce(const Params& p, const CUtensorMap* map_
             if (k < published) break;
             __nanosleep(64);
           }
-          // Once per poll, not per K step (a fence costs about as long as a K step's math).
-          if (lane == 0) {
-            __threadfence();
-            fence_proxy_async_global();
-          }
+          // Once per poll, not per K step (a fence costs about as long as a K step's math). The lanes' acquires
+          // order lane 0's TMA after the quantizers' stores through the ballot's warp barrier.
+          if (lane == 0) fence_proxy_async_global();
         }
       }
       if (lane == 0) {
@@ -595,14 +607,10 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   int resident = device < kMaxDevices ? __atomic_load_n(&max_clusters[device], __ATOMIC_RELAXED) : 0;
   if (resident == 0) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-    if constexpr (C::kCluster > 1) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
-      config.gridDim = dim3(static_cast<unsigned>(device_sm_count(device)));
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
-    } else {
-      resident = device_sm_count(device);
-    }
-    TORCH_CHECK(resident > 0, "sm90_linear: no cluster of ", C::kCluster, " blocks fits on device ", device);
+    // One block per SM (the shared memory allows no more); with pairs, a GPC with an odd number of SMs leaves
+    // one idle and a pair past the resident ones waits for a free one (no block waits on another to start:
+    // the quantizers claim their parts).
+    resident = device_sm_count(device) / C::kCluster;
     if (device < kMaxDevices) __atomic_store_n(&max_clusters[device], resident, __ATOMIC_RELAXED);
   }
   p.m_blocks = ceil_div(p.M, C::kBlockM);
