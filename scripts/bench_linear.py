@@ -3,8 +3,9 @@
 Per (N, K, M): median time of one layer forward, quantization included (triton.testing.do_bench: L2
 flushed before each call, warm-up first), in TFLOP/s (2*M*N*K / t) and as a speedup over bf16
 F.linear timed in the same process. Peers: "dg-gemm", DeepGEMM's GEMM alone on pre-quantized operands
-(our `col` scales; the legacy DeepGEMM package ships no quant helper), and "quant", our
-per_token_group_quant alone, whose share of auto's layer time is reported at M = 4096.
+(our `col` scales; the legacy DeepGEMM package ships no quant helper), "sm90-gemm", the sm90 kernel on
+pre-quantized operands, and "quant", our per_token_group_quant alone, whose share of auto's layer time is
+reported at M = 4096 (where auto's pick quantizes inside its GEMM, the time that adds over the GEMM alone).
 
 DeepGEMM JIT-compiles each (N, K, tile config) on first sight (seconds each): every backend is called
 once per shape before timing, and that build time is reported apart, never timed.
