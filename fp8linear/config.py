@@ -50,9 +50,9 @@ class Backend(str, enum.Enum):
     #: fp8linear's own CUDA kernel for M <= 16 (decode): quantizes x inside a tensor-core GEMM, one launch;
     #: fp8 and int8, K % 128 == 0, compute capability >= 8.9.
     SMALL_M = "small_m"
-    #: fp8linear's own Hopper GEMM (wgmma, TMA): quantizes x inside the same kernel, beside the tensor cores,
-    #: so a lone layer pays no separate quantization pass; fp8 only, K % 128 == 0, N % 8 == 0, compute
-    #: capability 9.0.
+    #: fp8linear's own Hopper GEMM (wgmma, TMA), quantizing x inside the same kernel; fp8 only, K % 128 == 0,
+    #: N % 8 == 0, compute capability 9.0. Experimental: measured slower than DeepGEMM and cuBLASLt on the
+    #: H100 (docs/benchmarks.md), so `auto` never picks it.
     SM90 = "sm90"
     #: Dequantize and matmul in fp32 on any device: the CPU path and the oracle of the tests.
     #: Slow, never chosen by `auto` on a GPU that another backend serves.

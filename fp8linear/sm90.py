@@ -5,9 +5,10 @@
 
 for x [M, K] bf16 or fp16, K % 128 == 0, N % 8 == 0, on compute capability 9.0 (wgmma, TMA). One kernel:
 warps of its own quantize each 1x128 group of x once, in the order the GEMM's tiles consume them, and
-publish q and the scales to global memory where the GEMM's TMA loads read them, so the quantization runs
-beside the tensor cores instead of in a pass before them (the kernel's header says why and how). q and
-the scales are returned too, bit for bit what `per_token_group_quant` writes.
+publish q and the scales to global memory where the GEMM's TMA loads read them, meant to run the
+quantization beside the tensor cores instead of in a pass before them (the kernel's header says why, how,
+and why it does not yet: on the H100 it is slower than DeepGEMM and cuBLASLt). q and the scales are
+returned too, bit for bit what `per_token_group_quant` writes.
 
 Pieces, as in `fp8linear.small_m`: the schemas `fp8linear::sm90_linear` (quantize and multiply) and
 `fp8linear::sm90_gemm` (the same GEMM on given q and `col` scales), fakes for torch.compile, CPU
