@@ -18,11 +18,10 @@ checked wrapper. `fp8linear.backends.sm90` serves them to FP8Linear.
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _build
-from .layouts import ScaleLayout, tma_aligned_rows
+from .layouts import tma_aligned_rows
 from .reference import dequantize_groups, per_token_group_quant_reference
 from .weights import check_linear_operands, dequantize_weight_blockwise
 
@@ -159,7 +158,3 @@ def sm90_linear(
         x, weight.contiguous(), weight_scale_inv.contiguous(), None if bias is None else bias.contiguous(),
         bool(scale_ue8m0), float(eps), int(block_m), int(cluster),
     )
-
-
-#: The scale layout `sm90_gemm` reads (the quant op's `col`).
-SCALE_LAYOUT = ScaleLayout.COL

@@ -147,8 +147,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int inner, int outer) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
-          dst),
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(inner), "r"(outer)
       : "memory");
 }
@@ -674,8 +674,8 @@ struct Shape {
 };
 
 Shape pick_shape(const Params& p, int64_t block_m, int64_t cluster, int device) {
-  TORCH_CHECK(block_m == 0 || block_m == 128 || block_m == 256, "sm90_linear: block_m must be 0 (auto), 128 or 256; got ",
-              block_m);
+  TORCH_CHECK(block_m == 0 || block_m == 128 || block_m == 256,
+              "sm90_linear: block_m must be 0 (auto), 128 or 256; got ", block_m);
   TORCH_CHECK(cluster == 0 || cluster == 1 || cluster == 2, "sm90_linear: cluster must be 0 (auto), 1 or 2; got ",
               cluster);
   Shape s;

@@ -4,10 +4,11 @@ One kernel per forward (`fp8linear::sm90_linear`, fp8linear.sm90): warps of its 
 1x128 group, in the order the GEMM's tiles consume it, instead of a separate pass before the GEMM; the q
 and scales it writes are bit for bit the quant op's. Experimental: on the H100 it is slower than DeepGEMM
 and cuBLASLt at every measured shape (its quantizers take longer than the standalone op, its GEMM core
-about 1.35x DeepGEMM's; docs/benchmarks.md), so `auto` never names it; ask for it by name. Needs fp8 e4m3 weights,
-K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input for the one-op path
-(`quant_gemm`); fp32 input, and q and scales handed over by FP8RMSNorm, go through `gemm` (the same
-kernel on given operands, `col` scales).
+about 1.35x DeepGEMM's; docs/benchmarks.md), so `auto` never names it; ask for it by name.
+
+Needs fp8 e4m3 weights, K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input
+for the one-op path (`quant_gemm`); fp32 input, and q and scales handed over by FP8RMSNorm, go through
+`gemm` (the same kernel on given operands, `col` scales).
 """
 
 from __future__ import annotations
