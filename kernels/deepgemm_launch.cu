@@ -22,8 +22,8 @@
 // Launch: grid = num_sms persistent blocks, 128 TMA threads + 128 per math warpgroup (1 for BLOCK_M 64,
 // else 2), the dynamic shared memory DeepGEMM computed, a cluster of `multicast` blocks along x.
 //
-// The driver API (tensor maps, CUkernel launch) is reached through cudaGetDriverEntryPointByVersion, so
-// the extension links no libcuda.
+// The driver API (tensor maps, CUkernel launch) is reached through cudaGetDriverEntryPointByVersion
+// (kernels/tensor_map.h), so the extension links no libcuda.
 
 #include <cstdint>
 #include <mutex>
@@ -41,6 +41,7 @@
 
 #include "launch_utils.h"
 #include "quant_ops.h"
+#include "tensor_map.h"
 
 namespace fp8linear {
 namespace deepgemm {
@@ -50,56 +51,30 @@ constexpr int kTmaThreads = 128;            // one producer warpgroup
 constexpr int kMathThreadsPerGroup = 128;   // per consumer warpgroup
 constexpr int64_t kMaxSmemBytes = 232448;   // SM90's opt-in maximum (DeepGEMM's sm90_capacity)
 
-// The driver entry points this file needs, resolved once per process.
+constexpr const char* kOp = "deepgemm_gemm";
+constexpr const char* kRemedy = "update the NVIDIA driver or use backend='cublas'";
+
+// The launch entry points this file needs beyond kernels/tensor_map.h's, resolved once per process.
 struct Driver {
-  PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = nullptr;
   PFN_cuLaunchKernelEx_v11060 launch_ex = nullptr;
   PFN_cuKernelSetAttribute_v12000 kernel_set_attribute = nullptr;
-  PFN_cuGetErrorName_v6000 error_name = nullptr;
 };
-
-template <typename Fn>
-void resolve(const char* symbol, unsigned int version, Fn* out) {
-  void* fn = nullptr;
-  cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-  C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &fn, version, cudaEnableDefault, &status));
-  TORCH_CHECK(status == cudaDriverEntryPointSuccess && fn != nullptr, "deepgemm_gemm: the CUDA driver has no ",
-              symbol, " (version ", version, "); update the NVIDIA driver or use backend='cublas'");
-  *out = reinterpret_cast<Fn>(fn);
-}
 
 const Driver& driver() {
   static Driver d;
   static std::once_flag once;
   std::call_once(once, [] {
-    resolve("cuTensorMapEncodeTiled", 12000, &d.encode_tiled);
-    resolve("cuLaunchKernelEx", 11060, &d.launch_ex);
-    resolve("cuKernelSetAttribute", 12000, &d.kernel_set_attribute);
-    resolve("cuGetErrorName", 6000, &d.error_name);
+    d.launch_ex = driver_entry_point<PFN_cuLaunchKernelEx_v11060>("cuLaunchKernelEx", 11060, kOp, kRemedy);
+    d.kernel_set_attribute =
+        driver_entry_point<PFN_cuKernelSetAttribute_v12000>("cuKernelSetAttribute", 12000, kOp, kRemedy);
   });
   return d;
 }
 
-void check(CUresult result, const char* what) {
-  if (result == CUDA_SUCCESS) return;
-  const char* name = nullptr;
-  driver().error_name(result, &name);
-  TORCH_CHECK(false, "deepgemm_gemm: ", what, " failed: ", name ? name : "unknown CUresult ", static_cast<int>(result));
-}
-
-// A 2-D tiled TMA descriptor over `base`: `inner` contiguous elements per line, `outer` lines `stride_bytes`
-// apart, boxes of box_inner x box_outer elements; DeepGEMM's settings for everything else.
+// A 2-D tiled TMA descriptor as DeepGEMM's runtime builds them (tensor_map.h's settings are DeepGEMM's).
 CUtensorMap tensor_map(CUtensorMapDataType type, void* base, uint64_t inner, uint64_t outer, uint64_t stride_bytes,
                        uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {inner, outer};
-  const cuuint64_t strides[1] = {stride_bytes};
-  const cuuint32_t box[2] = {box_inner, box_outer};
-  const cuuint32_t element_strides[2] = {1, 1};
-  check(driver().encode_tiled(&map, type, 2, base, dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                              swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-        "cuTensorMapEncodeTiled");
-  return map;
+  return tensor_map_2d(kOp, type, base, inner, outer, stride_bytes, box_inner, box_outer, swizzle);
 }
 
 CUtensorMapSwizzle swizzle_of(int64_t bytes) {
@@ -185,9 +160,9 @@ at::Tensor deepgemm_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at
 
   const Driver& drv = driver();
   const auto handle = reinterpret_cast<CUkernel>(static_cast<uintptr_t>(kernel));
-  check(drv.kernel_set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem_size), handle,
-                                 static_cast<CUdevice>(device)),
-        "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
+  check_driver(drv.kernel_set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem_size),
+                                        handle, static_cast<CUdevice>(device)),
+               kOp, "cuKernelSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
 
   CUlaunchAttribute cluster = {};
   cluster.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
@@ -211,7 +186,7 @@ at::Tensor deepgemm_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at
   void* grouped_layout = nullptr;  // read only by the grouped GEMM types
   uint32_t shape_m = static_cast<uint32_t>(M);
   void* args[] = {&gmem_d, &scales_b, &grouped_layout, &shape_m, &map_a, &map_b, &map_scales_a, &map_d};
-  check(drv.launch_ex(&config, reinterpret_cast<CUfunction>(handle), args, nullptr), "cuLaunchKernelEx");
+  check_driver(drv.launch_ex(&config, reinterpret_cast<CUfunction>(handle), args, nullptr), kOp, "cuLaunchKernelEx");
   return y;
 }
 

@@ -42,10 +42,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 
 #include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <ATen/core/Tensor.h>
@@ -58,14 +56,14 @@
 
 #include "common.cuh"
 #include "launch_utils.h"
+#include "tensor_map.h"
 
 namespace fp8linear {
 namespace sm90 {
 
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;      // = the scale group along K
-constexpr int kThreads = 384;     // warpgroup 0: producer + quantizers; 1-2: math
-constexpr int kQuantWarps = 3;
+constexpr int kThreads = 384;     // warpgroup 0: producer (warp 0) + quantizers (warps 1-3); 1-2: math
 constexpr int kPartRows = 32;     // rows of x one quantizer warp takes at a time
 constexpr int kBTileBytes = kBlockN * kBlockK;
 
@@ -559,40 +557,27 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ------------------------------------------------------------------------------------------------
 // Host side.
 // ------------------------------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status));
-    TORCH_CHECK(status == cudaDriverEntryPointSuccess && p != nullptr,
-                "sm90_linear: the CUDA driver has no cuTensorMapEncodeTiled; update the NVIDIA driver");
-    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  });
-  return fn;
-}
-
 // A [rows, cols] uint8 row-major matrix as box_rows x 128 boxes with the 128-byte swizzle; out-of-bounds rows
 // and columns read as zeros.
 CUtensorMap fp8_tile_map(const void* base, int64_t rows, int64_t cols, int box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols)};
-  const cuuint32_t box[2] = {kBlockK, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(base), dims, strides, box,
-                                    element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "sm90_linear: cuTensorMapEncodeTiled failed with CUresult ", static_cast<int>(r));
-  return map;
+  return tensor_map_2d("sm90_linear", CU_TENSOR_MAP_DATA_TYPE_UINT8, base, static_cast<uint64_t>(cols),
+                       static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), kBlockK,
+                       static_cast<uint32_t>(box_rows), CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <typename C, typename T, bool kQuantize>
 void launch(Params p, const void* q, const void* weight, int device, cudaStream_t stream) {
   auto kernel = &sm90_linear_kernel<C, T, kQuantize>;
   constexpr int kMaxDevices = 64;
-  static int max_clusters[kMaxDevices] = {};  // resident clusters per device, 0: not yet asked
+  static bool smem_set[kMaxDevices] = {};  // the shared-memory opt-in, made once per device
+  if (device >= kMaxDevices || !__atomic_load_n(&smem_set[device], __ATOMIC_RELAXED)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    if (device < kMaxDevices) __atomic_store_n(&smem_set[device], true, __ATOMIC_RELAXED);
+  }
+  // One block per SM (the shared memory allows no more); with pairs, a GPC with an odd number of SMs leaves
+  // one idle and a pair past the resident ones waits for a free one (no block waits on another to start:
+  // the quantizers claim their parts).
+  const int resident = device_sm_count(device) / C::kCluster;
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = C::kSmemBytes;
@@ -604,15 +589,6 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = C::kCluster > 1 ? 1 : 0;
-  int resident = device < kMaxDevices ? __atomic_load_n(&max_clusters[device], __ATOMIC_RELAXED) : 0;
-  if (resident == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-    // One block per SM (the shared memory allows no more); with pairs, a GPC with an odd number of SMs leaves
-    // one idle and a pair past the resident ones waits for a free one (no block waits on another to start:
-    // the quantizers claim their parts).
-    resident = device_sm_count(device) / C::kCluster;
-    if (device < kMaxDevices) __atomic_store_n(&max_clusters[device], resident, __ATOMIC_RELAXED);
-  }
   p.m_blocks = ceil_div(p.M, C::kBlockM);
   const CUtensorMap map_a = fp8_tile_map(q, p.M, p.K, C::kBlockM / C::kCluster);
   const CUtensorMap map_b = fp8_tile_map(weight, p.N, p.K, kBlockN);
