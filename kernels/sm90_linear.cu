@@ -41,6 +41,7 @@
 // GEMM of given (q, s).
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 
 #include <cuda.h>
@@ -79,15 +80,20 @@ struct Tile {
   // into both (TMA multicast): a quarter fewer bytes from L2 per flop.
   static constexpr int kCluster = kCluster_;
   static constexpr int kSub = kBlockM / 128;             // m64 wgmma rows per math warpgroup, / 64
-  static constexpr int kStages = kBlockM == 256 ? 4 : 6;  // 4 x 49 KB or 6 x 32.5 KB
+  // Stages of (A, B, A's scales): 3 x 49 KB or 5 x 32.5 KB, beside the output staging below.
+  static constexpr int kStages = kBlockM == 256 ? 3 : 5;
   static constexpr int kPartsPerBlock = kBlockM / kPartRows;
   static constexpr int kGroupM = 1024 / kBlockM;         // tiles run m-fastest over 1024-row groups
   static constexpr int kLoadBatch = kBlockM == 256 ? 4 : 16;  // quantizer loads in flight per lane
   static constexpr bool kSetMaxNReg = kBlockM == 256;
   static constexpr int kATileBytes = kBlockM * kBlockK;
   static constexpr int kScaleBytes = kBlockM * 4;
-  static constexpr int kSmemBytes =
-      1024 /* alignment slack */ + kStages * (kATileBytes + kBTileBytes + kScaleBytes) + 2 * kStages * 8;
+  // The epilogue stages each math warpgroup's rows of y (2-byte T) in shared memory for one TMA store: the
+  // direct 4-byte stores of the accumulator fragments cost about a fifth of the kernel (docs/benchmarks.md).
+  static constexpr int kHalfRows = kBlockM / 2;
+  static constexpr int kDHalfBytes = kHalfRows * kBlockN * 2;
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kStages * (kATileBytes + kBTileBytes + kScaleBytes) +
+                                    2 * kDHalfBytes + 2 * kStages * 8;
 };
 
 enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
@@ -189,6 +195,26 @@ __device__ __forceinline__ void red_release_add(uint32_t* p, uint32_t v) {
 
 // Orders this thread's generic-proxy view of global memory with its async-proxy (TMA) accesses.
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+// Orders this thread's shared-memory writes before a later TMA (async-proxy) read of them.
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// A barrier of `count` threads (a multiple of 32) by id; 0 is __syncthreads'.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
+// TMA store of a box from shared memory to global; out-of-bounds rows and columns are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int inner, int outer) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(inner), "r"(outer)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's committed bulk stores have finished reading shared memory / have completed.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 // A wgmma shared-memory descriptor: K-major tile of 128-byte rows with the 128-byte swizzle, 8-row groups
 // 1024 bytes apart (the stride byte offset); the leading byte offset is unused in this mode.
@@ -339,24 +365,40 @@ __device__ void quantize_parts(const Params& p) {
   }
 }
 
-__device__ __forceinline__ float bias_at(const Params& p, int col) {
-  switch (p.bias_kind) {
-    case kBiasBf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.bias)[col]);
-    case kBiasFp16: return __half2float(static_cast<const __half*>(p.bias)[col]);
-    case kBiasFp32: return static_cast<const float*>(p.bias)[col];
-    default: return 0.0f;
+// The bias of columns col and col + 1, in fp32; the kind is a template argument so the epilogue's loop holds
+// no switch (one per element cost about as many instructions as a tile's promotion; docs/benchmarks.md).
+template <int kBias>
+__device__ __forceinline__ float2 bias_pair(const Params& p, int col) {
+  if constexpr (kBias == kBiasBf16) {
+    const __nv_bfloat16* b = static_cast<const __nv_bfloat16*>(p.bias) + col;
+    return make_float2(__bfloat162float(b[0]), __bfloat162float(b[1]));
+  } else if constexpr (kBias == kBiasFp16) {
+    const __half* b = static_cast<const __half*>(p.bias) + col;
+    return make_float2(__half2float(b[0]), __half2float(b[1]));
+  } else if constexpr (kBias == kBiasFp32) {
+    const float* b = static_cast<const float*>(p.bias) + col;
+    return make_float2(b[0], b[1]);
+  } else {
+    return make_float2(0.0f, 0.0f);
   }
 }
 
+// Two values rounded to T, packed as one 32-bit word (the first in the low half).
 template <typename T>
-__device__ __forceinline__ void store_pair(T* dst, float a, float b);
+__device__ __forceinline__ uint32_t pack_pair(float a, float b);
 template <>
-__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 template <>
-__device__ __forceinline__ void store_pair<__half>(__half* dst, float a, float b) {
-  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+__device__ __forceinline__ uint32_t pack_pair<__half>(float a, float b) {
+  const __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
 
 // The producer warp: per K step, the stage free, the step's parts published (kQuantize), then A, B and A's
@@ -418,15 +460,53 @@ __device__ __forceinline__ void produce(const Params& p, const CUtensorMap* map_
   }
 }
 
+// The epilogue of one math warpgroup: its kHalfRows rows of the tile, bias added in fp32, rounded to T into
+// its staging buffer, then stored by TMA (two boxes of 64 columns) while the warpgroup goes on to its next
+// tile. The buffer holds the boxes one after the other, rows of 128 bytes with the 128-byte swizzle (16-byte
+// chunk c of row r at chunk c ^ (r % 8)), which the map's swizzle undoes: the 8 rows a warp writes at once
+// then fall in 8 different bank groups. Accumulator fragment of wgmma m64nN: acc[4i + {0, 1}] is row r,
+// columns 8i + 2 (lane % 4) + {0, 1}; acc[4i + {2, 3}] the same columns of row r + 8.
+template <typename C, typename T, int kBias>
+__device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[C::kSub][64], int m_block, int n_block,
+                                           int wg, uint32_t d_smem, const CUtensorMap* map_d) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int wg_warp = (threadIdx.x / kWarpSize) % 4;
+  const bool issuer = threadIdx.x % 128 == 0;
+  if (issuer) bulk_wait_read();  // the previous tile's store has read the buffer
+  named_barrier_sync(1 + wg, 128);
+#pragma unroll
+  for (int sub = 0; sub < C::kSub; ++sub) {
+    const int r0 = wg_warp * 16 + lane / 4 + 64 * sub;  // row within the warpgroup's half; r0 + 8 too
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int col = n_block * kBlockN + 8 * i + 2 * (lane % 4);
+      const float2 b = col < p.N ? bias_pair<kBias>(p, col) : make_float2(0.0f, 0.0f);  // N % 8 == 0
+      const uint32_t box = d_smem + (i / 8) * (C::kHalfRows * 128) + 4 * (lane % 4);
+      const uint32_t c = i % 8;
+      st_shared_u32(box + r0 * 128 + ((c ^ (r0 % 8)) << 4), pack_pair<T>(acc[sub][4 * i] + b.x, acc[sub][4 * i + 1] + b.y));
+      st_shared_u32(box + (r0 + 8) * 128 + ((c ^ (r0 % 8)) << 4),
+                    pack_pair<T>(acc[sub][4 * i + 2] + b.x, acc[sub][4 * i + 3] + b.y));
+    }
+  }
+  fence_proxy_async_shared();
+  named_barrier_sync(1 + wg, 128);
+  if (issuer) {
+    const int row = m_block * C::kBlockM + wg * C::kHalfRows;
+    tma_store_2d(map_d, d_smem, n_block * kBlockN, row);
+    if (n_block * kBlockN + 64 < p.N) tma_store_2d(map_d, d_smem + C::kHalfRows * 128, n_block * kBlockN + 64, row);
+    bulk_commit();
+  }
+}
+
 // A math warpgroup: rows wg * kBlockM / 2 .. + kBlockM / 2 of every tile, as kSub m64 slices.
 template <typename C, typename T>
 __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint32_t b_tiles, const float* a_scales,
-                                        uint32_t full_bars, uint32_t empty_bars) {
+                                        uint32_t full_bars, uint32_t empty_bars, uint32_t d_tiles,
+                                        const CUtensorMap* map_d) {
   const int lane = threadIdx.x % kWarpSize;
   const int wg = threadIdx.x / 128 - 1;
   const int wg_warp = (threadIdx.x / kWarpSize) % 4;
   const int r_local = wg * (C::kBlockM / 2) + wg_warp * 16 + lane / 4;  // rows r_local + 64 sub + {0, 8}
-  T* y = static_cast<T*>(p.y);
   const int tiles = tile_count<C>(p);
   const uint32_t peer = static_cast<uint32_t>(blockIdx.x % C::kCluster) ^ 1u;
   int stage = 0;
@@ -477,26 +557,16 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
         phase ^= 1u;
       }
     }
-    // Accumulator fragment of wgmma m64nN: acc[4i + {0, 1}] is row r, columns 8i + 2 (lane % 4) + {0, 1};
-    // acc[4i + {2, 3}] the same columns of row r + 8.
-#pragma unroll
-    for (int sub = 0; sub < C::kSub; ++sub) {
-      const int row0 = m_block * C::kBlockM + r_local + 64 * sub;
-      const int row1 = row0 + 8;
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int col = n_block * kBlockN + 8 * i + 2 * (lane % 4);
-        if (col < p.N) {  // N % 8 == 0: col + 1 < N too
-          const float b0 = bias_at(p, col), b1 = bias_at(p, col + 1);
-          if (row0 < p.M)
-            store_pair(y + static_cast<int64_t>(row0) * p.N + col, acc[sub][4 * i] + b0, acc[sub][4 * i + 1] + b1);
-          if (row1 < p.M)
-            store_pair(y + static_cast<int64_t>(row1) * p.N + col, acc[sub][4 * i + 2] + b0,
-                       acc[sub][4 * i + 3] + b1);
-        }
-      }
+    if (!live) continue;  // (uniform over the block)
+    const uint32_t d_smem = d_tiles + wg * C::kDHalfBytes;
+    switch (p.bias_kind) {
+      case kBiasBf16: store_tile<C, T, kBiasBf16>(p, acc, m_block, n_block, wg, d_smem, map_d); break;
+      case kBiasFp16: store_tile<C, T, kBiasFp16>(p, acc, m_block, n_block, wg, d_smem, map_d); break;
+      case kBiasFp32: store_tile<C, T, kBiasFp32>(p, acc, m_block, n_block, wg, d_smem, map_d); break;
+      default: store_tile<C, T, kNoBias>(p, acc, m_block, n_block, wg, d_smem, map_d); break;
     }
   }
+  if (threadIdx.x % 128 == 0) bulk_wait_all();  // the stores are done before the block's memory goes
 }
 
 template <int kRegs>
@@ -511,14 +581,15 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 template <typename C, typename T, bool kQuantize>
 __global__ void __launch_bounds__(kThreads, 1)
     sm90_linear_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap map_a,
-                       const __grid_constant__ CUtensorMap map_b) {
+                       const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_d) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;  // the 128-byte swizzle needs 1024-byte aligned tiles
   const uint32_t a_tiles = base;
   const uint32_t b_tiles = a_tiles + C::kStages * C::kATileBytes;
-  const uint32_t a_scales = b_tiles + C::kStages * kBTileBytes;
+  const uint32_t d_tiles = b_tiles + C::kStages * kBTileBytes;  // 1024-byte aligned too, for the swizzle
+  const uint32_t a_scales = d_tiles + 2 * C::kDHalfBytes;
   const float* a_scales_ptr = reinterpret_cast<const float*>(smem_raw + (a_scales - raw));
   const uint32_t full_bars = a_scales + C::kStages * C::kScaleBytes;
   const uint32_t empty_bars = full_bars + C::kStages * 8;
@@ -547,7 +618,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     if constexpr (C::kSetMaxNReg) setmaxnreg_inc<232>();
-    consume<C, T>(p, a_tiles, b_tiles, a_scales_ptr, full_bars, empty_bars);
+    consume<C, T>(p, a_tiles, b_tiles, a_scales_ptr, full_bars, empty_bars, d_tiles, &map_d);
   }
   // No block leaves while its peer may still multicast into its shared memory or arrive on its barriers.
   if constexpr (C::kCluster > 1) cluster_sync();
@@ -592,9 +663,14 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   p.m_blocks = ceil_div(p.M, C::kBlockM);
   const CUtensorMap map_a = fp8_tile_map(q, p.M, p.K, C::kBlockM / C::kCluster);
   const CUtensorMap map_b = fp8_tile_map(weight, p.N, p.K, kBlockN);
+  // y [M, N] in T as boxes of 64 columns (128 bytes) x kHalfRows rows, the 128-byte swizzle.
+  const CUtensorMap map_d =
+      tensor_map_2d("sm90_linear", std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                    p.y, static_cast<uint64_t>(p.N), static_cast<uint64_t>(p.M), static_cast<uint64_t>(p.N) * 2, 64,
+                    C::kHalfRows, CU_TENSOR_MAP_SWIZZLE_128B);
   const int tiles = p.m_blocks * ceil_div(p.n_blocks, C::kCluster);  // tiles of kBlockM x kCluster kBlockN
   config.gridDim = dim3(static_cast<unsigned>(std::min(tiles, resident) * C::kCluster));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d));
 }
 
 void check_weight(const at::Tensor& weight, const at::Tensor& weight_scale_inv, int64_t K, const char* op) {
