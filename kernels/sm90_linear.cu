@@ -10,11 +10,12 @@
 // global memory where the GEMM's TMA loads read them, the way the quant op would, in the order the tiles
 // consume them.
 //
-// Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM and cuBLASLt. Its GEMM
-// on pre-quantized operands takes about 1.35x DeepGEMM's at large M; its three quantizer warps per SM take
-// about 3x the standalone quant op's time for the same x (latency-bound: too few loads in flight and a long
-// dependent chain per row pair), so the quantization lengthens the kernel instead of hiding under it. Opt-in
-// only; `auto` never names it.
+// Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM's one-op forward. Its
+// GEMM on pre-quantized operands takes 1.10-1.25x DeepGEMM's at large M (1.35x before the TMA-store epilogue);
+// its three quantizer warps per SM quantize too slowly to stay ahead of the tiles (latency-bound: too few
+// loads in flight, a long dependent chain per row pair, and the first tiles wait about 9 us for their first
+// parts), so the quantization still lengthens the kernel by 20-40% instead of hiding under it. Opt-in only;
+// `auto` never names it.
 //
 // The block (384 threads, one per SM, persistent over kBlockM x 128 output tiles, kBlockM = 128 or 256):
 //   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the
@@ -28,7 +29,8 @@
 //   warpgroups 1-2   math: each half of the tile's rows as m64 slices; per K step four wgmma m64n128k32 (e4m3,
 //                    fp32) per slice into a scratch accumulator, then promoted into the tile's accumulator with
 //                    the two scales (scale_a[row] * scale_b[n_block, k]), as DESIGN.md's blockwise contract
-//                    says. The epilogue adds the bias in fp32 and stores y in x's dtype.
+//                    says. The epilogue adds the bias in fp32, rounds to x's dtype into the warpgroup's staging
+//                    buffer (stmatrix) and stores it by TMA while the warpgroup starts its next tile.
 // With kCluster = 2, blocks run in pairs on neighbouring n-blocks of one m-block, each loading half of the A
 // tile into both by TMA multicast; each pair's "empty" barriers count both blocks' math warps.
 //
@@ -41,8 +43,8 @@
 // GEMM of given (q, s).
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -133,6 +135,21 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
+// Whether the barrier's phase of parity `parity` has completed, without waiting.
+__device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // Wait until the barrier's phase of parity `parity` has completed.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
@@ -197,7 +214,9 @@ __device__ __forceinline__ void red_release_add(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
 // Orders this thread's shared-memory writes before a later TMA (async-proxy) read of them.
-__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
 
 // A barrier of `count` threads (a multiple of 32) by id; 0 is __syncthreads'.
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
@@ -397,8 +416,13 @@ __device__ __forceinline__ uint32_t pack_pair<__half>(float a, float b) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+// Four 8 x 8 matrices of 16-bit values into shared memory: lane l gives the address of row l % 8 of matrix l / 8,
+// and its word j holds its two values (row l / 4, columns 2 (l % 4) + {0, 1}) of matrix j, the layout of an
+// mma accumulator fragment.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
 }
 
 // The producer warp: per K step, the stage free, the step's parts published (kQuantize), then A, B and A's
@@ -474,18 +498,20 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&acc)[C
   const bool issuer = threadIdx.x % 128 == 0;
   if (issuer) bulk_wait_read();  // the previous tile's store has read the buffer
   named_barrier_sync(1 + wg, 128);
+  const int j = lane / 8;  // the matrix this lane addresses: rows + 8 (j % 2), columns + 8 (j / 2)
 #pragma unroll
   for (int sub = 0; sub < C::kSub; ++sub) {
-    const int r0 = wg_warp * 16 + lane / 4 + 64 * sub;  // row within the warpgroup's half; r0 + 8 too
+    const int row = wg_warp * 16 + 64 * sub + 8 * (j % 2) + lane % 8;  // within the warpgroup's half
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 16; i += 2) {
       const int col = n_block * kBlockN + 8 * i + 2 * (lane % 4);
-      const float2 b = col < p.N ? bias_pair<kBias>(p, col) : make_float2(0.0f, 0.0f);  // N % 8 == 0
-      const uint32_t box = d_smem + (i / 8) * (C::kHalfRows * 128) + 4 * (lane % 4);
-      const uint32_t c = i % 8;
-      st_shared_u32(box + r0 * 128 + ((c ^ (r0 % 8)) << 4), pack_pair<T>(acc[sub][4 * i] + b.x, acc[sub][4 * i + 1] + b.y));
-      st_shared_u32(box + (r0 + 8) * 128 + ((c ^ (r0 % 8)) << 4),
-                    pack_pair<T>(acc[sub][4 * i + 2] + b.x, acc[sub][4 * i + 3] + b.y));
+      const float2 b0 = col < p.N ? bias_pair<kBias>(p, col) : make_float2(0.0f, 0.0f);  // N % 8 == 0
+      const float2 b1 = col + 8 < p.N ? bias_pair<kBias>(p, col + 8) : make_float2(0.0f, 0.0f);
+      const int chunk = i + j / 2;  // 16-byte column chunk of the tile: box chunk / 8, chunk % 8 within
+      const uint32_t addr = d_smem + (chunk / 8) * (C::kHalfRows * 128) + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+      const float* a = acc[sub] + 4 * i;
+      stmatrix_x4(addr, pack_pair<T>(a[0] + b0.x, a[1] + b0.y), pack_pair<T>(a[2] + b0.x, a[3] + b0.y),
+                  pack_pair<T>(a[4] + b1.x, a[5] + b1.y), pack_pair<T>(a[6] + b1.x, a[7] + b1.y));
     }
   }
   fence_proxy_async_shared();
@@ -511,6 +537,7 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
   const uint32_t peer = static_cast<uint32_t>(blockIdx.x % C::kCluster) ^ 1u;
   int stage = 0;
   uint32_t phase = 0;
+  bool full_ready = false;  // this stage's loads have landed (tested during the last step's promotion)
   for (int t = first_tile<C>(); t < tiles; t += tile_stride<C>()) {
     int m_block, n_block;
     tile_coords<C>(p, t, m_block, n_block);
@@ -524,7 +551,7 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
     }
     for (int k = 0; k < p.G; ++k) {
       const float scale_b = live ? __ldg(sb + k) : 0.0f;
-      mbar_wait(full_bars + 8 * stage, phase);
+      if (!full_ready) mbar_wait(full_bars + 8 * stage, phase);
       const uint64_t desc_b = smem_desc(b_tiles + stage * kBTileBytes);
 #pragma unroll
       for (int sub = 0; sub < C::kSub; ++sub) {
@@ -543,6 +570,10 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
         if (sub == C::kSub - 1 && lane == 0) {
           mbar_arrive(empty_bars + 8 * stage);
           if constexpr (C::kCluster == 2) mbar_arrive_remote(empty_bars + 8 * stage, peer);  // its multicast too
+        }
+        if (sub == C::kSub - 1) {  // the next stage, tested now: the test's latency hides under the FMAs below
+          const int next = stage + 1 == C::kStages ? 0 : stage + 1;
+          full_ready = mbar_test(full_bars + 8 * next, next == 0 ? phase ^ 1u : phase);
         }
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
@@ -664,10 +695,11 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   const CUtensorMap map_a = fp8_tile_map(q, p.M, p.K, C::kBlockM / C::kCluster);
   const CUtensorMap map_b = fp8_tile_map(weight, p.N, p.K, kBlockN);
   // y [M, N] in T as boxes of 64 columns (128 bytes) x kHalfRows rows, the 128-byte swizzle.
-  const CUtensorMap map_d =
-      tensor_map_2d("sm90_linear", std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                    p.y, static_cast<uint64_t>(p.N), static_cast<uint64_t>(p.M), static_cast<uint64_t>(p.N) * 2, 64,
-                    C::kHalfRows, CU_TENSOR_MAP_SWIZZLE_128B);
+  constexpr CUtensorMapDataType kOutType =
+      std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUtensorMap map_d = tensor_map_2d("sm90_linear", kOutType, p.y, static_cast<uint64_t>(p.N),
+                                          static_cast<uint64_t>(p.M), static_cast<uint64_t>(p.N) * 2, 64, C::kHalfRows,
+                                          CU_TENSOR_MAP_SWIZZLE_128B);
   const int tiles = p.m_blocks * ceil_div(p.n_blocks, C::kCluster);  // tiles of kBlockM x kCluster kBlockN
   config.gridDim = dim3(static_cast<unsigned>(std::min(tiles, resident) * C::kCluster));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d));
