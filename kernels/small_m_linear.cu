@@ -32,18 +32,24 @@
 // on the H100's 132 SMs) leaves each SM one block of 8 warps, too few loads in flight for a latency-bound
 // stream. Such a launch splits the groups over `splits` blocks per row block (grid.y), as many as fill the
 // SMs to the kernel's occupancy while every warp keeps a group; each writes its fp32 sums to a
-// [splits, M, N] buffer and a second kernel adds them in split order (deterministic), adds the bias and
-// rounds. FP8L_SMALLM_SPLIT_K=0 turns this off.
+// [splits, M, N] buffer and counts itself in a per-row-block counter; the last split to arrive adds all of
+// them in split order (deterministic), adds the bias, rounds, and clears the counter. (A second kernel did
+// the sum before: its launch cost about as much as the split saved in do_bench, docs/benchmarks.md.)
+// FP8L_SMALLM_SPLIT_K=0 turns this off.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime.h>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -85,6 +91,7 @@ struct Params {
   bool ue8m0;
   int groups_per_split;  // groups of one grid.y slice: G when the launch is not split
   float* partial;        // split launches: fp32 [gridDim.y, M, N] sums before the bias; else null
+  int* arrived;          // split launches: per row block, splits done so far (zero between launches)
 };
 
 // ---- tensor-core fragments -------------------------------------------------------------------------
@@ -324,26 +331,61 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
     float v = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) v += red[w * kSlots + e];
-    if (p.partial != nullptr) {  // a split launch: small_m_split_sum_kernel finishes
+    if (p.partial != nullptr) {  // a split launch: the row block's last split finishes, below
       p.partial[(static_cast<int64_t>(blockIdx.y) * p.M + tok) * p.N + n] = v;
       continue;
     }
     if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
     static_cast<T*>(p.y)[static_cast<int64_t>(tok) * p.N + n] = from_float<T>(v);
   }
+  if (p.partial == nullptr) return;
+
+  // The last split of this row block to arrive adds all splits' sums in split order (deterministic: the
+  // same bits whichever arrives last), adds the bias and stores y; then it clears the counter for the next
+  // launch. The fences order each block's partial stores before its arrival, and the arrivals before the
+  // last block's loads (which bypass L1).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.arrived + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int rows = min(kTileRows * kRT, p.N - n0);
+  const int64_t count = static_cast<int64_t>(p.M) * p.N;
+  for (int e = threadIdx.x; e < rows * p.M; e += kThreads) {
+    const int tok = e / rows;
+    const int n = n0 + e % rows;
+    const int64_t at = static_cast<int64_t>(tok) * p.N + n;
+    float v = 0.0f;
+    for (int split = 0; split < static_cast<int>(gridDim.y); ++split) v += __ldcg(p.partial + split * count + at);
+    if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
+    static_cast<T*>(p.y)[at] = from_float<T>(v);
+  }
+  if (threadIdx.x == 0) p.arrived[blockIdx.x] = 0;
 }
 
-// y[m, n] = sum over the splits, in order, of partial[s, m, n] (+ bias[n]), rounded once to T.
-template <typename T>
-__global__ void small_m_split_sum_kernel(const Params p, int splits) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t count = static_cast<int64_t>(p.M) * p.N;
-  if (e >= count) return;
-  float v = 0.0f;
-  for (int s = 0; s < splits; ++s) v += p.partial[s * count + e];
-  const int n = static_cast<int>(e % p.N);
-  if (p.bias_kind != kNoBias) v += load_bias(p.bias, p.bias_kind, n);
-  static_cast<T*>(p.y)[e] = from_float<T>(v);
+// The split launches' arrival counters: a counter per row block (at most one row block per SM is split),
+// zero before a launch and left zero by it (its last blocks clear them). Eager launches share one buffer per
+// (device, stream), zeroed once: launches on a stream run in order, and a buffer per stream keeps concurrent
+// streams apart. A launch captured into a CUDA graph gets counters of its own instead, zeroed by a memset
+// node of the graph: a buffer made during capture holds no zeros until the graph runs.
+int* arrival_counters(const at::Tensor& like, cudaStream_t stream, int row_blocks, at::Tensor& per_launch) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    per_launch = at::empty({row_blocks}, like.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(per_launch.data_ptr(), 0, sizeof(int) * row_blocks, stream));
+    return per_launch.data_ptr<int>();
+  }
+  constexpr int kCounters = 1024;
+  TORCH_CHECK(row_blocks <= kCounters, "small_m_linear: ", row_blocks, " split row blocks (at most ", kCounters, ")");
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: outlives exit
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
+  if (!buffer.defined()) buffer = at::zeros({kCounters}, like.options().dtype(at::kInt));
+  return buffer.data_ptr<int>();
 }
 
 template <typename T, typename Out, int kNT, int kRT>
@@ -376,19 +418,14 @@ void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
   }
   p.groups_per_split = (p.G + splits - 1) / splits;
   splits = (p.G + p.groups_per_split - 1) / p.groups_per_split;  // no empty split
-  at::Tensor partial;
+  at::Tensor partial, counters;  // held until the launch is queued (the caching allocator's stream order)
   if (splits > 1) {
     partial = at::empty({static_cast<int64_t>(splits) * p.M * p.N}, like.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
+    p.arrived = arrival_counters(like, stream, blocks, counters);
   }
   kernel<<<dim3(blocks, splits), kThreads, kSmem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    const int64_t count = static_cast<int64_t>(p.M) * p.N;
-    const int threads = 256;
-    small_m_split_sum_kernel<T><<<static_cast<unsigned>((count + threads - 1) / threads), threads, 0, stream>>>(p, splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 template <typename T, typename Out>
@@ -494,6 +531,7 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   p.ue8m0 = scale_ue8m0;
   p.groups_per_split = p.G;
   p.partial = nullptr;
+  p.arrived = nullptr;
 
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

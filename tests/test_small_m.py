@@ -492,6 +492,45 @@ def test_cuda_deterministic(M, N, K, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("kernels_built")
+def test_cuda_split_launches_in_turn_on_two_streams_and_in_a_graph():
+    """Split-K launches count their splits in a per-stream buffer that each launch leaves cleared: launches of
+    shapes with different split counts in turn, on two streams at once and replayed from a CUDA graph each
+    give the bits of the same call made alone."""
+    shapes = [(16, 2112, 7168), (1, 1024, 4096), (9, 1024, 8192), (3, 2112, 4096)]  # all split K
+    cases = [_cuda_case(M, N, K, FP8, seed=24 + i) for i, (M, N, K) in enumerate(shapes)]
+    alone = [op(*case) for case in cases]
+    for _ in range(2):
+        for (M, N, K), case, want in zip(shapes, cases, alone):
+            assert_bitwise_equal(op(*case), want, f"{M}x{N}x{K} in turn")
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    got = []
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            got.append([op(*case) for case in cases for _ in range(2)])
+    torch.cuda.synchronize()
+    for ys in got:
+        for i, y in enumerate(ys):
+            M, N, K = shapes[i // 2]
+            assert_bitwise_equal(y, alone[i // 2], f"{M}x{N}x{K} on a second stream")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(*cases[0])  # warm-up on the capture stream: its counters exist before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = op(*cases[0])
+        y2 = op(*cases[2])
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bitwise_equal(y, alone[0], "graph replay")
+        assert_bitwise_equal(y2, alone[2], "graph replay, second launch")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("kernels_built")
 def test_cuda_empty_batch():
     x, weight, weight_scale_inv, bias = _cuda_case(0, 200, 256)
     for y in (op(x, weight, weight_scale_inv, bias), small_m.small_m_linear(x, weight, weight_scale_inv, bias)):
