@@ -44,14 +44,16 @@ inline bool pdl_enabled(int device) {
   return allowed && device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9;
 }
 
-// kernel<<<grid, block, 0, stream>>>(args...), with the programmatic-stream-serialization attribute when
-// `pdl`: the kernel must then call griddep_wait() (common.cuh) before its first global memory access.
+// kernel<<<grid, block, smem_bytes, stream>>>(args...), with the programmatic-stream-serialization attribute
+// when `pdl`: the kernel must then call griddep_wait() (common.cuh) before it reads anything the kernels ahead
+// of it write, and before its first global store.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args&&... args) {
+void launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                        bool pdl, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -59,6 +61,12 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// The same without dynamic shared memory; the kernel calls griddep_wait() before its first global access.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool pdl, Args&&... args) {
+  launch_kernel_smem(kernel, grid, block, 0, stream, pdl, std::forward<Args>(args)...);
 }
 
 inline bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }

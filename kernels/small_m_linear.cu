@@ -36,12 +36,21 @@
 // them in split order (deterministic), adds the bias, rounds, and clears the counter. (A second kernel did
 // the sum before: its launch cost about as much as the split saved in do_bench, docs/benchmarks.md.)
 // FP8L_SMALLM_SPLIT_K=0 turns this off.
+//
+// Quantized ahead: from FP8L_SMALLM_PREQUANT_MIN_M tokens (4), quantizing every token's groups again in every
+// block cost more than the weight stream (each of N / 16 blocks redoes all of x: as many quantized elements
+// as weight bytes at M = 16). The op then runs the quant kernel once (`row` scales, the same bits) and
+// launches this kernel with programmatic dependent launch; step 2 copies the group's bytes and scales from
+// L2 instead, after griddep_wait(), with the first weight loads already in flight. do_bench on the H100
+// (docs/benchmarks.md): 2112x7168 at M = 16 24.4 -> 18.8 us, 28672x4096 107.9 -> 72.1, at M = 8 7168x7168
+// 43.5 -> 35.4; at M = 1 the launch of a second kernel costs more than it saves.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -57,12 +66,16 @@
 
 #include "common.cuh"
 #include "launch_utils.h"
+#include "quant_ops.h"
 
 namespace fp8linear {
 namespace small_m {
 
 #ifndef FP8L_SMALLM_SPLIT_K
 #define FP8L_SMALLM_SPLIT_K 1  // 0: one block per row block whatever the SM count (for comparison)
+#endif
+#ifndef FP8L_SMALLM_PREQUANT_MIN_M
+#define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M, x is quantized once ahead of the kernel (17: never)
 #endif
 #ifndef FP8L_SMALLM_UNROLL
 #define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
@@ -92,6 +105,8 @@ struct Params {
   int groups_per_split;  // groups of one grid.y slice: G when the launch is not split
   float* partial;        // split launches: fp32 [gridDim.y, M, N] sums before the bias; else null
   int* arrived;          // split launches: per row block, splits done so far (zero between launches)
+  const uint8_t* q;      // kPrequant: x quantized by the quant kernel ahead of this one, [M, K] row-major
+  const float* qs;       // kPrequant: its scales, [M, G] row-major
 };
 
 // ---- tensor-core fragments -------------------------------------------------------------------------
@@ -153,8 +168,31 @@ struct SmemShape {
   static_assert(kReduceBytes <= kBlockBytes, "the reduction reuses the group buffers");
 };
 
+// Group j's quantized activations of every token, from the quant kernel's q [M, K] and row-layout scales, into
+// a warp's buffers in the layout the in-kernel quantization writes: each token's 128 bytes at
+// tok * kRowBytes, its scale at sbuf[tok]. Tokens >= M keep the zeros the buffers were cleared to.
+template <int kTokens>
+__device__ __forceinline__ void copy_quantized(const Params& p, int j, int lane, uint8_t* qbuf, float* sbuf) {
+  constexpr int kChunks = kTokens * kGroup / 16 / kWarpSize;  // 16-byte chunks of q per lane
+  uint4 qv[kChunks];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {  // all loads first: one round trip
+    const int tok = (lane + c * kWarpSize) / 8;
+    qv[c] = tok < p.M ? __ldg(reinterpret_cast<const uint4*>(p.q + static_cast<int64_t>(tok) * p.K +
+                                                              static_cast<int64_t>(j) * kGroup + 16 * (lane % 8)))
+                      : make_uint4(0u, 0u, 0u, 0u);
+  }
+  const float scale = lane < p.M && lane < kTokens ? __ldg(p.qs + lane * p.G + j) : 0.0f;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int tok = (lane + c * kWarpSize) / 8;
+    *reinterpret_cast<uint4*>(qbuf + tok * kRowBytes + 16 * (lane % 8)) = qv[c];
+  }
+  if (lane < kTokens) sbuf[lane] = scale;
+}
+
 // kNT token tiles of 8 (M <= 8 kNT). T: x's dtype (and y's). Out: the quantized type (fp8 e4m3 / int8).
-template <typename T, typename Out, int kNT, int kRT>
+template <typename T, typename Out, int kNT, int kRT, bool kPrequant>
 __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p) {
   using Shape = SmemShape<kNT, kRT>;
   using Traits = InputTraits<T>;
@@ -229,12 +267,19 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
 
     // 2. Quantize each group's activations (every token) into this warp's buffers, exactly as the
     //    quant kernel does. Tokens >= M quantize zeros and get scale 0: their columns are never stored.
+    //    kPrequant: copy the quant kernel's bytes and scales instead (the same bits), after waiting for that
+    //    kernel (programmatic dependent launch: this iteration's weight loads are already in flight).
+    if constexpr (kPrequant) griddep_wait();
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = j0 + u * kWarps;
       if (j >= g_end) break;  // warp-uniform
       uint8_t* const qbuf = my_smem + u * Shape::kBufBytes;
       float* const sbuf = reinterpret_cast<float*>(qbuf + Shape::kQBytes);
+      if constexpr (kPrequant) {
+        copy_quantized<kTokens>(p, j, lane, qbuf, sbuf);
+        continue;
+      }
       uint4 xv[kPasses];
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass) {
@@ -388,10 +433,10 @@ int* arrival_counters(const at::Tensor& like, cudaStream_t stream, int row_block
   return buffer.data_ptr<int>();
 }
 
-template <typename T, typename Out, int kNT, int kRT>
-void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
+template <typename T, typename Out, int kNT, int kRT, bool kPrequant>
+void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
   constexpr int kSmem = SmemShape<kNT, kRT>::kBlockBytes;
-  auto kernel = small_m_linear_kernel<T, Out, kNT, kRT>;
+  auto kernel = small_m_linear_kernel<T, Out, kNT, kRT, kPrequant>;
   if constexpr (kSmem > 48 * 1024) {  // once per instantiation and device: allow > 48 KB of dynamic smem
     static std::atomic<uint64_t> configured{0};
     const uint64_t bit = uint64_t{1} << (device % 64);
@@ -402,8 +447,7 @@ void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
   }
   const int blocks = (p.N + kTileRows * kRT - 1) / (kTileRows * kRT);
   // At most one block per SM: split K until the SMs are full to this kernel's occupancy, keeping at least
-  // one group per warp in every split. (With two or more blocks per SM already, the second kernel's launch
-  // would cost more than the split saves.)
+  // one group per warp in every split. (With two or more blocks per SM the SMs are full without it.)
   static std::atomic<int> occupancy[64];  // blocks of this instantiation an SM holds, per device (0: not asked)
   int per_sm = device < 64 ? occupancy[device].load(std::memory_order_relaxed) : 0;
   if (per_sm == 0) {
@@ -424,8 +468,16 @@ void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
     p.partial = partial.data_ptr<float>();
     p.arrived = arrival_counters(like, stream, blocks, counters);
   }
-  kernel<<<dim3(blocks, splits), kThreads, kSmem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // kPrequant: launched with programmatic dependent launch (when enabled), so the weight loads of its first
+  // iteration overlap the quant kernel's tail; it waits for that kernel before reading q.
+  launch_kernel_smem(kernel, dim3(blocks, splits), dim3(kThreads), kSmem, stream, kPrequant && pdl_enabled(device),
+                     p);
+}
+
+template <typename T, typename Out, int kNT, int kRT>
+void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
+  if (p.q != nullptr) return launch_variant<T, Out, kNT, kRT, true>(p, device, stream, like);
+  return launch_variant<T, Out, kNT, kRT, false>(p, device, stream, like);
 }
 
 template <typename T, typename Out>
@@ -532,6 +584,17 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   p.groups_per_split = p.G;
   p.partial = nullptr;
   p.arrived = nullptr;
+  p.q = nullptr;
+  p.qs = nullptr;
+  // From FP8L_SMALLM_PREQUANT_MIN_M tokens, quantize x once with the quant kernel (the same bits) instead of in
+  // every block: each block quantizing all tokens' groups for its 16 or 32 weight rows cost up to half the
+  // layer at M = 16 (docs/benchmarks.md). q and s stay alive until the launch below is queued.
+  at::Tensor q_pre, s_pre;
+  if (M >= FP8L_SMALLM_PREQUANT_MIN_M) {
+    std::tie(q_pre, s_pre) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
+    p.q = static_cast<const uint8_t*>(q_pre.data_ptr());
+    p.qs = s_pre.data_ptr<float>();
+  }
 
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);

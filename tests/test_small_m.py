@@ -492,6 +492,22 @@ def test_cuda_deterministic(M, N, K, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("kernels_built")
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("x_dtype", [BF16, FP32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("M", [9, 13, 16])
+def test_cuda_quantized_ahead_equals_in_kernel(M, x_dtype, dtype):
+    """From M = 9 x is quantized once by the quant kernel ahead of the GEMV; up to M = 8 each block quantizes
+    it. A token's output depends on no other token, so rows of an M > 8 call equal, bit for bit, the same
+    rows computed in calls of at most 8 (N = K = 4096: neither launch splits K, so the sums add in the same
+    order)."""
+    x, weight, weight_scale_inv, bias = _cuda_case(M, 4096, 4096, dtype, x_dtype=x_dtype, seed=25)
+    whole = op(x, weight, weight_scale_inv, bias)
+    parts = torch.cat([op(x[i:i + 8], weight, weight_scale_inv, bias) for i in range(0, M, 8)])
+    assert_bitwise_equal(whole, parts, f"M={M} against calls of at most 8 rows")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("kernels_built")
 def test_cuda_split_launches_in_turn_on_two_streams_and_in_a_graph():
     """Split-K launches count their splits in a per-stream buffer that each launch leaves cleared: launches of
     shapes with different split counts in turn, on two streams at once and replayed from a CUDA graph each
