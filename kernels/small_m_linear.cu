@@ -482,11 +482,15 @@ void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
 
 template <typename T, typename Out>
 void dispatch_tiles(const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
-  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8: each block
+  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8 with x
+  // quantized ahead: two token tiles, still 16 rows (the 32-row instantiation holds 166-206 registers: one
+  // block per SM; 16-row blocks took 28672x4096 at M = 16 from 71.9 to 65.6 us, 24576x7168 from 96.6 to
+  // 85.4, H100 2026-11-26). M > 8 quantizing in the blocks (FP8L_SMALLM_PREQUANT_MIN_M > 8): each block
   // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes,
   // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
   // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
   if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream, like);
+  if (p.q != nullptr) return launch<T, Out, 2, 1>(p, device, stream, like);
   const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
   if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream, like);
   return launch<T, Out, 2, 2>(p, device, stream, like);
