@@ -37,13 +37,15 @@
 // the sum before: its launch cost about as much as the split saved in do_bench, docs/benchmarks.md.)
 // FP8L_SMALLM_SPLIT_K=0 turns this off.
 //
-// Quantized ahead: from FP8L_SMALLM_PREQUANT_MIN_M tokens (4), quantizing every token's groups again in every
-// block cost more than the weight stream (each of N / 16 blocks redoes all of x: as many quantized elements
-// as weight bytes at M = 16). The op then runs the quant kernel once (`row` scales, the same bits) and
-// launches this kernel with programmatic dependent launch; step 2 copies the group's bytes and scales from
-// L2 instead, after griddep_wait(), with the first weight loads already in flight. do_bench on the H100
-// (docs/benchmarks.md): 2112x7168 at M = 16 24.4 -> 18.8 us, 28672x4096 107.9 -> 72.1, at M = 8 7168x7168
-// 43.5 -> 35.4; at M = 1 the launch of a second kernel costs more than it saves.
+// Quantized ahead: from M = 9 tokens, and from FP8L_SMALLM_PREQUANT_MIN_M (4) on weights of at least
+// 2^23 elements, quantizing every token's groups again in every block cost more than the weight stream (each
+// of N / 16 blocks redoes all of x: as many quantized elements as weight bytes at M = 16). The op then runs
+// the quant kernel once (`row` scales, the same bits) and launches this kernel with programmatic dependent
+// launch; step 2 copies the group's bytes and scales from L2 instead, after griddep_wait(), with the first
+// weight loads already in flight. do_bench on the H100 (docs/benchmarks.md): 2112x7168 at M = 16 24.4 ->
+// 18.8 us, 28672x4096 107.9 -> 72.1, at M = 8 7168x7168 43.5 -> 35.4. The second launch costs more than it
+// saves at M = 1, and at M = 4-8 on the smallest layers (1024x4096: 10.0-10.6 us in-kernel, 11.4-11.6
+// ahead; bf16 11.8-12.0).
 
 #include <algorithm>
 #include <atomic>
@@ -75,7 +77,7 @@ namespace small_m {
 #define FP8L_SMALLM_SPLIT_K 1  // 0: one block per row block whatever the SM count (for comparison)
 #endif
 #ifndef FP8L_SMALLM_PREQUANT_MIN_M
-#define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M, x is quantized once ahead of the kernel (17: never)
+#define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M (9 below 2^23 weights), x is quantized ahead (17: never)
 #endif
 #ifndef FP8L_SMALLM_UNROLL
 #define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
@@ -590,11 +592,12 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   p.arrived = nullptr;
   p.q = nullptr;
   p.qs = nullptr;
-  // From FP8L_SMALLM_PREQUANT_MIN_M tokens, quantize x once with the quant kernel (the same bits) instead of in
-  // every block: each block quantizing all tokens' groups for its 16 or 32 weight rows cost up to half the
-  // layer at M = 16 (docs/benchmarks.md). q and s stay alive until the launch below is queued.
+  // Quantize x once with the quant kernel (the same bits) instead of in every block, where that costs less
+  // than the second launch (the file's head). q and s stay alive until the launch below is queued.
   at::Tensor q_pre, s_pre;
-  if (M >= FP8L_SMALLM_PREQUANT_MIN_M) {
+  const int64_t prequant_min_m = N * K >= (int64_t{1} << 23) ? FP8L_SMALLM_PREQUANT_MIN_M
+                                                             : std::max(FP8L_SMALLM_PREQUANT_MIN_M, 9);
+  if (M >= prequant_min_m) {
     std::tie(q_pre, s_pre) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
     p.q = static_cast<const uint8_t*>(q_pre.data_ptr());
     p.qs = s_pre.data_ptr<float>();

@@ -496,9 +496,10 @@ def test_cuda_deterministic(M, N, K, dtype):
 @pytest.mark.parametrize("x_dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("M", [4, 9, 13, 16])
 def test_cuda_quantized_ahead_equals_in_kernel(M, x_dtype, dtype):
-    """From M = 4 x is quantized once by the quant kernel ahead of the GEMV; below, each block quantizes it.
-    A token's output depends on no other token, so rows of an M >= 4 call equal, bit for bit, the same rows
-    computed in calls of at most 3 (N = K = 4096: no launch splits K, so the sums add in the same order)."""
+    """From M = 4 (on weights of at least 2^23 elements) x is quantized once by the quant kernel ahead of the
+    GEMV; below, each block quantizes it. A token's output depends on no other token, so rows of an M >= 4
+    call equal, bit for bit, the same rows computed in calls of at most 3 (N = K = 4096: no launch splits K,
+    so the sums add in the same order)."""
     x, weight, weight_scale_inv, bias = _cuda_case(M, 4096, 4096, dtype, x_dtype=x_dtype, seed=25)
     whole = op(x, weight, weight_scale_inv, bias)
     parts = torch.cat([op(x[i:i + 3], weight, weight_scale_inv, bias) for i in range(0, M, 3)])
