@@ -11,7 +11,7 @@
 // consume them.
 //
 // Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM's one-op forward. Its
-// GEMM on pre-quantized operands takes 1.10-1.25x DeepGEMM's at large M (1.35x before the TMA-store epilogue);
+// GEMM on pre-quantized operands takes 1.07-1.24x DeepGEMM's at large M (1.35x before the TMA-store epilogue);
 // its three quantizer warps per SM quantize too slowly to stay ahead of the tiles (latency-bound: too few
 // loads in flight, a long dependent chain per row pair, and the first tiles wait about 9 us for their first
 // parts), so the quantization still lengthens the kernel by 20-40% instead of hiding under it. Opt-in only;

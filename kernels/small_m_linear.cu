@@ -34,7 +34,7 @@
 // SMs to the kernel's occupancy while every warp keeps a group; each writes its fp32 sums to a
 // [splits, M, N] buffer and counts itself in a per-row-block counter; the last split to arrive adds all of
 // them in split order (deterministic), adds the bias, rounds, and clears the counter. (A second kernel did
-// the sum before: its launch cost about as much as the split saved in do_bench, docs/benchmarks.md.)
+// the sum before; dropping its launch saved 1-2 us per call in do_bench, docs/benchmarks.md.)
 // FP8L_SMALLM_SPLIT_K=0 turns this off.
 //
 // Quantized ahead: from M = 9 tokens, and from FP8L_SMALLM_PREQUANT_MIN_M (4) on weights of at least
