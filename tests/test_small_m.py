@@ -509,9 +509,10 @@ def test_cuda_quantized_ahead_equals_in_kernel(M, x_dtype, dtype):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("kernels_built")
 def test_cuda_split_launches_in_turn_on_two_streams_and_in_a_graph():
-    """Split-K launches count their splits in a per-stream buffer that each launch leaves cleared: launches of
-    shapes with different split counts in turn, on two streams at once and replayed from a CUDA graph each
-    give the bits of the same call made alone."""
+    """Split-K launches count their splits in a per-stream buffer that each launch leaves cleared (a launch
+    captured into a CUDA graph gets its own, zeroed by a memset node): launches of shapes with different split
+    counts in turn, on two streams at once and replayed from a CUDA graph each give the bits of the same call
+    made alone."""
     shapes = [(16, 2112, 7168), (1, 1024, 4096), (9, 1024, 8192), (3, 2112, 4096)]  # all split K
     cases = [_cuda_case(M, N, K, FP8, seed=24 + i) for i, (M, N, K) in enumerate(shapes)]
     alone = [op(*case) for case in cases]
@@ -532,7 +533,7 @@ def test_cuda_split_launches_in_turn_on_two_streams_and_in_a_graph():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        op(*cases[0])  # warm-up on the capture stream: its counters exist before the capture
+        op(*cases[0])  # a warm-up on a side stream before capturing, as torch.cuda.graph asks
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
