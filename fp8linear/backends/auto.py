@@ -17,14 +17,12 @@ the table or heuristic names, a backend that cannot serve the shape is skipped f
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import pathlib
 
 import torch
 
-from . import FALLBACK_ORDER, unsupported_reason
+from . import FALLBACK_ORDER, card_tables, unsupported_reason
 
 __all__ = ["choose", "heuristic", "load_table", "table_path", "lookup", "M_BUCKETS"]
 
@@ -38,26 +36,12 @@ _DTYPE_KEY = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 def table_path() -> pathlib.Path:
     """`$FP8LINEAR_AUTO_TABLE` if set, else fp8linear/backends/auto_table.json."""
-    env = os.environ.get("FP8LINEAR_AUTO_TABLE")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).with_name("auto_table.json")
-
-
-@functools.lru_cache(maxsize=None)
-def _load(path: str) -> dict:
-    p = pathlib.Path(path)
-    if not p.is_file():
-        return {}
-    with open(p) as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: the auto table must be a JSON object keyed by GPU name; got {type(data).__name__}")
-    return data
+    return card_tables.table_path("FP8LINEAR_AUTO_TABLE", "auto_table.json")
 
 
 def load_table(device_name: str) -> list[dict]:
     """The measured rows for this card (empty when the table has none)."""
-    entry = _load(str(table_path())).get(device_name)
-    return list(entry.get("rows", [])) if isinstance(entry, dict) else []
+    return card_tables.rows_for(table_path(), device_name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,20 +29,27 @@ same result (kernels/deepgemm_launch.cu): `fp8linear::deepgemm_gemm` on quantize
 Where the plan cannot be read (another DeepGEMM layout of its internals, a kernel whose parameters differ),
 every call keeps DeepGEMM's own launch and one INFO log line says why; `FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`
 forces that path (for comparisons).
+
+Tiles. Where `deepgemm_tiles` holds a row for this card, (N, K) and M's bucket, the first call runs
+DeepGEMM with those tiles instead of its own pick (its JIT compiles them; the C++ launch then runs that
+kernel): the same result bit for bit, measured faster by scripts/tune_deepgemm.py. Calls through
+DeepGEMM's own launch alone (`FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`) keep its pick.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import threading
 
 import torch
 
 from .. import _build
 from ..layouts import ScaleLayout, tma_aligned_rows
 from ..ops import GEMM_EPS
-from . import bf16_epilogue
+from . import bf16_epilogue, deepgemm_tiles
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +145,72 @@ def _legacy_plan(M: int, N: int, K: int) -> "tuple[int, ...] | str":
         return f"{type(exc).__name__}: {exc}"
 
 
+def _dg_config(tiles: deepgemm_tiles.Tiles, M: int, N: int, K: int) -> tuple:
+    """`tiles` as DeepGEMM's legacy `get_best_configs` returns a configuration for (M, N, K)."""
+    from deep_gemm.jit_kernels import gemm as dg_gemm
+    from deep_gemm.jit_kernels.utils import get_num_sms
+
+    smem_config = dg_gemm.get_smem_config(tiles.num_stages, K, tiles.block_m, tiles.block_n)
+    num_sms = deepgemm_tiles.num_sms_for(tiles, M, N, get_num_sms())
+    return (num_sms, tiles.block_m, tiles.block_n, tiles.num_stages, (tiles.multicast, tiles.multicast_on_a),
+            smem_config)
+
+
+_configs_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _dg_configs_answer(config: tuple):
+    """Within: DeepGEMM's legacy tile rule (`get_best_configs`, which `gemm_fp8_fp8_bf16_nt` and
+    `_legacy_plan` consult) answers `config`, so DeepGEMM's JIT compiles, runs and caches that
+    configuration. One thread at a time; the rule is restored on the way out."""
+    from deep_gemm.jit_kernels import gemm as dg_gemm
+
+    with _configs_lock:
+        rule = dg_gemm.get_best_configs
+        dg_gemm.get_best_configs = lambda *args, **kwargs: config
+        try:
+            yield
+        finally:
+            dg_gemm.get_best_configs = rule
+
+
+def run_with_tiles(tiles: deepgemm_tiles.Tiles, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
+                   weight_scale_inv: torch.Tensor, y: torch.Tensor) -> "tuple[int, ...] | str":
+    """Run DeepGEMM's legacy launch with `tiles` instead of its own pick (y <- q @ weight^T) and return
+    the C++ launch's arguments for that kernel, as `_legacy_plan` reads them (or why they cannot be
+    read). Raises what DeepGEMM raises when it cannot build or run that configuration."""
+    fn, api = _api()
+    if api != "legacy":
+        raise RuntimeError(f"tile configurations apply to DeepGEMM's legacy API; this one is {api!r}")
+    M, K = q.shape
+    N = weight.shape[0]
+    with _dg_configs_answer(_dg_config(tiles, M, N, K)):
+        fn((q, s), (weight, weight_scale_inv), y)
+        return _legacy_plan(M, N, K)
+
+
+def _first_call(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                y: torch.Tensor) -> "tuple[int, ...] | str":
+    """The first call of a shape: DeepGEMM's own launch, with the tiles measured for this card where
+    deepgemm_tiles has a row, else DeepGEMM's pick; returns what `_legacy_plan` reads back."""
+    fn, api = _api()
+    if api != "legacy":
+        fn((q, s), (weight, weight_scale_inv), y)
+        return "the current API launches from C++ already"
+    M, K = q.shape
+    N = weight.shape[0]
+    tiles = deepgemm_tiles.lookup_for_device(M, N, K, q.device)
+    if tiles is not None:
+        try:
+            return run_with_tiles(tiles, q, s, weight, weight_scale_inv, y)
+        except Exception as exc:  # noqa: BLE001 - DeepGEMM's JIT raises AssertionError and others
+            log.warning("DeepGEMM could not run the measured tiles %s for M=%d, N=%d, K=%d (%s: %s); "
+                        "using its own pick for this shape", tiles.label(), M, N, K, type(exc).__name__, exc)
+    fn((q, s), (weight, weight_scale_inv), y)
+    return _legacy_plan(M, N, K)
+
+
 def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
     M, K = q.shape
     N = weight.shape[0]
@@ -148,18 +221,19 @@ def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_sc
     y = torch.empty((M, N), dtype=torch.bfloat16, device=q.device)  # [M, N]
     if M == 0:
         return y
-    fn, api = _api()
-    fn((q, s), (weight, weight_scale_inv), y)
-    if plan is None:  # the first call of this shape: read back what DeepGEMM ran
-        plan = _legacy_plan(M, N, K) if api == "legacy" else "the current API launches from C++ already"
-        if isinstance(plan, str):
-            if plan not in _logged:
-                _logged.add(plan)
-                log.info("DeepGEMM keeps its own launch (M=%d, N=%d, K=%d): %s", M, N, K, plan)
-            plan = ()
-        else:
-            _build.ensure_loaded()  # the C++ launch lives in fp8linear's extension
-        _plans[key] = plan
+    if plan is not None:  # DeepGEMM's own launch serves this shape (or s came in another layout)
+        fn, _ = _api()
+        fn((q, s), (weight, weight_scale_inv), y)
+        return y
+    plan = _first_call(q, s, weight, weight_scale_inv, y)  # records what DeepGEMM ran
+    if isinstance(plan, str):
+        if plan not in _logged:
+            _logged.add(plan)
+            log.info("DeepGEMM keeps its own launch (M=%d, N=%d, K=%d): %s", M, N, K, plan)
+        plan = ()
+    else:
+        _build.ensure_loaded()  # the C++ launch lives in fp8linear's extension
+    _plans[key] = plan
     return y
 
 

@@ -1,0 +1,36 @@
+"""Tables measured per GPU model and shipped beside the backends: JSON objects keyed by
+`torch.cuda.get_device_name()`, each entry {"meta": {...}, "rows": [...]} (auto's backend table, DeepGEMM's
+tiles). An environment variable may point a table elsewhere; a missing file reads as an empty table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+
+__all__ = ["table_path", "rows_for"]
+
+
+def table_path(env_var: str, filename: str) -> pathlib.Path:
+    """`$env_var` if set, else `filename` beside this module."""
+    env = os.environ.get(env_var)
+    return pathlib.Path(env) if env else pathlib.Path(__file__).with_name(filename)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> dict:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        return {}
+    with open(p) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a per-card table must be a JSON object keyed by GPU name; got {type(data).__name__}")
+    return data
+
+
+def rows_for(path: pathlib.Path, device_name: str) -> list[dict]:
+    """The rows the table at `path` holds for this card (empty when it has none)."""
+    entry = _load(str(path)).get(device_name)
+    return list(entry.get("rows", [])) if isinstance(entry, dict) else []

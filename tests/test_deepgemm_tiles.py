@@ -1,0 +1,232 @@
+"""DeepGEMM tile configurations measured per card (fp8linear.backends.deepgemm_tiles) and their use by the
+deepgemm backend: the first call of a shape runs DeepGEMM with the table's tiles, and the kernel it
+compiles is the one the C++ launch runs after. Tiles change the speed only: the GPU half checks the
+outputs bit for bit against DeepGEMM's own pick; the CPU half checks the table and the override with a
+stand-in for DeepGEMM's internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import assert_bitwise_equal, poison_allocator
+from fp8linear.backends import deepgemm, deepgemm_tiles
+from fp8linear.backends.deepgemm_tiles import Tiles
+from test_deepgemm_launch import _operands, needs_legacy
+
+FP8 = torch.float8_e4m3fn
+
+
+# -- CPU: the table ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M,expected", [(1, 1), (2, 8), (9, 16), (257, 512), (512, 512), (4096, 4096),
+                                        (4097, 16384), (100_000, 16384)])
+def test_bucket_is_the_smallest_bound_at_or_above_m(M, expected):
+    assert deepgemm_tiles.bucket(M) == expected
+
+
+def _row(N, K, M_max, tiles):
+    return {"N": N, "K": K, "M_max": M_max, "tiles": tiles.as_row() if tiles else None}
+
+
+def test_lookup_takes_the_row_of_ms_bucket_and_nothing_else():
+    wide = Tiles(128, 192, 4, 2, False, "all")
+    rows = [_row(2112, 7168, 4096, wide), _row(2112, 7168, 2048, None), _row(4096, 4096, 4096, Tiles(256, 64, 4, 2, True))]
+    assert deepgemm_tiles.lookup(rows, 4096, 2112, 7168) == wide
+    assert deepgemm_tiles.lookup(rows, 2049, 2112, 7168) == wide  # same bucket
+    assert deepgemm_tiles.lookup(rows, 2048, 2112, 7168) is None  # the row keeps DeepGEMM's pick
+    assert deepgemm_tiles.lookup(rows, 16384, 2112, 7168) is None  # no row for that bucket
+    assert deepgemm_tiles.lookup(rows, 4096, 2112, 4096) is None  # other K
+    assert deepgemm_tiles.lookup(rows, 4096, 4096, 4096) == Tiles(256, 64, 4, 2, True, "fewest")
+
+
+def _fewest_by_search(M, N, bm, bn, mc, sms):
+    """The fewest SMs, in whole clusters, that run the grid in as few waves as every SM does."""
+    blocks = -(-M // bm) * -(-N // bn)
+    waves = -(-blocks // sms)
+    return next(n for n in range(mc, sms + 1, mc) if -(-blocks // n) == waves)
+
+
+@pytest.mark.parametrize("M", [1, 300, 2048, 3000, 4096, 16384])
+@pytest.mark.parametrize("N,bm,bn,mc", [(2112, 128, 192, 2), (7168, 256, 112, 2), (4096, 128, 144, 1),
+                                        (57344, 256, 128, 2)])
+def test_num_sms_rules(M, N, bm, bn, mc):
+    fewest = Tiles(bm, bn, 4, mc, True, "fewest")
+    assert deepgemm_tiles.num_sms_for(fewest, M, N, 132) == _fewest_by_search(M, N, bm, bn, mc, 132)
+    assert deepgemm_tiles.num_sms_for(Tiles(bm, bn, 4, mc, True, "all"), M, N, 132) == 132
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(block_m=192), "block_m must be 64, 128 or 256; got 192"),
+    (dict(block_n=100), "block_n must be a multiple of 8 in [16, 256]; got 100"),
+    (dict(num_stages=0), "num_stages must be in [1, 8]; got 0"),
+    (dict(multicast=4), "multicast must be 1 or 2; got 4"),
+    (dict(num_sms="most"), "num_sms must be one of ('fewest', 'all'); got 'most'"),
+])
+def test_tiles_reject_bad_values_by_name(kwargs, message):
+    args = dict(block_m=128, block_n=192, num_stages=4, multicast=2, multicast_on_a=True) | kwargs
+    with pytest.raises(ValueError) as info:
+        Tiles(**args)
+    assert str(info.value) == message
+
+
+def test_table_comes_from_the_environment_and_is_read_per_card(tmp_path, monkeypatch):
+    path = tmp_path / "tiles.json"
+    tiles = Tiles(128, 160, 4, 2, False)
+    path.write_text(json.dumps({"_comment": "x", "Card A": {"rows": [_row(2112, 7168, 2048, tiles)]}}))
+    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(path))
+    assert deepgemm_tiles.table_path() == path
+    assert deepgemm_tiles.lookup(deepgemm_tiles.load_rows("Card A"), 2048, 2112, 7168) == tiles
+    assert deepgemm_tiles.load_rows("Card B") == []
+    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(tmp_path / "missing.json"))
+    assert deepgemm_tiles.load_rows("Card A") == []
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(bad))
+    with pytest.raises(ValueError, match="keyed by GPU name; got list"):
+        deepgemm_tiles.load_rows("Card A")
+
+
+def test_committed_table_rows_are_valid():
+    """Every row of the shipped table names a bucket bound and tiles Tiles accepts (or null)."""
+    with open(deepgemm_tiles.table_path()) as f:
+        table = json.load(f)
+    for card, entry in table.items():
+        if card.startswith("_"):
+            continue
+        for row in entry["rows"]:
+            assert row["M_max"] in deepgemm_tiles.M_BUCKETS and row["N"] % 64 == 0 and row["K"] % 128 == 0
+            if row["tiles"] is not None:
+                Tiles.from_row(row["tiles"])
+                assert row["dg_pick_us"] > row["us"]  # kept only where it measured faster
+
+
+# -- CPU: the override, with a stand-in for DeepGEMM's internals -----------------------------------------
+@pytest.fixture
+def fake_legacy(monkeypatch):
+    """deep_gemm's legacy modules as stand-ins: `get_best_configs` answers DeepGEMM's own pick, the GEMM
+    records which configuration it was handed, and `_legacy_plan` reads the configuration back."""
+    own = (132, 256, 88, 4, (2, True), (225792, 0, 0))
+    seen = []
+    dg_gemm = types.SimpleNamespace(get_best_configs=lambda m, n, k, g, sms: own,
+                                    get_smem_config=lambda stages, k, bm, bn: (1000 * stages + bn, 128, 0))
+
+    def gemm(lhs, rhs, out):
+        config = dg_gemm.get_best_configs(out.shape[0], out.shape[1], lhs[0].shape[1], 1, 132)
+        seen.append(config)
+        if config[2] == 104:
+            raise AssertionError("Failed to compile")
+        out.fill_(1.0)
+
+    mods = {"deep_gemm": types.ModuleType("deep_gemm"), "deep_gemm.jit_kernels": types.ModuleType("jk"),
+            "deep_gemm.jit_kernels.gemm": dg_gemm,
+            "deep_gemm.jit_kernels.utils": types.SimpleNamespace(get_num_sms=lambda: 132)}
+    mods["deep_gemm.jit_kernels"].gemm = dg_gemm
+    mods["deep_gemm.jit_kernels"].utils = mods["deep_gemm.jit_kernels.utils"]
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(deepgemm, "_api", lambda: (gemm, "legacy"))
+
+    def plan(M, N, K):
+        config = dg_gemm.get_best_configs(M, N, K, 1, 132)
+        return (7, config[0], config[1], config[2], config[5][0], config[5][1], config[4][0])
+
+    monkeypatch.setattr(deepgemm, "_legacy_plan", plan)
+    return types.SimpleNamespace(own=own, seen=seen, dg_gemm=dg_gemm)
+
+
+def _cpu_operands(M=4096, N=2112, K=256):
+    return torch.zeros(M, K, dtype=FP8), torch.ones(M, K // 128), torch.zeros(N, K, dtype=FP8), torch.ones(17, 2)
+
+
+def test_run_with_tiles_hands_deepgemm_the_tiles_and_restores_its_rule(fake_legacy):
+    q, s, w, ws = _cpu_operands()
+    rule = fake_legacy.dg_gemm.get_best_configs
+    y = torch.empty(4096, 2112, dtype=torch.bfloat16)
+    plan = deepgemm.run_with_tiles(Tiles(128, 192, 4, 2, False, "fewest"), q, s, w, ws, y)
+    # 32 x 11 tiles in three waves of 132: 118 SMs (two per cluster) run them in three as well.
+    expected = (118, 128, 192, 4, (2, False), (4192, 128, 0))
+    assert fake_legacy.seen == [expected]
+    assert plan == (7, 118, 128, 192, 4192, 128, 2)
+    assert fake_legacy.dg_gemm.get_best_configs is rule
+    assert torch.equal(y, torch.ones_like(y))
+
+
+def test_first_call_uses_the_tables_tiles_and_falls_back_with_a_warning(fake_legacy, monkeypatch, caplog):
+    q, s, w, ws = _cpu_operands()
+    y = torch.empty(4096, 2112, dtype=torch.bfloat16)
+    rows = {"tiles": Tiles(128, 192, 4, 2, True, "all")}
+    monkeypatch.setattr(deepgemm_tiles, "lookup_for_device", lambda M, N, K, device: rows["tiles"])
+    assert deepgemm._first_call(q, s, w, ws, y) == (7, 132, 128, 192, 4192, 128, 2)
+    rows["tiles"] = Tiles(128, 104, 4, 2, True)  # the stand-in fails to build BLOCK_N 104
+    with caplog.at_level(logging.WARNING, logger=deepgemm.__name__):
+        plan = deepgemm._first_call(q, s, w, ws, y)
+    assert plan == (7, 132, 256, 88, 225792, 0, 2)  # DeepGEMM's own pick
+    assert fake_legacy.seen[-1] == fake_legacy.own
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "128x104 s4 mc2 on A, fewest SMs" in record.getMessage() and "Failed to compile" in record.getMessage()
+    rows["tiles"] = None
+    assert deepgemm._first_call(q, s, w, ws, y) == (7, 132, 256, 88, 225792, 0, 2)
+
+
+# -- GPU: tiles change the speed, not the bits ------------------------------------------------------------
+@pytest.mark.gpu
+@needs_legacy
+@pytest.mark.parametrize("M,N,K,tiles", [
+    (4096, 2112, 7168, Tiles(128, 192, 4, 2, True, "fewest")),  # N % 192 == 0, three waves
+    (3001, 2112, 7168, Tiles(128, 192, 4, 2, False, "all")),  # partial last M tile, M % 4 != 0
+    (2048, 7168, 7168, Tiles(128, 192, 4, 2, False, "all")),  # N % 192 != 0: partial last N tile
+    (300, 6144, 4096, Tiles(128, 160, 4, 2, False, "fewest")),  # multicast on B with three M tiles
+    (1000, 4096, 4096, Tiles(256, 64, 4, 2, True, "fewest")),
+    (513, 7168, 1664, Tiles(128, 144, 5, 1, True, "all")),  # ceil(K/128) = 13, no multicast
+])
+def test_tiles_give_deepgemms_bits(M, N, K, tiles):
+    q, s, weight, wsi = _operands(M, N, K)
+    own = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    deepgemm._api()[0]((q, s), (weight, wsi), own)  # DeepGEMM's pick, its own launch
+    poison_allocator(q.device)
+    first = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    plan = deepgemm.run_with_tiles(tiles, q, s, weight, wsi, first)
+    assert isinstance(plan, tuple), plan
+    assert plan[2:4] == (tiles.block_m, tiles.block_n) and plan[6] == tiles.multicast
+    assert plan[1] == deepgemm_tiles.num_sms_for(tiles, M, N, torch.cuda.get_device_properties(0).multi_processor_count)
+    poison_allocator(q.device)
+    ours = torch.ops.fp8linear.deepgemm_gemm(q, s, weight, wsi, *plan)  # the C++ launch of that kernel
+    torch.cuda.synchronize()
+    assert torch.isfinite(own).all()
+    assert_bitwise_equal(first, own, "DeepGEMM's launch with the tiles")
+    assert_bitwise_equal(ours, own, "the C++ launch with the tiles")
+
+
+def _table_rows_with_tiles():
+    if not torch.cuda.is_available():
+        return []
+    rows = [r for r in deepgemm_tiles.load_rows(torch.cuda.get_device_name()) if r["tiles"]]
+    return sorted(rows, key=lambda r: r["N"] * r["K"] * r["M_max"])[:3]  # the cheapest three
+
+
+@pytest.mark.gpu
+@needs_legacy
+def test_the_backend_runs_the_tables_tiles():
+    rows = _table_rows_with_tiles()
+    if not rows:
+        pytest.skip("the tile table has no row with other tiles for this card")
+    for row in rows:
+        N, K = row["N"], row["K"]
+        lower = max(b for b in (0, *deepgemm_tiles.M_BUCKETS) if b < row["M_max"])
+        for M in (row["M_max"], lower + 1):  # both ends of the bucket
+            q, s, weight, wsi = _operands(M, N, K)
+            deepgemm._plans.pop((M, N, K, q.device.index), None)
+            first = deepgemm._gemm_impl(q, s, weight, wsi)
+            plan = deepgemm._plans[(M, N, K, q.device.index)]
+            tiles = Tiles.from_row(row["tiles"])
+            assert plan and plan[2:4] == (tiles.block_m, tiles.block_n), (row, plan)
+            own = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            deepgemm._api()[0]((q, s), (weight, wsi), own)
+            assert_bitwise_equal(first, own, f"{M}x{N}x{K} with the table's tiles")
+            assert_bitwise_equal(deepgemm._gemm_impl(q, s, weight, wsi), own, f"{M}x{N}x{K}, C++ launch")
