@@ -48,12 +48,14 @@ BACKENDS = ("deepgemm", "cublas", "triton", "small_m", "sm90")
 
 def header() -> str:
     commit = run_commit.commit()
-    from fp8linear.backends import cublaslt, deepgemm
+    from fp8linear.backends import cublaslt, deepgemm, deepgemm_tiles
 
+    tiled = sum(r.get("tiles") is not None for r in deepgemm_tiles.load_rows(torch.cuda.get_device_name()))
     return (
         f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
         f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {commit} | "
-        f"deepgemm: {deepgemm.api_name()}{'' if deepgemm.OWN_LAUNCH else ', its own launch'} | "
+        f"deepgemm: {deepgemm.api_name()}{'' if deepgemm.OWN_LAUNCH else ', its own launch'}, "
+        f"{tiled} buckets with measured tiles | "
         f"cublas: {'our cuBLASLt call' if cublaslt.OWN_LAUNCH else cublaslt.api_name()}"
     )
 
