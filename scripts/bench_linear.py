@@ -79,7 +79,19 @@ def tflops(M: int, N: int, K: int, us: float) -> float:
     return 2 * M * N * K / (us * 1e-6) / 1e12 if us and math.isfinite(us) else float("nan")
 
 
-def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float) -> tuple[list[dict], dict]:
+def bench_rounds(fns: dict, rounds: int, rep_ms: float) -> dict:
+    """Median microseconds per call of each fn, over `rounds` passes that take the fns in turn: a GPU
+    whose clock drifts with heat (long GEMMs at M >= 4096) then charges the drift to every provider
+    alike, where one timing each would charge it to whichever ran in the hot stretch."""
+    times: dict = {name: [] for name in fns}
+    for _ in range(max(rounds, 1)):
+        for name, fn in fns.items():
+            times[name].append(bench_us(fn, rep_ms=rep_ms))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
+               rounds: int = 1) -> tuple[list[dict], dict]:
     """Rows {N, K, M, provider, us, tflops, speedup, pick} for one layer shape; and build seconds."""
     from fp8linear import FP8Linear, per_token_group_quant
     from fp8linear.backends import deepgemm as dg_backend
@@ -91,8 +103,7 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float) -
     rows, build_s = [], {}
     for M in Ms:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        results: dict[str, float] = {}
-        results["bf16"] = bench_us(lambda: torch.nn.functional.linear(x, lin.weight), rep_ms=rep_ms)
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
         for name, mod in mods.items():
             if name != "auto" and unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
                 continue
@@ -100,26 +111,26 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float) -
             mod(x)  # first call: backend choice, prepared weight, JIT builds: not timed
             torch.cuda.synchronize()
             build_s[f"{name} M={M}"] = time.perf_counter() - t0
-            results[name] = bench_us(lambda: mod(x), rep_ms=rep_ms)
+            fns[name] = lambda mod=mod: mod(x)
         if "deepgemm" in names and unsupported_reason("deepgemm", M, N, K, torch.float8_e4m3fn, dev) is None:
             q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
             prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
-            results["dg-gemm"] = bench_us(lambda: dg_backend._gemm_impl(q, s, *prepared), rep_ms=rep_ms)
+            fns["dg-gemm"] = lambda q=q, s=s, prepared=prepared: dg_backend._gemm_impl(q, s, *prepared)
         if "sm90" in names and unsupported_reason("sm90", M, N, K, torch.float8_e4m3fn, dev) is None:
             # The sm90 kernel on pre-quantized operands: what its layer costs without the quantization.
             q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
             w, ws = mods["sm90"].weight, mods["sm90"].weight_scale_inv
-            results["sm90-gemm"] = bench_us(
-                lambda: torch.ops.fp8linear.sm90_gemm(q, s, w, ws, None, torch.bfloat16), rep_ms=rep_ms)
-        results["quant"] = bench_us(lambda: per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col"),
-                                    rep_ms=rep_ms)
+            fns["sm90-gemm"] = lambda q=q, s=s, w=w, ws=ws: torch.ops.fp8linear.sm90_gemm(q, s, w, ws, None,
+                                                                                          torch.bfloat16)
+        fns["quant"] = lambda: per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
+        results = bench_rounds(fns, rounds, rep_ms)
         pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""
         for provider, us in results.items():
             rows.append(dict(N=N, K=K, M=M, provider=provider, us=us,
                              tflops=tflops(M, N, K, us) if provider != "quant" else float("nan"),
                              speedup=results["bf16"] / us if provider not in ("bf16", "quant") else float("nan"),
                              pick=pick))
-        x = None  # free it before the next shape's
+        x = fns = None  # free them before the next shape's
     mods = lin = None
     torch.cuda.empty_cache()
     return rows, build_s
@@ -201,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--no-auto", action="store_true", help="skip the auto provider")
     ap.add_argument("--rep-ms", type=float, default=25.0, help="do_bench measuring time per point")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the providers per point, each timed once per pass; the median is kept")
     ap.add_argument("--out", help="write the table (markdown) here, and raw rows next to it as .json")
     args = ap.parse_args(argv)
 
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for N, K in shapes:
             t0 = time.perf_counter()
-            rows, build_s = time_shape(N, K, Ms, names, args.rep_ms)
+            rows, build_s = time_shape(N, K, Ms, names, args.rep_ms, args.rounds)
             all_rows += rows
             builds.update({f"{N}x{K} {k}": v for k, v in build_s.items()})
             print(f"  {N}x{K}: {time.perf_counter() - t0:.1f}s "

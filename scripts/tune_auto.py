@@ -81,7 +81,7 @@ def merge_rows(old: list[dict], new: list[dict], whole_shapes: bool) -> list[dic
     return kept + new
 
 
-def tune_shape(N: int, K: int, Ms, names, rep_ms: float) -> list[dict]:
+def tune_shape(N: int, K: int, Ms, names, rep_ms: float, rounds: int = 1) -> list[dict]:
     from fp8linear import FP8Linear
     from fp8linear.backends import unsupported_reason
 
@@ -91,23 +91,25 @@ def tune_shape(N: int, K: int, Ms, names, rep_ms: float) -> list[dict]:
     rows = []
     for M in Ms:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        bf16_us = bench_linear.bench_us(lambda: torch.nn.functional.linear(x, lin.weight), rep_ms=rep_ms)
-        us = {}
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
         for name, mod in mods.items():
             if unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
                 continue
             mod(x)  # JIT builds and the prepared weight, untimed
             torch.cuda.synchronize()
-            us[name] = round(bench_linear.bench_us(lambda: mod(x), rep_ms=rep_ms), 2)
-        if not us:
+            fns[name] = lambda mod=mod: mod(x)
+        if len(fns) == 1:
             print(f"  {N}x{K} M={M}: no FP8 backend serves it; no row (auto falls back by availability)")
             continue
+        timed = bench_linear.bench_rounds(fns, rounds, rep_ms)
+        bf16_us = timed.pop("bf16")
+        us = {name: round(t, 2) for name, t in timed.items()}
         best = pick(us)
         rows.append(dict(dtype="e4m3", N=N, K=K, M_max=M, backend=best, us=us, bf16_us=round(bf16_us, 2),
                          bf16_faster=bf16_us < us[best]))
         flag = "  (bf16 faster)" if bf16_us < us[best] else ""
         print(f"  {N}x{K} M<={M}: {best} {us[best]:.1f} us vs bf16 {bf16_us:.1f} us{flag}", flush=True)
-        x = None  # free it before the next shape's
+        x = fns = None  # free them before the next shape's
     mods = lin = None
     torch.cuda.empty_cache()
     return rows
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, nargs="+", help=f"bucket bounds (default {list(auto.M_BUCKETS)})")
     ap.add_argument("--backends", nargs="+", default=list(bench_linear.BACKENDS), choices=list(bench_linear.BACKENDS))
     ap.add_argument("--rep-ms", type=float, default=15.0)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over the backends per bucket (bench_linear.bench_rounds); the median is kept")
     ap.add_argument("--out", help=f"table to update (default {auto.table_path()})")
     ap.add_argument("--reselect", action="store_true",
                     help="re-apply the pick rule to the table's stored timings and exit (no GPU needed)")
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
     rows = []
     with torch.inference_mode():
         for N, K in shapes:
-            rows += tune_shape(N, K, Ms, args.backends, args.rep_ms)
+            rows += tune_shape(N, K, Ms, args.backends, args.rep_ms, args.rounds)
     commit = bench_linear.run_commit.commit()
     for row in rows:  # per row: a partial run keeps older rows, and the meta header names the last run only
         row["commit"] = commit

@@ -168,12 +168,7 @@ def tune_bucket(M: int, N: int, K: int, tiles_list, weight, wsi, rep_ms: float, 
     row = {"N": N, "K": K, "M_max": M, "tiles": None, "dg_pick": pick.as_row(), "candidates": len(timed),
            "refused": refused}
     if best != pick:
-        plans = {t: plan_of(t) for t in (pick, best)}
-        rounds = {t: [] for t in plans}
-        for _ in range(3):
-            for t, plan in plans.items():
-                rounds[t].append(bench_linear.bench_us(launch(plan), rep_ms=rep_ms))
-        us = {t: sorted(v)[1] for t, v in rounds.items()}
+        us = bench_linear.bench_rounds({t: launch(plan_of(t)) for t in (pick, best)}, 3, rep_ms)
         row.update(us=round(us[best], 2), dg_pick_us=round(us[pick], 2))
         if us[pick] >= us[best] * (1 + min_gain):
             row["tiles"] = best.as_row()

@@ -392,6 +392,21 @@ def test_tune_auto_merges_rows():
         (256, 64, "deepgemm", "e4m3"), (256, 64, "triton", "int8"), (512, 64, "cublas", "e4m3")]
 
 
+def test_bench_rounds_alternates_providers_and_keeps_medians(monkeypatch):
+    """Each pass times every provider once, in turn; a provider's result is the median of its passes, so
+    one hot (slow) pass does not decide a pick."""
+    bench_linear = _tune_auto().bench_linear
+    order, samples = [], {"a": iter([10.0, 30.0, 11.0]), "b": iter([20.0, 19.0, 90.0])}
+    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
+
+    def timed(name):
+        return lambda: order.append(name) or next(samples[name])
+
+    result = bench_linear.bench_rounds({"a": timed("a"), "b": timed("b")}, rounds=3, rep_ms=1.0)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert result == {"a": 11.0, "b": 20.0}
+
+
 def test_shipped_auto_table_follows_the_pick_rule():
     import json
 
