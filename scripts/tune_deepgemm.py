@@ -10,7 +10,7 @@ DeepGEMM's pick in a single bit is refused. The fastest is timed again beside De
 alternating rounds, medians) and kept when it wins by --min-gain; otherwise the row says to keep
 DeepGEMM's pick. Rows of other cards and other shapes are kept.
 
-    python scripts/tune_deepgemm.py                        # issue 3's 11 shapes, M 512 .. 16384
+    python scripts/tune_deepgemm.py                        # issue 3's 11 shapes, M 64 .. 16384
     python scripts/tune_deepgemm.py --N 2112 --K 7168 --M 4096 --out /tmp/tiles.json
 """
 
@@ -33,12 +33,15 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import bench_linear  # noqa: E402  (scripts/ is not a package)
 
-DEFAULT_M = (512, 1024, 2048, 4096, 16384)
-#: Candidate BLOCK_N per BLOCK_M. The kernel template's wgmma selector has these widths; 128-row tiles
-#: go to 192 (96 + 96 accumulator registers per thread), 256-row tiles stop at 128 (DeepGEMM's own limit:
-#: its two math warpgroups hold 1.5 x BLOCK_N accumulators each). 152 is refused by the template (its B
-#: scales would span three K blocks).
-BLOCK_NS = {128: (112, 120, 128, 144, 160, 192), 256: (64, 80, 96, 112, 128)}
+DEFAULT_M = (64, 128, 256, 512, 1024, 2048, 4096, 16384)
+#: Candidate BLOCK_N per BLOCK_M, from M = 512 up (where DeepGEMM turns TMA multicast on). The kernel
+#: template's wgmma selector has these widths; 128-row tiles go to 192 (96 + 96 accumulator registers per
+#: thread), 256-row tiles stop at 128 (DeepGEMM's own limit: its two math warpgroups hold 1.5 x BLOCK_N
+#: accumulators each). 152 is refused by the template (its B scales would span three K blocks).
+LARGE_M_BLOCK_NS = {128: (112, 120, 128, 144, 160, 192), 256: (64, 80, 96, 112, 128)}
+#: Below M = 512: 64-row tiles (one math warpgroup) and 128-row ones, down to narrow N tiles that spread a
+#: small GEMM over more SMs, with and without multicast.
+SMALL_M_BLOCK_NS = {64: (16, 32, 48, 64, 96, 128, 160, 192), 128: (32, 64, 96, 128, 160, 192)}
 SMEM_CAPACITY = 232448  # bytes of shared memory per block on sm90 (DeepGEMM's constant)
 
 
@@ -77,27 +80,29 @@ def dg_pick(M: int, N: int, K: int, sms: int):
     return Tiles(bm, bn, stages, mc, on_a, "fewest")
 
 
-def candidates(N: int, K: int, Ms, sms: int) -> list:
-    """Tile shapes worth timing for (N, K): every BLOCK_M x BLOCK_N above whose grid wastes under 12% at
-    one of the Ms, each with TMA multicast on A and on B, both SM rules; plus DeepGEMM's picks."""
+def candidates(N: int, K: int, M: int, sms: int) -> list:
+    """Tile shapes worth timing for (N, K) at M, each with both SM rules, plus DeepGEMM's pick. From
+    M = 512: the LARGE_M_BLOCK_NS tiles whose grid wastes under 12%, TMA multicast on A or on B. Below:
+    every SMALL_M_BLOCK_NS tile, without multicast, on A, and on B where there are two M tiles to pair."""
     from fp8linear.backends.deepgemm_tiles import Tiles
 
+    large = M >= 512
     out = []
-    for bm, bns in BLOCK_NS.items():
+    for bm, bns in (LARGE_M_BLOCK_NS if large else SMALL_M_BLOCK_NS).items():
         for bn in bns:
-            if max(wave_efficiency(M, N, bm, bn, sms) for M in Ms) < 0.88:
+            if large and wave_efficiency(M, N, bm, bn, sms) < 0.88:
                 continue
             stages = most_stages(K, bm, bn)
             if stages is None:
                 continue
-            for on_a in (True, False):
+            casts = [(2, True), (2, False)] if large else [(1, True), (2, True)] + [(2, False)] * (M > bm)
+            for mc, on_a in casts:
                 for rule in ("fewest", "all"):
-                    out.append(Tiles(bm, bn, stages, 2, on_a, rule))
-    for M in Ms:
-        pick = dg_pick(M, N, K, sms)
-        for rule in ("fewest", "all"):
-            out.append(Tiles(pick.block_m, pick.block_n, pick.num_stages, pick.multicast, pick.multicast_on_a, rule))
-    return sorted(set(out), key=lambda t: (t.block_m, t.block_n, t.multicast_on_a, t.num_sms))
+                    out.append(Tiles(bm, bn, stages, mc, on_a, rule))
+    pick = dg_pick(M, N, K, sms)
+    for rule in ("fewest", "all"):
+        out.append(Tiles(pick.block_m, pick.block_n, pick.num_stages, pick.multicast, pick.multicast_on_a, rule))
+    return sorted(set(out), key=lambda t: (t.block_m, t.block_n, t.multicast, t.multicast_on_a, t.num_sms))
 
 
 def prebuild(N: int, K: int, tiles_list, jobs: int) -> dict:
@@ -244,16 +249,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.inference_mode():
         for N, K in shapes:
-            tiles_list = candidates(N, K, args.M, sms)
+            per_m = {M: candidates(N, K, M, sms) for M in args.M}
             t0 = time.perf_counter()
-            errors = {k: e for k, e in prebuild(N, K, tiles_list, args.jobs).items() if e}
-            tiles_list = [t for t in tiles_list
-                          if (t.block_m, t.block_n, t.num_stages, t.multicast, t.multicast_on_a) not in errors]
-            print(f"{N}x{K}: {len(tiles_list)} configurations built in {time.perf_counter() - t0:.0f}s"
+            built = prebuild(N, K, [t for ts in per_m.values() for t in ts], args.jobs)
+            errors = {k: e for k, e in built.items() if e}
+            print(f"{N}x{K}: {len(built) - len(errors)} kernels built in {time.perf_counter() - t0:.0f}s"
                   + (f"; {len(errors)} failed: {sorted(errors.items())[:2]}" if errors else ""), flush=True)
             weight, wsi = quantize_weight_blockwise(
                 torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, torch.float8_e4m3fn)
             for M in sorted(args.M):
+                tiles_list = [t for t in per_m[M]
+                              if (t.block_m, t.block_n, t.num_stages, t.multicast, t.multicast_on_a) not in errors]
                 row = tune_bucket(M, N, K, tiles_list, weight, wsi, args.rep_ms, args.min_gain)
                 row["commit"] = commit
                 rows.append(row)
