@@ -45,7 +45,10 @@
 // weight loads already in flight. do_bench on the H100 (docs/benchmarks.md): 2112x7168 at M = 16 24.4 ->
 // 18.8 us, 28672x4096 107.9 -> 72.1, at M = 8 7168x7168 43.5 -> 35.4. The second launch costs more than it
 // saves at M = 1, and at M = 4-8 on the smallest layers (1024x4096: 10.0-10.6 us in-kernel, 11.4-11.6
-// ahead; bf16 11.8-12.0).
+// ahead; bf16 11.8-12.0). Layers with N and K both >= 7168 quantize ahead from M = 1: each block there
+// streams many groups, and the quantization's dependent chain in every group cost more than the extra
+// launch (M = 1: 8192x28672 122 -> 98 us, 7168x18432 84 -> 63, 8192x8192 43.6 -> 39.6, 7168x7168 36.7 ->
+// 33.6; on narrower layers it lost up to 15%: 4096x4096 15.1 -> 16.8, 1536x7168 15.5 -> 17.8).
 
 #include <algorithm>
 #include <atomic>
@@ -78,6 +81,9 @@ namespace small_m {
 #endif
 #ifndef FP8L_SMALLM_PREQUANT_MIN_M
 #define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M (9 below 2^23 weights), x is quantized ahead (17: never)
+#endif
+#ifndef FP8L_SMALLM_PREQUANT_WIDE
+#define FP8L_SMALLM_PREQUANT_WIDE 7168  // N and K both at least this: x is quantized ahead from M = 1
 #endif
 #ifndef FP8L_SMALLM_UNROLL
 #define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
@@ -595,8 +601,10 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   // Quantize x once with the quant kernel (the same bits) instead of in every block, where that costs less
   // than the second launch (the file's head). q and s stay alive until the launch below is queued.
   at::Tensor q_pre, s_pre;
-  const int64_t prequant_min_m = N * K >= (int64_t{1} << 23) ? FP8L_SMALLM_PREQUANT_MIN_M
-                                                             : std::max(FP8L_SMALLM_PREQUANT_MIN_M, 9);
+  const bool wide = std::min(N, K) >= FP8L_SMALLM_PREQUANT_WIDE && FP8L_SMALLM_PREQUANT_MIN_M <= kMaxM;
+  const int64_t prequant_min_m = wide                             ? 1
+                                 : N * K >= (int64_t{1} << 23) ? FP8L_SMALLM_PREQUANT_MIN_M
+                                                                 : std::max(FP8L_SMALLM_PREQUANT_MIN_M, 9);
   if (M >= prequant_min_m) {
     std::tie(q_pre, s_pre) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
     p.q = static_cast<const uint8_t*>(q_pre.data_ptr());

@@ -369,6 +369,7 @@ GPU_NK = (
     (1024, 4096),  # a GQA k/v projection: 64 row blocks, split K 4 ways (kernels/small_m_linear.cu)
     (2112, 7168),  # DeepSeek-V3 q_a/kv_a projection: 16.5 N blocks, G = 56; 132 row blocks: split K
     (4096, 4096),  # Llama-class square layer
+    (7168, 7168),  # N and K >= 7168: x quantized ahead from M = 1 (kernels/small_m_linear.cu)
     (4160, 256),  # many N blocks, the last half full; short K (two groups)
     (8336, 256),  # N / 32 >= the SM count: 32-row blocks at M > 8 (fewer N: 16-row), the last one partial
 )
