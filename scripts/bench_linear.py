@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit
 
+import model_shapes  # noqa: E402
 import run_commit  # noqa: E402
 
 # (N, K) from issue 3: Llama-3-8B, Llama-3-70B, DeepSeek-V3.
@@ -206,8 +207,7 @@ def summarize(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 shapes x 4 M")
-    ap.add_argument("--N", type=int, nargs="+", help="output widths (pairs with --K)")
-    ap.add_argument("--K", type=int, nargs="+", help="input widths (pairs with --N)")
+    model_shapes.add_shape_arguments(ap)
     ap.add_argument("--M", type=int, nargs="+", help="token counts")
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     ap.add_argument("--no-auto", action="store_true", help="skip the auto provider")
@@ -225,11 +225,7 @@ def main(argv=None) -> int:
         print("bench_linear.py needs triton for triton.testing.do_bench: pip install triton", file=sys.stderr)
         return 2
 
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    if args.N or args.K:
-        if not (args.N and args.K) or len(args.N) != len(args.K):
-            ap.error("--N and --K take the same number of values (pairs)")
-        shapes = list(zip(args.N, args.K))
+    shapes = model_shapes.shapes_from_args(ap, args, QUICK_SHAPES if args.quick else SHAPES)
     Ms = args.M or (QUICK_M if args.quick else M_LIST)
     names = list(args.backends) + ([] if args.no_auto else ["auto"])
 

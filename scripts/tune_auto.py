@@ -11,6 +11,7 @@ Rows of other cards in the file are kept. fp8 only: int8 has a single GEMM (trit
     python scripts/tune_auto.py --quick          # 3 shapes
     python scripts/tune_auto.py --N 5120 --K 5120 --out /tmp/table.json
     python scripts/tune_auto.py --N 2112 --K 7168 --M 8 16   # re-measure two buckets; the others stay
+    python scripts/tune_auto.py --model /path/to/model        # every layer shape of a model (its config)
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 shapes only")
-    ap.add_argument("--N", type=int, nargs="+")
-    ap.add_argument("--K", type=int, nargs="+")
+    bench_linear.model_shapes.add_shape_arguments(ap)
     ap.add_argument("--M", type=int, nargs="+", help=f"bucket bounds (default {list(auto.M_BUCKETS)})")
     ap.add_argument("--backends", nargs="+", default=list(bench_linear.BACKENDS), choices=list(bench_linear.BACKENDS))
     ap.add_argument("--rep-ms", type=float, default=15.0)
@@ -137,11 +137,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_auto.py needs a CUDA GPU (none found): the table is per card.", file=sys.stderr)
         return 2
-    shapes = bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES
-    if args.N or args.K:
-        if not (args.N and args.K) or len(args.N) != len(args.K):
-            ap.error("--N and --K take the same number of values (pairs)")
-        shapes = list(zip(args.N, args.K))
+    shapes = bench_linear.model_shapes.shapes_from_args(
+        ap, args, bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES)
     Ms = sorted(args.M or auto.M_BUCKETS)
 
     head = bench_linear.header()

@@ -12,6 +12,7 @@ DeepGEMM's pick. Rows of other cards and other shapes are kept.
 
     python scripts/tune_deepgemm.py                        # issue 3's 11 shapes, M 64 .. 16384
     python scripts/tune_deepgemm.py --N 2112 --K 7168 --M 4096 --out /tmp/tiles.json
+    python scripts/tune_deepgemm.py --model /path/to/model --fuse-mlp    # every layer shape of a model
 """
 
 from __future__ import annotations
@@ -208,8 +209,7 @@ def main(argv=None) -> int:
     from fp8linear.weights import quantize_weight_blockwise
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--N", type=int, nargs="+")
-    ap.add_argument("--K", type=int, nargs="+")
+    bench_linear.model_shapes.add_shape_arguments(ap)
     ap.add_argument("--M", type=int, nargs="+", default=list(DEFAULT_M),
                     help=f"bucket bounds, each one of auto.M_BUCKETS (default {list(DEFAULT_M)})")
     ap.add_argument("--rep-ms", type=float, default=25.0)
@@ -230,14 +230,13 @@ def main(argv=None) -> int:
     bad = [M for M in args.M if M not in deepgemm_tiles.M_BUCKETS]
     if bad:
         ap.error(f"--M takes bucket bounds from {list(deepgemm_tiles.M_BUCKETS)}; got {bad}")
-    shapes = bench_linear.SHAPES
-    if args.N or args.K:
-        if not (args.N and args.K) or len(args.N) != len(args.K):
-            ap.error("--N and --K take the same number of values (pairs)")
-        shapes = list(zip(args.N, args.K))
+    shapes = bench_linear.model_shapes.shapes_from_args(ap, args, bench_linear.SHAPES)
     bad = [(N, K) for N, K in shapes if N % 64 or K % 128]
-    if bad:
+    if bad and not args.model:
         ap.error(f"DeepGEMM needs N % 64 == 0 and K % 128 == 0; got {bad}")
+    if bad:  # a model's other layers go to other backends: tune the ones DeepGEMM can serve
+        print(f"skipping {bad}: DeepGEMM needs N % 64 == 0 and K % 128 == 0", flush=True)
+        shapes = [s for s in shapes if s not in bad]
 
     head = bench_linear.header()
     print(head, flush=True)
