@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End to end on the GPU: a Llama-3-8B-shaped model, Hugging Face generate at batch 1, bf16 vs FP8.
+"""End to end on the GPU: a Llama-3-8B-shaped model (or 70B-shaped: --shapes), Hugging Face generate at
+batch 1, bf16 vs FP8.
 
 The model: Llama-3-8B's shapes (hidden 4096, intermediate 14336, 32 heads / 8 KV heads of 128, vocab
 128256, untied lm_head) with --layers decoder layers (default 8 of 32, to fit the GPU session's time
@@ -58,6 +59,10 @@ import run_commit  # noqa: E402
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
+#: Llama-3-70B's layer shapes (80 layers in the real model): q and o 8192 x 8192, gate / up 28672 x 8192,
+#: down 8192 x 28672, k and v 1024 x 8192.
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_attention_heads=64)
+SHAPES = {"llama3-8b": (LLAMA3_8B, "Llama-3-8B", 32), "llama3-70b": (LLAMA3_70B, "Llama-3-70B", 80)}
 DEVICE = "cuda"  # a module constant so a CPU dry run of the logic can swap it (never for numbers)
 # Likewise for the graphs mode's dry run on a CPU: torch.compile backend / mode, and whether the manual
 # path captures a CUDA graph (False runs the same step eagerly).
@@ -290,6 +295,8 @@ def _agreement(a: list[int], b: list[int]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=8, help="decoder layers (Llama-3-8B has 32; default 8)")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="llama3-8b",
+                   help="the layer shapes (default llama3-8b; llama3-70b: hidden 8192, intermediate 28672)")
     p.add_argument("--prefill", type=int, default=2048, help="prefill length (default 2048)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode timing")
     p.add_argument("--decode", type=int, default=128, help="decode tokens timed (default 128)")
@@ -323,11 +330,12 @@ def main(argv=None) -> int:
 
     log(header())
     graphs_how = f", graphs via {args.graph_impl}" if args.mode != "eager" else ""
-    log(f"# model: Llama-3-8B shapes, {args.layers} of 32 layers, random bf16 weights on the GPU; batch 1; "
+    dims, shape_name, real_layers = SHAPES[args.shapes]
+    log(f"# model: {shape_name} shapes, {args.layers} of {real_layers} layers, random bf16 weights on the GPU; batch 1; "
         f"prefill {args.prefill}; decode {args.decode} tokens after a {args.prompt_tokens}-token prompt; "
         f"median of {args.repeats}; FP8 backend {args.backend}; fuse_mlp {args.fuse_mlp}; fuse_norm {args.fuse_norm}; decode mode {args.mode}{graphs_how}")
     t_start = time.perf_counter()
-    config = LlamaConfig(num_hidden_layers=args.layers, architectures=["LlamaForCausalLM"], **LLAMA3_8B)
+    config = LlamaConfig(num_hidden_layers=args.layers, architectures=["LlamaForCausalLM"], **dims)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.manual_seed(0)
