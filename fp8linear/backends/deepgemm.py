@@ -38,11 +38,9 @@ DeepGEMM's own launch alone (`FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`) keep its pick
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import threading
 
 import torch
 
@@ -117,6 +115,25 @@ _plans: "dict[tuple[int, int, int, int], tuple[int, ...]]" = {}
 _logged: "set[str]" = set()
 
 
+def _launch_args(runtime, num_sms: int, block_m: int, block_n: int, smem: int, swizzle_d: int,
+                 multicast: int) -> "tuple[int, ...] | str":
+    """The arguments of `fp8linear::deepgemm_gemm` after the tensors, for a legacy DeepGEMM runtime that has
+    run (its kernel is loaded on first use), or why they cannot be taken from it."""
+    if list(getattr(runtime, "args", None) or []) != _LEGACY_LAUNCH_ARGS:
+        return f"the kernel takes other launch arguments ({getattr(runtime, 'args', None)})"
+    if getattr(runtime, "kernel", None) is None:
+        return "DeepGEMM has not loaded the kernel"
+    return (int(runtime.kernel), int(num_sms), int(block_m), int(block_n), int(smem), int(swizzle_d), int(multicast))
+
+
+def _tuner_keys(N: int, K: int, block_m: int, block_n: int, num_stages: int, multicast: int, on_a: bool,
+                swizzle_d: int, n_pad: int) -> dict:
+    """The template keys under which DeepGEMM's legacy JIT tuner builds and caches a configuration."""
+    return {"N": N, "K": K, "BLOCK_M": block_m, "BLOCK_N": block_n, "SWIZZLE_D_MODE": swizzle_d,
+            "BLOCK_N_PADDING": n_pad, "NUM_STAGES": num_stages, "NUM_TMA_MULTICAST": multicast,
+            "IS_TMA_MULTICAST_ON_A": on_a}
+
+
 def _legacy_plan(M: int, N: int, K: int) -> "tuple[int, ...] | str":
     """What DeepGEMM's legacy `gemm_fp8_fp8_bf16_nt` ran for this shape on the current device (call it once
     first): the launch arguments of `fp8linear::deepgemm_gemm`, or the reason they cannot be read."""
@@ -128,72 +145,61 @@ def _legacy_plan(M: int, N: int, K: int) -> "tuple[int, ...] | str":
         # The same derivation as gemm_fp8_fp8_bf16_nt: configs by shape, then the tuner's key for them.
         num_sms, block_m, block_n, num_stages, (multicast, on_a), (smem, swizzle_d, n_pad) = \
             dg_gemm.get_best_configs(M, N, K, 1, get_num_sms())
-        keys = {"N": N, "K": K, "BLOCK_M": block_m, "BLOCK_N": block_n, "SWIZZLE_D_MODE": swizzle_d,
-                "BLOCK_N_PADDING": n_pad, "NUM_STAGES": num_stages, "NUM_TMA_MULTICAST": multicast,
-                "IS_TMA_MULTICAST_ON_A": on_a}
+        keys = _tuner_keys(N, K, block_m, block_n, num_stages, multicast, on_a, swizzle_d, n_pad)
         signature = str({k: keys[k] for k in sorted(keys)})  # JITTuner.compile_and_tune's f'{keys}'
         entry = jit_tuner.tuned.get(("gemm_fp8_fp8_bf16_nt", signature))
         if entry is None:
             return "DeepGEMM's tuner holds no kernel under the key its configs give"
-        runtime = entry[0]
-        if list(getattr(runtime, "args", None) or []) != _LEGACY_LAUNCH_ARGS:
-            return f"the kernel takes other launch arguments ({getattr(runtime, 'args', None)})"
-        if getattr(runtime, "kernel", None) is None:
-            return "DeepGEMM has not loaded the kernel"
-        return (int(runtime.kernel), int(num_sms), int(block_m), int(block_n), int(smem), int(swizzle_d), int(multicast))
+        return _launch_args(entry[0], num_sms, block_m, block_n, smem, swizzle_d, multicast)
     except Exception as exc:  # its internals moved: keep its own launch
         return f"{type(exc).__name__}: {exc}"
 
 
-def _dg_config(tiles: deepgemm_tiles.Tiles, M: int, N: int, K: int) -> tuple:
-    """`tiles` as DeepGEMM's legacy `get_best_configs` returns a configuration for (M, N, K)."""
-    from deep_gemm.jit_kernels import gemm as dg_gemm
-    from deep_gemm.jit_kernels.utils import get_num_sms
-
-    smem_config = dg_gemm.get_smem_config(tiles.num_stages, K, tiles.block_m, tiles.block_n)
-    num_sms = deepgemm_tiles.num_sms_for(tiles, M, N, get_num_sms())
-    return (num_sms, tiles.block_m, tiles.block_n, tiles.num_stages, (tiles.multicast, tiles.multicast_on_a),
-            smem_config)
-
-
-_configs_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _dg_configs_answer(config: tuple):
-    """Within: DeepGEMM's legacy tile rule (`get_best_configs`, which `gemm_fp8_fp8_bf16_nt` and
-    `_legacy_plan` consult) answers `config`, so DeepGEMM's JIT compiles, runs and caches that
-    configuration. One thread at a time; the rule is restored on the way out."""
-    from deep_gemm.jit_kernels import gemm as dg_gemm
-
-    with _configs_lock:
-        rule = dg_gemm.get_best_configs
-        dg_gemm.get_best_configs = lambda *args, **kwargs: config
-        try:
-            yield
-        finally:
-            dg_gemm.get_best_configs = rule
-
-
 def run_with_tiles(tiles: deepgemm_tiles.Tiles, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
                    weight_scale_inv: torch.Tensor, y: torch.Tensor) -> "tuple[int, ...] | str":
-    """Run DeepGEMM's legacy launch with `tiles` instead of its own pick (y <- q @ weight^T) and return
-    the C++ launch's arguments for that kernel, as `_legacy_plan` reads them (or why they cannot be
-    read). Raises what DeepGEMM raises when it cannot build or run that configuration."""
-    fn, api = _api()
-    if api != "legacy":
-        raise RuntimeError(f"tile configurations apply to DeepGEMM's legacy API; this one is {api!r}")
+    """y <- q @ weight^T by DeepGEMM's legacy kernel built with `tiles` instead of its own pick: its JIT
+    tuner compiles (or finds) that configuration and its runtime launches it, the calls
+    `gemm_fp8_fp8_bf16_nt` makes for its pick; nothing of DeepGEMM's is modified. q fp8 [M, K] (M > 0),
+    s fp32 [M, K/128] in the `col` layout, weight fp8 [N, K], weight_scale_inv fp32 [N/128, K/128], y bf16
+    [M, N]. Returns the C++ launch's arguments for that kernel (or why they cannot be read); raises what
+    DeepGEMM raises when it cannot build or run it."""
+    import cuda.bindings.driver as cbd  # DeepGEMM's own dependency: its launches return a CUresult
+    from deep_gemm.jit_kernels import gemm as dg_gemm
+    from deep_gemm.jit_kernels import runtime as dg_runtime
+    from deep_gemm.jit_kernels.tuner import jit_tuner
+    from deep_gemm.jit_kernels.utils import get_num_sms
+
     M, K = q.shape
     N = weight.shape[0]
-    with _dg_configs_answer(_dg_config(tiles, M, N, K)):
-        fn((q, s), (weight, weight_scale_inv), y)
-        return _legacy_plan(M, N, K)
+    bm, bn = tiles.block_m, tiles.block_n
+    smem, swizzle_d, n_pad = dg_gemm.get_smem_config(tiles.num_stages, K, bm, bn)
+    num_sms = deepgemm_tiles.num_sms_for(tiles, M, N, get_num_sms())
+    normal = dg_runtime.GemmType.Normal
+    kwargs = {
+        "GEMM_TYPE": normal, "NUM_TMA_THREADS": 128, "NUM_MATH_THREADS_PER_GROUP": 128, "M": M, "NUM_GROUPS": 1,
+        "BLOCK_K": 128, "GMEM_D": y, "SCALES_B": weight_scale_inv,
+        "GROUPED_LAYOUT": torch.empty(0, dtype=torch.int32, device=q.device), "NUM_SMS": num_sms,
+        "SMEM_SIZE": smem,
+        "TENSOR_MAP_A": dg_runtime.make_2d_tma_a_desc(normal, q, M, K, bm, 128, 1),
+        "TENSOR_MAP_B": dg_runtime.make_2d_tma_b_desc(normal, weight, K, N, 128, bn, 1),
+        "TENSOR_MAP_SCALES_A": dg_runtime.make_2d_tma_scales_a_desc(normal, s, M, K, bm, 128),
+        "TENSOR_MAP_D": dg_runtime.make_2d_tma_d_desc(normal, y, M, N, bm, bn, 1, swizzle_d),
+        "STREAM": torch.cuda.current_stream(q.device).cuda_stream,
+    }
+    keys = _tuner_keys(N, K, bm, bn, tiles.num_stages, tiles.multicast, tiles.multicast_on_a, swizzle_d, n_pad)
+    runtime, keys = jit_tuner.compile_and_tune(name="gemm_fp8_fp8_bf16_nt", keys=keys, space=(), kwargs=kwargs,
+                                               runtime_cls=dg_runtime.FP8GemmRuntime)
+    result = runtime(**keys, **kwargs)
+    if result != cbd.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"DeepGEMM's launch of {tiles.label()} returned {result}")
+    return _launch_args(runtime, num_sms, bm, bn, smem, swizzle_d, tiles.multicast)
 
 
 def _first_call(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                 y: torch.Tensor) -> "tuple[int, ...] | str":
     """The first call of a shape: DeepGEMM's own launch, with the tiles measured for this card where
-    deepgemm_tiles has a row, else DeepGEMM's pick; returns what `_legacy_plan` reads back."""
+    deepgemm_tiles has a row, else DeepGEMM's pick; returns what it ran as the C++ launch's arguments (or
+    why they cannot be read)."""
     fn, api = _api()
     if api != "legacy":
         fn((q, s), (weight, weight_scale_inv), y)
@@ -201,7 +207,7 @@ def _first_call(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_s
     M, K = q.shape
     N = weight.shape[0]
     tiles = deepgemm_tiles.lookup_for_device(M, N, K, q.device)
-    if tiles is not None:
+    if tiles is not None and s.stride() == (1, tma_aligned_rows(M)):
         try:
             return run_with_tiles(tiles, q, s, weight, weight_scale_inv, y)
         except Exception as exc:  # noqa: BLE001 - DeepGEMM's JIT raises AssertionError and others
