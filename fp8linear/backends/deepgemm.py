@@ -189,9 +189,10 @@ def run_with_tiles(tiles: deepgemm_tiles.Tiles, q: torch.Tensor, s: torch.Tensor
     keys = _tuner_keys(N, K, bm, bn, tiles.num_stages, tiles.multicast, tiles.multicast_on_a, swizzle_d, n_pad)
     runtime, keys = jit_tuner.compile_and_tune(name="gemm_fp8_fp8_bf16_nt", keys=keys, space=(), kwargs=kwargs,
                                                runtime_cls=dg_runtime.FP8GemmRuntime)
-    result = runtime(**keys, **kwargs)
-    if result != cbd.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"DeepGEMM's launch of {tiles.label()} returned {result}")
+    result = runtime(**keys, **kwargs)  # cuLaunchKernelEx's return through cuda-python: (CUresult,)
+    status = result[0] if isinstance(result, tuple) else result
+    if status != cbd.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"DeepGEMM's launch of {tiles.label()} returned {status}")
     return _launch_args(runtime, num_sms, bm, bn, smem, swizzle_d, tiles.multicast)
 
 
