@@ -115,8 +115,8 @@ def prebuild(N: int, K: int, tiles_list, jobs: int) -> dict:
     def one(key):
         bm, bn, stages, mc, on_a = key
         smem, swizzle, pad = dg_gemm.get_smem_config(stages, K, bm, bn)
-        # The keys gemm_fp8_fp8_bf16_nt passes to FP8GemmRuntime.generate, so the code (and its cache
-        # entry) is the one that function builds for this configuration.
+        # The keys deepgemm.run_with_tiles hands DeepGEMM's tuner (as gemm_fp8_fp8_bf16_nt does for its
+        # pick), so the code, and with it the cache entry, is the one the timed runs then find.
         code = FP8GemmRuntime.generate(
             N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_N_PADDING=pad, SWIZZLE_D_MODE=swizzle,
             NUM_GROUPS=1, NUM_STAGES=stages, NUM_TMA_THREADS=128, NUM_MATH_THREADS_PER_GROUP=128,
@@ -124,7 +124,7 @@ def prebuild(N: int, K: int, tiles_list, jobs: int) -> dict:
         try:
             build("gemm_fp8_fp8_bf16_nt", code, FP8GemmRuntime)
             return key, None
-        except BaseException as exc:  # noqa: BLE001 - DeepGEMM's build asserts on nvcc errors
+        except Exception as exc:  # noqa: BLE001 - DeepGEMM's build asserts on nvcc errors
             return key, f"{type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(max(jobs, 1)) as pool:

@@ -1,10 +1,10 @@
 """DeepGEMM tile configurations measured on this card, per (N, K, M bucket).
 
 DeepGEMM's legacy API chooses the tiles of its kernel by a rule on wave counts (`get_best_configs`:
-128 x 128 to 256 x 128 tiles, BLOCK_N at most 160, three stages at 256 rows). The same kernel template
-also builds other tiles (128 x 192, 128 x 160, ...), and on some shapes they are faster: 2112 x 7168 at
-M = 4096 ran in 104.8 us with 128 x 192 tiles against 119.6 us with DeepGEMM's 256 x 88 (H100,
-docs/benchmarks.md). `scripts/tune_deepgemm.py` times the candidates on the card and writes, per
+64 to 256 rows, BLOCK_N at most 160, and at most 128 with 256 rows). The same kernel template also builds
+other tiles (128 x 192, 128 x 160, ...), and on some shapes they are faster: 2112 x 7168 at M = 4096 ran
+its GEMM in 103.0 us with 128 x 192 tiles against 118.0 us with DeepGEMM's 256 x 88 (H100, the tuning
+run in docs/runs/2026-11-26-bench-linear-tiles-h100.md). `scripts/tune_deepgemm.py` times the candidates on the card and writes, per
 (N, K, M bucket), the fastest where it beats DeepGEMM's own pick by a margin; `fp8linear.backends.deepgemm`
 compiles that configuration through DeepGEMM's JIT instead of its pick.
 
