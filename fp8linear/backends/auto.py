@@ -16,7 +16,6 @@ the table or heuristic names, a backend that cannot serve the shape is skipped f
 
 from __future__ import annotations
 
-import functools
 import logging
 import pathlib
 
@@ -42,11 +41,6 @@ def table_path() -> pathlib.Path:
 def load_table(device_name: str) -> list[dict]:
     """The measured rows for this card (empty when the table has none)."""
     return card_tables.rows_for(table_path(), device_name)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
 
 
 def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str | None":
@@ -85,7 +79,7 @@ def choose(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cuda":
         first, source = "reference", f"{device.type} device"
     else:
-        name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+        name = card_tables.device_name(device)
         first = lookup(load_table(name), M, N, K, dtype)
         source = f"measured table for {name!r}"
         if first is None:

@@ -9,7 +9,9 @@ import json
 import os
 import pathlib
 
-__all__ = ["table_path", "rows_for"]
+import torch
+
+__all__ = ["table_path", "rows_for", "device_name"]
 
 
 def table_path(env_var: str, filename: str) -> pathlib.Path:
@@ -34,3 +36,14 @@ def rows_for(path: pathlib.Path, device_name: str) -> list[dict]:
     """The rows the table at `path` holds for this card (empty when it has none)."""
     entry = _load(str(path)).get(device_name)
     return list(entry.get("rows", [])) if isinstance(entry, dict) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _name_of(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """The key of a CUDA device's rows: its `torch.cuda.get_device_name()` (looked up once per index; the
+    current device when `device` has no index)."""
+    return _name_of(device.index if device.index is not None else torch.cuda.current_device())

@@ -20,7 +20,6 @@ The table (`deepgemm_tiles.json`, or `$FP8LINEAR_DEEPGEMM_TILES`) is keyed by
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 
 import torch
@@ -111,14 +110,8 @@ def lookup(rows: list[dict], M: int, N: int, K: int) -> "Tiles | None":
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def lookup_for_device(M: int, N: int, K: int, device: torch.device) -> "Tiles | None":
     """`lookup` in this CUDA device's rows (None on other devices)."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return lookup(load_rows(_device_name(index)), M, N, K)
+    return lookup(load_rows(card_tables.device_name(device)), M, N, K)
