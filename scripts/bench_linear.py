@@ -84,8 +84,10 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float) -> dict:
     """Median microseconds per call of each fn, over `rounds` passes that take the fns in turn: a GPU
     whose clock drifts with heat (long GEMMs at M >= 4096) then charges the drift to every provider
     alike, where one timing each would charge it to whichever ran in the hot stretch."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1; got {rounds}")
     times: dict = {name: [] for name in fns}
-    for _ in range(max(rounds, 1)):
+    for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(bench_us(fn, rep_ms=rep_ms))
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
         print("bench_linear.py needs triton for triton.testing.do_bench: pip install triton", file=sys.stderr)
         return 2
 
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1; got {args.rounds}")
     shapes = model_shapes.shapes_from_args(ap, args, QUICK_SHAPES if args.quick else SHAPES)
     Ms = args.M or (QUICK_M if args.quick else M_LIST)
     names = list(args.backends) + ([] if args.no_auto else ["auto"])

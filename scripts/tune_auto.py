@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_auto.py needs a CUDA GPU (none found): the table is per card.", file=sys.stderr)
         return 2
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1; got {args.rounds}")
     shapes = bench_linear.model_shapes.shapes_from_args(
         ap, args, bench_linear.QUICK_SHAPES if args.quick else bench_linear.SHAPES)
     Ms = sorted(args.M or auto.M_BUCKETS)

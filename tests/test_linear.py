@@ -405,6 +405,8 @@ def test_bench_rounds_alternates_providers_and_keeps_medians(monkeypatch):
     result = bench_linear.bench_rounds({"a": timed("a"), "b": timed("b")}, rounds=3, rep_ms=1.0)
     assert order == ["a", "b", "a", "b", "a", "b"]
     assert result == {"a": 11.0, "b": 20.0}
+    with pytest.raises(ValueError, match="rounds must be at least 1; got 0"):
+        bench_linear.bench_rounds({"a": timed("a")}, rounds=0, rep_ms=1.0)
 
 
 def test_shipped_auto_table_follows_the_pick_rule():
