@@ -11,21 +11,21 @@
 // consume them.
 //
 // Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM's one-op forward. Its
-// GEMM on pre-quantized operands takes 1.07-1.24x DeepGEMM's at large M (1.35x before the TMA-store epilogue);
-// its three quantizer warps per SM quantize too slowly to stay ahead of the tiles (latency-bound: too few
-// loads in flight, a long dependent chain per row pair, and the first tiles wait about 9 us for their first
-// parts), so the quantization still lengthens the kernel by 20-40% instead of hiding under it. Opt-in only;
-// `auto` never names it.
+// GEMM on pre-quantized operands takes 1.07-1.24x DeepGEMM's at large M (1.35x before the TMA-store epilogue).
+// With the quantizers fed by TMA (2026-11-26) the quantization lengthens the kernel by 10-20% instead of
+// 20-40%, against 16-29% for the standalone pass; and under sustained load both kernels run at the card's
+// 700 W cap, where the GEMM core's extra instructions cost clock speed. Opt-in only; `auto` never names it.
 //
 // The block (384 threads, one per SM, persistent over kBlockM x 128 output tiles, kBlockM = 128 or 256):
 //   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the
 //                    step's quantized parts to be published, then loads A (q), B (weight) and A's scales into
 //                    the stage; lane 0 issues, the warp polls the publication flags 32 K steps at a time.
-//   warps 1-3        quantizers (kQuantize only): claim 32-row x 128-column parts of x from a counter in the
-//                    order the tiles consume them, write q and the scales exactly as
-//                    fp8linear::per_token_group_quant does (common.cuh's helpers: the same bits), then count the
-//                    part in flags[m_block, k]. They never wait on anything, and whichever blocks are resident
-//                    claim every part, so the producers' waits end without any co-residency guarantee.
+//   warps 1-3        quantizers (kQuantize only): claim 64-row x 128-column units of x from a counter in the
+//                    order the tiles consume them, load them by TMA 16 rows at a time into shared memory, write
+//                    q and the scales exactly as fp8linear::per_token_group_quant does (common.cuh's helpers:
+//                    the same bits), then count the unit in flags[m_block, k]. They wait only on their own
+//                    loads, and whichever blocks are resident claim every unit, so the producers' waits end
+//                    without any co-residency guarantee.
 //   warpgroups 1-2   math: each half of the tile's rows as m64 slices; per K step four wgmma m64n128k32 (e4m3,
 //                    fp32) per slice into a scratch accumulator, then promoted into the tile's accumulator with
 //                    the two scales (scale_a[row] * scale_b[n_block, k]), as DESIGN.md's blockwise contract
@@ -67,13 +67,15 @@ namespace sm90 {
 constexpr int kBlockN = 128;
 constexpr int kBlockK = 128;      // = the scale group along K
 constexpr int kThreads = 384;     // warpgroup 0: producer (warp 0) + quantizers (warps 1-3); 1-2: math
-constexpr int kPartRows = 32;     // rows of x one quantizer warp takes at a time
+constexpr int kQuantWarps = 3;
+constexpr int kPartRows = 16;     // rows of x one quantizer warp takes at a time: one lane pair per row
+constexpr int kXPartBytes = kPartRows * kBlockK * 2;  // a part of x (2-byte T) in shared memory
 constexpr int kBTileBytes = kBlockN * kBlockK;
 
 // The two tile heights. 256-row tiles load 0.75x the operand bytes per flop of 128-row ones (the L2 to SM
 // traffic bounds a 128 x 128 tile here, docs/benchmarks.md), but hold 128 rows of accumulators per math
-// thread: the math warpgroups take 232 registers each (setmaxnreg) and warpgroup 0 keeps 40, so its
-// quantizers hold 4 loads in flight instead of 16. 128-row tiles serve M too small to fill the SMs with
+// thread: the math warpgroups take 232 registers each (setmaxnreg) and warpgroup 0 keeps 40, and its
+// quantizers get one part buffer each instead of two. 128-row tiles serve M too small to fill the SMs with
 // 256-row ones.
 template <int kBlockM_, int kCluster_>
 struct Tile {
@@ -86,7 +88,12 @@ struct Tile {
   static constexpr int kStages = kBlockM == 256 ? 3 : 5;
   static constexpr int kPartsPerBlock = kBlockM / kPartRows;
   static constexpr int kGroupM = 1024 / kBlockM;         // tiles run m-fastest over 1024-row groups
-  static constexpr int kLoadBatch = kBlockM == 256 ? 4 : 16;  // quantizer loads in flight per lane
+  // Parts of x each quantizer warp has in flight (one shared-memory buffer each): what the 256-row tiles'
+  // stages and output staging leave is 15 KB, one 4 KB buffer per warp.
+  static constexpr int kXBufs = kBlockM == 256 ? 1 : 2;
+  // Parts a quantizer warp claims and publishes at once (64 rows): a quarter of the atomics, fences and
+  // releases of one part at a time; 1, 2, 4 and 8 measured within noise of each other (docs/benchmarks.md).
+  static constexpr int kClaimParts = 4;
   static constexpr bool kSetMaxNReg = kBlockM == 256;
   static constexpr int kATileBytes = kBlockM * kBlockK;
   static constexpr int kScaleBytes = kBlockM * 4;
@@ -94,8 +101,10 @@ struct Tile {
   // direct 4-byte stores of the accumulator fragments cost about a fifth of the kernel (docs/benchmarks.md).
   static constexpr int kHalfRows = kBlockM / 2;
   static constexpr int kDHalfBytes = kHalfRows * kBlockN * 2;
+  static constexpr int kXBufBytes = kQuantWarps * kXBufs * kXPartBytes;
   static constexpr int kSmemBytes = 1024 /* alignment slack */ + kStages * (kATileBytes + kBTileBytes + kScaleBytes) +
-                                    2 * kDHalfBytes + 2 * kStages * 8;
+                                    2 * kDHalfBytes + kXBufBytes + 2 * kStages * 8 + kQuantWarps * kXBufs * 8;
+  static_assert(kSmemBytes <= 232448, "over the H100's 227 KB of shared memory per block");
 };
 
 enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
@@ -322,65 +331,98 @@ __device__ __forceinline__ void part_coords(const Params& p, int v, int& m_block
   part = rest % C::kPartsPerBlock;
 }
 
-// A quantizer warp: claims 32-row parts of x in order from a global counter (so whichever blocks are resident
-// take every part: no block waits on one that has not started, and the launch needs no co-residency), each
-// 16 lanes to a 128-wide group row (a 16-byte chunk each), two rows per load, kLoadBatch loads in flight.
-// Rows past M are neither read nor written but the part still counts, so every m-block publishes
-// kPartsPerBlock parts per k.
-template <typename C, typename T>
-__device__ void quantize_parts(const Params& p) {
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// A quantizer warp: claims units of kClaim consecutive 16-row parts of x (one m-block, one k) in order from a
+// global counter (so whichever blocks are resident take every part: no block waits on one that has not
+// started, and the launch needs no co-residency), loads each part by TMA into a shared-memory buffer of its own
+// (with two buffers the next part's load flies while it quantizes one), quantizes it from there, and publishes
+// the unit with one count. The TMA holds the bytes in flight that registers could not (the 256-row tiles leave
+// this warpgroup 40 registers): loading x through registers, three warps per SM quantized 4096 x 4096 in 78 us
+// against the standalone op's 24.
+//
+// A part is two boxes of 64 columns, rows of 128 bytes with the 128-byte swizzle (16-byte chunk c of row r at
+// chunk c ^ (r % 8)). Lane l takes half l % 2 of row l / 2, so one shuffle completes a row's amax; the second
+// half's lanes walk their chunks starting 4 further on, which puts every quarter-warp's 16-byte reads on 8
+// different bank groups. Rows past M read as zeros (TMA) and are not written, but count: every m-block
+// publishes kPartsPerBlock parts per k.
+template <typename C, typename T, int kClaim>
+__device__ void quantize_parts(const Params& p, const CUtensorMap* map_x, uint32_t bufs, uint32_t bars) {
+  static_assert(C::kPartsPerBlock % kClaim == 0 && kClaim % C::kXBufs == 0, "a unit is whole parts of one m-block");
   const int lane = threadIdx.x % kWarpSize;
-  const int half = lane / 16;
-  const int chunk = lane % 16;
-  const T* x = static_cast<const T*>(p.x);
-  const int total = p.m_blocks * p.G * C::kPartsPerBlock;
-  // The next part is claimed before this one is quantized, so the counter's round trip overlaps the work.
-  auto claim = [&]() {
-    int v = 0;
-    if (lane == 0) v = static_cast<int>(atomicAdd(p.next_part, 1u));
-    return __shfl_sync(0xFFFFFFFFu, v, 0);
-  };
-  int next = claim();
-  while (next < total) {
-    const int v = next;
-    next = claim();
-    int m_block, k, part;
-    part_coords<C>(p, v, m_block, k, part);
-    const int row0 = m_block * C::kBlockM + part * kPartRows + half;
-#pragma unroll 1
-    for (int batch = 0; batch < kPartRows / 2; batch += C::kLoadBatch) {
-      uint4 in[C::kLoadBatch];
-#pragma unroll
-      for (int j = 0; j < C::kLoadBatch; ++j) {
-        const int row = row0 + 2 * (batch + j);
-        in[j] = row < p.M ? __ldg(reinterpret_cast<const uint4*>(x + row * p.x_stride + k * kBlockK + chunk * 8))
-                          : make_uint4(0, 0, 0, 0);
+  const int r = lane / 2;
+  const int h = lane % 2;
+  const int units = p.m_blocks * p.G * (C::kPartsPerBlock / kClaim);
+  // Lane 0's ticket from the counter; the shuffle that hands it out comes after the unit's work, so the
+  // atomic's round trip overlaps it.
+  auto ticket = [&]() { return lane == 0 ? static_cast<int>(atomicAdd(p.next_part, 1u)) : 0; };
+  auto hand_out = [&](int t) { return __shfl_sync(0xFFFFFFFFu, t, 0); };
+  uint32_t phase = 0;  // bit b: the parity of buffer b's next load
+  for (int unit = hand_out(ticket()); unit < units;) {
+    const int next = ticket();
+    int m_block, k, part0;
+    part_coords<C>(p, unit * kClaim, m_block, k, part0);
+    auto load = [&](int j) {
+      if (lane == 0) {
+        const int row0 = m_block * C::kBlockM + (part0 + j) * kPartRows;
+        const uint32_t buf = bufs + (j % C::kXBufs) * kXPartBytes;
+        const uint32_t bar = bars + 8 * (j % C::kXBufs);
+        mbar_arrive_expect_tx(bar, kXPartBytes);
+        tma_load_2d(buf, map_x, bar, k * kBlockK, row0);
+        tma_load_2d(buf + kXPartBytes / 2, map_x, bar, k * kBlockK + 64, row0);
       }
+    };
 #pragma unroll
-      for (int j = 0; j < C::kLoadBatch; ++j) {
-        const int row = row0 + 2 * (batch + j);
-        uint32_t amax = InputTraits<T>::abs_max_bits(in[j]);
+    for (int j = 0; j < C::kXBufs; ++j) load(j);
+#pragma unroll 1  // (unrolled, the 40 registers of the 256-row tiles' quantizers spill)
+    for (int j = 0; j < kClaim; ++j) {
+      const int b = j % C::kXBufs;
+      const int row = m_block * C::kBlockM + (part0 + j) * kPartRows + r;
+      const uint32_t row_addr = bufs + b * kXPartBytes + h * (kXPartBytes / 2) + r * 128;
+      mbar_wait(bars + 8 * b, (phase >> b) & 1u);
+      phase ^= 1u << b;
+      uint32_t amax = 0;
 #pragma unroll
-        for (int offset = 8; offset >= 1; offset /= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-        const GroupScale g = group_scale<T>(amax, p.eps, OutFp8E4M3::kQmax, p.ue8m0);
-        float f[8];
-        InputTraits<T>::to_float(in[j], f);
-        uint32_t w[2];
-        quantize_chunk<OutFp8E4M3, 8>(f, g.inv, g.nonfinite, w);
-        if (row < p.M) {
-          *reinterpret_cast<uint2*>(p.q + static_cast<int64_t>(row) * p.K + k * kBlockK + chunk * 8) =
-              make_uint2(w[0], w[1]);
-          if (chunk == 0) p.s[static_cast<int64_t>(k) * p.m_pad + row] = g.scale;
+      for (int i = 0; i < 8; ++i) {
+        const int c = (i + 4 * h) % 8;
+        amax = max(amax, InputTraits<T>::abs_max_bits(ld_shared_v4(row_addr + ((c ^ (r % 8)) << 4))));
+      }
+      amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+      const GroupScale g = group_scale<T>(amax, p.eps, OutFp8E4M3::kQmax, p.ue8m0);
+      uint8_t* q_row = p.q + static_cast<int64_t>(row) * p.K + k * kBlockK + h * 64;
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        const int c = (i + 4 * h) % 8;  // even: two chunks, one 16-byte store
+        uint32_t w[4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          float f[8];
+          InputTraits<T>::to_float(ld_shared_v4(row_addr + (((c + jj) ^ (r % 8)) << 4)), f);
+          uint32_t half_w[2];
+          quantize_chunk<OutFp8E4M3, 8>(f, g.inv, g.nonfinite, half_w);
+          w[2 * jj] = half_w[0];
+          w[2 * jj + 1] = half_w[1];
         }
+        if (row < p.M) *reinterpret_cast<uint4*>(q_row + c * 8) = make_uint4(w[0], w[1], w[2], w[3]);
       }
+      if (h == 0 && row < p.M) p.s[static_cast<int64_t>(k) * p.m_pad + row] = g.scale;
+      __syncwarp();  // every lane has read the buffer: the unit's next part may land in it
+      if (j + C::kXBufs < kClaim) load(j + C::kXBufs);
     }
     // Publish: every lane's stores, then one count, released at GPU scope (cumulative over the warp's stores
-    // through the warp barrier) and not waited for. The producer that reads this part acquires the count and
-    // fences the async proxy before its TMA reads these bytes. (Two __threadfence()s here instead cost about
-    // as much as the part's loads: the quantizers then fell behind the GEMM.)
+    // through the warp barrier) and not waited for. The producer that reads these parts acquires the count and
+    // fences the async proxy before its TMA reads these bytes.
     fence_proxy_async_global();
     __syncwarp();
-    if (lane == 0) red_release_add(p.flags + m_block * p.G + k, 1u);
+    if (lane == 0) red_release_add(p.flags + m_block * p.G + k, static_cast<uint32_t>(kClaim));
+    unit = hand_out(next);
   }
 }
 
@@ -612,7 +654,8 @@ __device__ __forceinline__ void setmaxnreg_inc() {
 template <typename C, typename T, bool kQuantize>
 __global__ void __launch_bounds__(kThreads, 1)
     sm90_linear_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap map_a,
-                       const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_d) {
+                       const __grid_constant__ CUtensorMap map_b, const __grid_constant__ CUtensorMap map_d,
+                       const __grid_constant__ CUtensorMap map_x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -620,16 +663,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t a_tiles = base;
   const uint32_t b_tiles = a_tiles + C::kStages * C::kATileBytes;
   const uint32_t d_tiles = b_tiles + C::kStages * kBTileBytes;  // 1024-byte aligned too, for the swizzle
-  const uint32_t a_scales = d_tiles + 2 * C::kDHalfBytes;
+  const uint32_t x_bufs = d_tiles + 2 * C::kDHalfBytes;  // the quantizers' parts of x, 1024-byte aligned too
+  const uint32_t a_scales = x_bufs + C::kXBufBytes;
   const float* a_scales_ptr = reinterpret_cast<const float*>(smem_raw + (a_scales - raw));
   const uint32_t full_bars = a_scales + C::kStages * C::kScaleBytes;
   const uint32_t empty_bars = full_bars + C::kStages * 8;
+  const uint32_t x_bars = empty_bars + C::kStages * 8;  // one per quantizer buffer
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::kStages; ++s) {
       mbar_init(full_bars + 8 * s, 1);
       mbar_init(empty_bars + 8 * s, 2 * 4 * C::kCluster);  // one arrival per math warp of the cluster
     }
+    for (int b = 0; b < kQuantWarps * C::kXBufs; ++b) mbar_init(x_bars + 8 * b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
@@ -645,7 +691,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0) {
       produce<C, kQuantize>(p, &map_a, &map_b, a_tiles, b_tiles, a_scales, full_bars, empty_bars);
     } else if constexpr (kQuantize) {
-      quantize_parts<C, T>(p);
+      const int qw = warp - 1;
+      quantize_parts<C, T, C::kClaimParts>(p, &map_x, x_bufs + qw * C::kXBufs * kXPartBytes, x_bars + 8 * qw * C::kXBufs);
     }
   } else {
     if constexpr (C::kSetMaxNReg) setmaxnreg_inc<232>();
@@ -695,14 +742,20 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   const CUtensorMap map_a = fp8_tile_map(q, p.M, p.K, C::kBlockM / C::kCluster);
   const CUtensorMap map_b = fp8_tile_map(weight, p.N, p.K, kBlockN);
   // y [M, N] in T as boxes of 64 columns (128 bytes) x kHalfRows rows, the 128-byte swizzle.
-  constexpr CUtensorMapDataType kOutType =
+  constexpr CUtensorMapDataType kType =  // T: x's and y's element type
       std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUtensorMap map_d = tensor_map_2d("sm90_linear", kOutType, p.y, static_cast<uint64_t>(p.N),
+  const CUtensorMap map_d = tensor_map_2d("sm90_linear", kType, p.y, static_cast<uint64_t>(p.N),
                                           static_cast<uint64_t>(p.M), static_cast<uint64_t>(p.N) * 2, 64, C::kHalfRows,
                                           CU_TENSOR_MAP_SWIZZLE_128B);
+  // x [M, K] in T (kQuantize) as the quantizers' parts: boxes of 64 columns x kPartRows rows, the 128-byte
+  // swizzle; rows past M read as zeros. The GEMM alone passes the A map in its place, unused.
+  const CUtensorMap map_x =
+      kQuantize ? tensor_map_2d("sm90_linear", kType, p.x, static_cast<uint64_t>(p.K), static_cast<uint64_t>(p.M),
+                                static_cast<uint64_t>(p.x_stride) * 2, 64, kPartRows, CU_TENSOR_MAP_SWIZZLE_128B)
+                : map_a;
   const int tiles = p.m_blocks * ceil_div(p.n_blocks, C::kCluster);  // tiles of kBlockM x kCluster kBlockN
   config.gridDim = dim3(static_cast<unsigned>(std::min(tiles, resident) * C::kCluster));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d, map_x));
 }
 
 void check_weight(const at::Tensor& weight, const at::Tensor& weight_scale_inv, int64_t K, const char* op) {
