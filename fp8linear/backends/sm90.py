@@ -2,9 +2,10 @@
 
 One kernel per forward (`fp8linear::sm90_linear`, fp8linear.sm90): warps of its own quantize x once per
 1x128 group, in the order the GEMM's tiles consume it, instead of a separate pass before the GEMM; the q
-and scales it writes are bit for bit the quant op's. Experimental: on the H100 it is slower than DeepGEMM
-and cuBLASLt at every measured shape (its quantizers take longer than the standalone op, its GEMM core
-about 1.35x DeepGEMM's; docs/benchmarks.md), so `auto` never names it; ask for it by name.
+and scales it writes are bit for bit the quant op's. Experimental: on the H100 it is 1.05-1.33x the time of
+DeepGEMM's one-op forward at large M (its quantization still adds 6-23% to its own GEMM, whose core is
+7-9% behind DeepGEMM's at the same clock, and both run at the card's power limit; docs/benchmarks.md), so
+`auto` never names it; ask for it by name.
 
 Needs fp8 e4m3 weights, K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input
 for the one-op path (`quant_gemm`); fp32 input, and q and scales handed over by FP8RMSNorm, go through
