@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import random
 import sys
 import time
 
@@ -83,13 +84,19 @@ def tflops(M: int, N: int, K: int, us: float) -> float:
 def bench_rounds(fns: dict, rounds: int, rep_ms: float) -> dict:
     """Median microseconds per call of each fn, over `rounds` passes that take the fns in turn: a GPU
     whose clock drifts with heat (long GEMMs at M >= 4096) then charges the drift to every provider
-    alike, where one timing each would charge it to whichever ran in the hot stretch."""
+    alike, where one timing each would charge it to whichever ran in the hot stretch.
+
+    The first pass takes the fns in the given order, later passes in a shuffled one (seeded by the pass):
+    a large GEMM holds the card at its power limit and the next provider inherits its clock, so a fixed
+    order charged some providers their predecessor's heat every time (on the H100 `auto` read a median
+    3% below the `deepgemm` column while running the same kernels, 2026-11-26)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
     times: dict = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(bench_us(fn, rep_ms=rep_ms))
+    for r in range(rounds):
+        order = list(fns) if r == 0 else random.Random(r).sample(list(fns), len(fns))
+        for name in order:
+            times[name].append(bench_us(fns[name], rep_ms=rep_ms))
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 

@@ -393,18 +393,26 @@ def test_tune_auto_merges_rows():
 
 
 def test_bench_rounds_alternates_providers_and_keeps_medians(monkeypatch):
-    """Each pass times every provider once, in turn; a provider's result is the median of its passes, so
-    one hot (slow) pass does not decide a pick."""
+    """Each pass times every provider once; a provider's result is the median of its passes, so one hot
+    (slow) pass does not decide a pick. The first pass keeps the given order, later ones shuffle it, so no
+    provider always follows the same one (the one whose heat it would inherit)."""
     bench_linear = _tune_auto().bench_linear
-    order, samples = [], {"a": iter([10.0, 30.0, 11.0]), "b": iter([20.0, 19.0, 90.0])}
+    names = ["a", "b", "c", "d", "e"]
+    values = {"a": [10.0, 30.0, 11.0, 12.0, 50.0], "b": [20.0, 19.0, 90.0, 21.0, 18.0]}
+    order, samples = [], {n: iter(values.get(n, [1.0] * 5)) for n in names}
     monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
 
     def timed(name):
         return lambda: order.append(name) or next(samples[name])
 
-    result = bench_linear.bench_rounds({"a": timed("a"), "b": timed("b")}, rounds=3, rep_ms=1.0)
-    assert order == ["a", "b", "a", "b", "a", "b"]
-    assert result == {"a": 11.0, "b": 20.0}
+    result = bench_linear.bench_rounds({n: timed(n) for n in names}, rounds=5, rep_ms=1.0)
+    passes = [order[i:i + len(names)] for i in range(0, len(order), len(names))]
+    assert len(passes) == 5 and all(sorted(p) == names for p in passes)
+    assert passes[0] == names
+    predecessors = {n: {p[p.index(n) - 1] for p in passes if p.index(n) > 0} for n in names}
+    assert any(len(preds) > 1 for preds in predecessors.values()), passes
+    assert len({tuple(p) for p in passes}) > 2, passes
+    assert result["a"] == 12.0 and result["b"] == 20.0
     with pytest.raises(ValueError, match="rounds must be at least 1; got 0"):
         bench_linear.bench_rounds({"a": timed("a")}, rounds=0, rep_ms=1.0)
 
