@@ -86,10 +86,10 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float) -> dict:
     whose clock drifts with heat (long GEMMs at M >= 4096) then charges the drift to every provider
     alike, where one timing each would charge it to whichever ran in the hot stretch.
 
-    The first pass takes the fns in the given order, later passes in a shuffled one (seeded by the pass):
-    a large GEMM holds the card at its power limit and the next provider inherits its clock, so a fixed
-    order charged some providers their predecessor's heat every time (on the H100 `auto` read a median
-    3% below the `deepgemm` column while running the same kernels, 2026-11-26)."""
+    The first pass takes the fns in the given order, later passes in a shuffled one (seeded by the pass).
+    Large GEMMs hold the card at its power limit, and a timing moves with what ran before it: with one
+    fixed order `auto` read a median 3% below the `deepgemm` column at M >= 2048 while both ran the same
+    kernels, and swapping the two in that order moved their ratio by up to 5% (H100, 2026-11-26)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
     times: dict = {name: [] for name in fns}
