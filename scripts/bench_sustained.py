@@ -173,7 +173,7 @@ def main(argv: "list[str] | None" = None) -> int:
                     help="FP8Linear backends timed beside auto (none by default)")
     ap.add_argument("--seconds", type=float, default=1.5, help="back-to-back running time per provider and pass")
     ap.add_argument("--settle-s", type=float, default=0.6, help="the first part of each run, not measured")
-    ap.add_argument("--rounds", type=int, default=2, help="passes over the providers (alternating order)")
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the providers (forward, then reverse order, in turn)")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args(argv)
     if args.N or args.K:

@@ -7,7 +7,7 @@ M bucket times the GEMM alone on the same quantized operands, launched from C++ 
 it (bench_linear.bench_us: do_bench, L2 flushed): DeepGEMM's pick first, then every candidate with
 DeepGEMM's SM-count rule ("fewest") and with every SM ("all"). A candidate whose output differs from
 DeepGEMM's pick in a single bit is refused. The fastest is timed again beside DeepGEMM's pick (three
-alternating rounds, medians) and kept when it wins by --min-gain; otherwise the row says to keep
+rounds, the later two in shuffled order, medians) and kept when it wins by --min-gain; otherwise the row says to keep
 DeepGEMM's pick. Rows of other cards and other shapes are kept.
 
     python scripts/tune_deepgemm.py                        # issue 3's 11 shapes, M 64 .. 16384
