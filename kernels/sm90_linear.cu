@@ -12,9 +12,10 @@
 //
 // Where it stands (H100, docs/benchmarks.md "sm90"): correct, and slower than DeepGEMM's one-op forward. Its
 // GEMM on pre-quantized operands takes 1.07-1.24x DeepGEMM's at large M (1.35x before the TMA-store epilogue).
-// With the quantizers fed by TMA (2026-11-26) the quantization lengthens the kernel by 10-20% instead of
-// 20-40%, against 16-29% for the standalone pass; and under sustained load both kernels run at the card's
-// 700 W cap, where the GEMM core's extra instructions cost clock speed. Opt-in only; `auto` never names it.
+// With the quantizers fed by TMA (2026-11-26) the quantization lengthens the kernel by 6-23% instead of
+// 8-51%, against 16-29% for the standalone pass; in sustained loops this kernel and DeepGEMM's both run at
+// the card's 700 W limit, where our GEMM core takes 7-9% longer than DeepGEMM's at the same clock. Opt-in
+// only; `auto` never names it.
 //
 // The block (384 threads, one per SM, persistent over kBlockM x 128 output tiles, kBlockM = 128 or 256):
 //   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the
@@ -381,7 +382,7 @@ __device__ void quantize_parts(const Params& p, const CUtensorMap* map_x, uint32
     };
 #pragma unroll
     for (int j = 0; j < C::kXBufs; ++j) load(j);
-#pragma unroll 1  // (unrolled, the 40 registers of the 256-row tiles' quantizers spill)
+#pragma unroll 1  // (unrolled, the 256-row tiles' quantizers, in 40 registers, spilled twice the loads)
     for (int j = 0; j < kClaim; ++j) {
       const int b = j % C::kXBufs;
       const int row = m_block * C::kBlockM + (part0 + j) * kPartRows + r;
