@@ -509,6 +509,71 @@ def test_triton_kernel_interpreted(triton_interpreter, dtype, M, N, K):
     assert_close_to(yb, emulate(x.bfloat16(), m.weight, m.weight_scale_inv, m.bias, dtype))
 
 
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4, num_stages=2),
+     dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=2, num_warps=4, num_stages=3)],
+    ids=["wide-tiles-span-weight-blocks", "narrow-tiles"])
+def test_triton_kernel_any_tile_width(triton_interpreter, dtype, cfg):
+    """Tiles wider than a 128-row weight block read one weight scale per column; N = 300 leaves a partial
+    last block and masked columns inside a tile."""
+    from fp8linear.backends import triton_blockwise as tb
+
+    M, N, K = 37, 300, 384
+    m = FP8Linear.from_linear(make_linear(K, N), dtype=dtype, backend="reference")
+    x = torch.randn(M, K) * 3
+    q, s = per_token_group_quant_reference(x, 128, dtype, False)
+    y = tb._gemm_impl(q, s, m.weight, m.weight_scale_inv, m.bias, torch.float32, config=tb.check_config(cfg))
+    assert_close_to(y, emulate(x, m.weight, m.weight_scale_inv, m.bias, dtype))
+
+
+def test_triton_configs_table_per_card_and_bucket(tmp_path, monkeypatch):
+    """Rows measured for the card pick the tiles per dtype and M bucket (M past the last bucket takes the
+    last); another card, or a dtype without rows, keeps the built-in tiles; bad rows name the field."""
+    import json
+
+    from fp8linear.backends import card_tables
+    from fp8linear.backends import triton_blockwise as tb
+
+    def cfg(bm, bn):
+        return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=8, num_stages=3)
+
+    rows = [{"dtype": "int8", "M_max": 4096, "config": cfg(128, 256)},
+            {"dtype": "int8", "M_max": 64, "config": cfg(64, 64)},
+            {"dtype": "int8", "M_max": 256, "config": None},  # measured, and the built-in tiles stayed
+            {"dtype": "e4m3", "M_max": 256, "config": cfg(128, 128)}]
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"Card A": {"meta": {}, "rows": rows}}))
+    monkeypatch.setenv(tb.TABLE_ENV, str(path))
+    tb._measured_rows.cache_clear()
+    monkeypatch.setattr(card_tables, "device_name", lambda device: "Card A")
+    dev = torch.device("cuda", 0)
+    assert tb.config_for(1, 4096, INT8, dev) == cfg(64, 64)
+    assert tb.config_for(64, 4096, INT8, dev) == cfg(64, 64)
+    assert tb.config_for(65, 4096, INT8, dev) == tb._default_config(65, 4096)
+    assert tb.config_for(257, 4096, INT8, dev) == cfg(128, 256)
+    assert tb.config_for(16384, 4096, INT8, dev) == cfg(128, 256)
+    assert tb.config_for(1000, 4096, FP8, dev) == cfg(128, 128)
+    assert tb.config_for(1000, 4096, INT8, torch.device("cpu")) == tb._default_config(1000, 4096)
+    monkeypatch.setattr(card_tables, "device_name", lambda device: "Card B")
+    assert tb.config_for(1000, 4096, INT8, dev) == tb._default_config(1000, 4096)
+
+    bad_rows = [({"dtype": "int8", "M_max": 64, "config": {**cfg(64, 64), "BLOCK_N": 96}}, "BLOCK_N must be one of"),
+                ({"dtype": "int8", "M_max": 64, "config": {**cfg(64, 64), "num_stages": 0}}, "num_stages must be"),
+                ({"dtype": "int8", "M_max": 64, "config": {**cfg(64, 64), "extra": 1}}, "exactly the keys"),
+                ({"dtype": "fp16", "M_max": 64, "config": cfg(64, 64)}, "dtype must be one of"),
+                ({"dtype": "int8", "M_max": 0, "config": cfg(64, 64)}, "M_max must be a positive int")]
+    for i, (row, match) in enumerate(bad_rows):
+        bad_path = tmp_path / f"bad{i}.json"  # a new file each: the loader caches what it read
+        bad_path.write_text(json.dumps({"Card B": {"rows": [row]}}))
+        monkeypatch.setenv(tb.TABLE_ENV, str(bad_path))
+        tb._measured_rows.cache_clear()
+        with pytest.raises(ValueError, match=match):
+            tb.config_for(8, 4096, INT8, dev)
+    tb._measured_rows.cache_clear()
+
+
 def test_deepcopy_after_forward_gives_an_independent_equal_layer():
     """The per-M backend cache holds Python modules, which cannot be copied: a copy starts with empty caches."""
     import copy

@@ -8,20 +8,23 @@ block (weight_scale_inv [ceil(N/128), ceil(K/128)]),
 
 The blocked algorithm (Triton's 03-matrix-multiplication tutorial, plus scales):
 
-    for each output tile [BLOCK_M, BLOCK_N]:            BLOCK_N divides 128: one weight-scale row per tile
+    for each output tile [BLOCK_M, BLOCK_N]:
         acc = 0 (fp32)
         for kb in 0 .. ceil(K / 128) - 1:               BLOCK_K = 128: one scale column per step
             part = tl.dot(q tile [BM, 128], weight tile^T [128, BN])
                    fp8: fp32 accumulation (wgmma on Hopper); int8: exact int32 accumulation
-            acc += part * s[rows, kb][:, None] * weight_scale_inv[tile's n-block, kb]
+            acc += part * s[rows, kb][:, None] * weight_scale_inv[n-block of each column, kb][None, :]
+                   (one scalar when BLOCK_N divides 128: the tile sits in one weight-block row)
         y tile = (acc + bias).to(out_dtype)
 
 Edges: rows >= M and columns >= N are masked; K % 128 != 0 needs no special case in the kernel: q's
 columns K..Kp-1 are zeros (FP8Linear pads x) and weight columns >= K are masked to zero, so the last,
 partial block contributes exactly its real columns.
 
-Tiles are fixed per M bucket (`_config`), not autotuned: autotuning would time kernels on first sight
-of a shape, which breaks CUDA-graph capture, and makes runs differ. Tile programs are ordered in groups
+Tiles are fixed per M bucket, not autotuned: autotuning would time kernels on first sight of a shape,
+which breaks CUDA-graph capture, and makes runs differ. `triton_configs.json` holds the tiles
+`scripts/tune_triton.py` measured per card (fastest over a set of layer shapes, per dtype and M bucket);
+cards without rows use `_default_config`. Tile programs are ordered in groups
 of GROUP_M rows of tiles so that consecutive programs share weight tiles in L2 (the tutorial's
 "grouped ordering").
 
@@ -121,8 +124,11 @@ def _kernel_source(
     q_ptrs = q_ptr + rm[:, None] * stride_qm + rk[None, :] * stride_qk  # [BM, BK]
     w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # [BK, BN]: w^T tile
     s_ptrs = s_ptr + rm * stride_sm  # [BM], column kb added per step
-    # BLOCK_N divides 128, so the whole tile sits in one weight-block row.
+    # Where BLOCK_N divides 128 the whole tile sits in one weight-block row (one scale per step); wider
+    # tiles span several and read one scale per column.
+    ONE_WS_ROW: tl.constexpr = 128 % BLOCK_N == 0
     ws_row = ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_wsn
+    ws_cols = ws_ptr + (rn // 128) * stride_wsn  # [BN]
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # tl.full, a builtin (see tl.cdiv above)
     for k0 in range(0, K, BLOCK_K):
@@ -136,8 +142,12 @@ def _kernel_source(
         else:
             part = tl.dot(a, b, out_dtype=tl.float32)
         s_a = tl.load(s_ptrs + kb * stride_sk, mask=m_ok, other=0.0)  # [BM]
-        s_w = tl.load(ws_row + kb * stride_wsk)  # scalar
-        acc += part * (s_a[:, None] * s_w)
+        if ONE_WS_ROW:
+            s_w = tl.load(ws_row + kb * stride_wsk)  # scalar
+            acc += part * (s_a[:, None] * s_w)
+        else:
+            s_w = tl.load(ws_cols + kb * stride_wsk, mask=n_ok, other=0.0)  # [BN]
+            acc += part * (s_a[:, None] * s_w[None, :])
         q_ptrs += BLOCK_K * stride_qk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -154,12 +164,11 @@ def _kernel(interpret: bool):
     return triton.jit(_kernel_source)
 
 
-def _config(M: int, N: int) -> dict:
-    """Tile shape per M bucket (BLOCK_N in {32, 64, 128} divides the 128-wide weight block).
+def _default_config(M: int, N: int) -> dict:
+    """Tile shape per M bucket where the card has no measured rows.
 
-    Small M is weight-bandwidth bound: narrow N tiles put more programs on the 132 SMs (N = 4096 with
-    BLOCK_N = 32 gives 128 programs). From M = 128 on, 128x128 tiles with 8 warps feed wgmma. Not yet
-    tuned on the H100: scripts/bench_linear.py --backends triton shows where these stand.
+    Small M is weight-bandwidth bound: narrow N tiles put more programs on the SMs (N = 4096 with
+    BLOCK_N = 32 gives 128 programs). From M = 128 on, 128x128 tiles with 8 warps feed wgmma.
     """
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=32 if N <= 8192 else 64, GROUP_M=1, num_warps=4, num_stages=4)
@@ -172,6 +181,63 @@ def _config(M: int, N: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
+#: The keys of a tile configuration, and what each may be.
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+_POWERS_OF_TWO = (16, 32, 64, 128, 256)
+TABLE_ENV = "FP8LINEAR_TRITON_CONFIGS"
+TABLE_FILE = "triton_configs.json"
+_DTYPE_KEYS = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
+
+
+def check_config(cfg: dict, where: str = "config") -> dict:
+    """cfg with exactly CONFIG_KEYS and values the kernel compiles for, else ValueError naming the field."""
+    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+        raise ValueError(f"{where}: a Triton tile config has exactly the keys {list(CONFIG_KEYS)}; got {cfg!r}")
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if cfg[key] not in _POWERS_OF_TWO:
+            raise ValueError(f"{where}: {key} must be one of {list(_POWERS_OF_TWO)}; got {cfg[key]!r}")
+    if not isinstance(cfg["GROUP_M"], int) or not 1 <= cfg["GROUP_M"] <= 64:
+        raise ValueError(f"{where}: GROUP_M must be an int in 1..64; got {cfg['GROUP_M']!r}")
+    if cfg["num_warps"] not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{where}: num_warps must be 1, 2, 4, 8 or 16; got {cfg['num_warps']!r}")
+    if not isinstance(cfg["num_stages"], int) or not 1 <= cfg["num_stages"] <= 8:
+        raise ValueError(f"{where}: num_stages must be an int in 1..8; got {cfg['num_stages']!r}")
+    return dict(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_rows(device_name: str) -> tuple:
+    """(dtype key, M_max, config) of the card's rows, sorted by M_max; checked once."""
+    from . import card_tables
+
+    path = card_tables.table_path(TABLE_ENV, TABLE_FILE)
+    out = []
+    for i, row in enumerate(card_tables.rows_for(path, device_name)):
+        where = f"{path} [{device_name!r}] row {i}"
+        if row.get("dtype") not in _DTYPE_KEYS.values():
+            raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_KEYS.values())}; got {row.get('dtype')!r}")
+        if not isinstance(row.get("M_max"), int) or row["M_max"] < 1:
+            raise ValueError(f"{where}: M_max must be a positive int; got {row.get('M_max')!r}")
+        cfg = row.get("config")
+        out.append((row["dtype"], row["M_max"], None if cfg is None else check_config(cfg, where)))
+    return tuple(sorted(out, key=lambda r: r[1]))
+
+
+def config_for(M: int, N: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The tiles for M rows: the card's measured row for M's bucket (the first whose M_max >= M, else the
+    largest), or `_default_config` on a card (or CPU) without rows and for a row whose config is null (a
+    bucket where the measured tiles did not beat the built-in ones)."""
+    if device.type == "cuda":
+        from . import card_tables
+
+        rows = [r for r in _measured_rows(card_tables.device_name(device)) if r[0] == _DTYPE_KEYS.get(dtype)]
+        if rows:
+            cfg = next((c for _, m_max, c in rows if M <= m_max), rows[-1][2])
+            if cfg is not None:
+                return dict(cfg)
+    return _default_config(M, N)
+
+
 def _gemm_impl(
     q: torch.Tensor,
     s: torch.Tensor,
@@ -179,12 +245,14 @@ def _gemm_impl(
     weight_scale_inv: torch.Tensor,
     bias: "torch.Tensor | None",
     out_dtype: torch.dtype,
+    config: "dict | None" = None,
 ) -> torch.Tensor:
+    """The launch; `config` (CONFIG_KEYS) overrides the tiles (scripts/tune_triton.py, tests)."""
     M, N, K = q.shape[0], weight.shape[0], weight.shape[1]
     y = torch.empty((M, N), dtype=out_dtype, device=q.device)
     if M == 0:
         return y
-    cfg = _config(M, N)
+    cfg = config if config is not None else config_for(M, N, q.dtype, q.device)
     meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M")}
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _kernel(_interpret())[grid](
