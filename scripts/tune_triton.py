@@ -41,26 +41,22 @@ DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 
 
 def candidates(M: int) -> list[dict]:
-    """The tile configurations tried for an M bucket: narrow row tiles and more programs at small M; from
-    M = 256 on, 4 or 8 warps, 3 or 4 stages, with and without SKEW (five stages of 256-wide tiles exceed
-    the H100's shared memory)."""
+    """The tile configurations tried for an M bucket: narrow row tiles and more programs at small M,
+    128- and 256-row tiles with 4 or 8 warps and 3-5 stages from M = 1024."""
     if M <= 16:
         grid = dict(BLOCK_M=[16], BLOCK_N=[32, 64, 128], GROUP_M=[1], num_warps=[4], num_stages=[3, 4, 5])
     elif M <= 64:
         grid = dict(BLOCK_M=[32, 64], BLOCK_N=[64, 128], GROUP_M=[1, 8], num_warps=[4], num_stages=[3, 4])
     elif M <= 256:
-        grid = dict(BLOCK_M=[64, 128], BLOCK_N=[64, 128], GROUP_M=[8], num_warps=[4, 8], num_stages=[3, 4],
-                    SKEW=[0, 1])
+        grid = dict(BLOCK_M=[64, 128], BLOCK_N=[64, 128, 256], GROUP_M=[8], num_warps=[4, 8], num_stages=[3, 4])
     else:
-        grid = dict(BLOCK_M=[128, 256], BLOCK_N=[128, 256], GROUP_M=[8], num_warps=[4, 8], num_stages=[3, 4],
-                    SKEW=[0, 1])
+        grid = dict(BLOCK_M=[128, 256], BLOCK_N=[128, 256], GROUP_M=[8], num_warps=[4, 8], num_stages=[3, 4, 5])
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def label(cfg: dict) -> str:
-    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} g{cfg['GROUP_M']} w{cfg['num_warps']} s{cfg['num_stages']}"
-            + (" skew" if cfg.get("SKEW") else ""))
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} g{cfg['GROUP_M']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 def operands(M: int, N: int, K: int, dtype: torch.dtype):

@@ -102,7 +102,6 @@ def _kernel_source(
     # compile-time
     IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SKEW: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M rows of tiles walk N together, so their weight tiles stay in L2.
     pid = tl.program_id(0)
@@ -132,54 +131,25 @@ def _kernel_source(
     ws_cols = ws_ptr + (rn // 128) * stride_wsn  # [BN]
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)  # tl.full, a builtin (see tl.cdiv above)
-    ACC_TYPE: tl.constexpr = tl.int32 if IS_INT8 else tl.float32  # int8: exact, |sum| <= 128^3 < 2^31
-    if SKEW:
-        # The next block's product is issued before this one is scaled into acc, so the tensor cores work
-        # while the FMAs run; the same products are added in the same order (the same bits as below).
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // BLOCK_K
+        k_ok = (k0 + rk) < K
+        # q has ceil(K/128)*128 columns, so only rows need a mask; w's columns >= K are masked to 0.
         a = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-        b = tl.load(w_ptrs, mask=(rk < K)[:, None] & n_ok[None, :], other=0.0)
-        part = tl.dot(a, b, out_dtype=ACC_TYPE)
-        s_a = tl.load(s_ptrs, mask=m_ok, other=0.0)
-        if ONE_WS_ROW:
-            s_w = tl.load(ws_row)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if IS_INT8:
+            part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)  # exact: |sum| <= 128*128*128 < 2^31
         else:
-            s_w = tl.load(ws_cols, mask=n_ok, other=0.0)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            kb = k0 // BLOCK_K
-            q_ptrs += BLOCK_K * stride_qk
-            w_ptrs += BLOCK_K * stride_wk
-            a = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-            b = tl.load(w_ptrs, mask=((k0 + rk) < K)[:, None] & n_ok[None, :], other=0.0)
-            part_next = tl.dot(a, b, out_dtype=ACC_TYPE)
-            if ONE_WS_ROW:
-                acc += part.to(tl.float32) * (s_a[:, None] * s_w)
-                s_w = tl.load(ws_row + kb * stride_wsk)
-            else:
-                acc += part.to(tl.float32) * (s_a[:, None] * s_w[None, :])
-                s_w = tl.load(ws_cols + kb * stride_wsk, mask=n_ok, other=0.0)
-            s_a = tl.load(s_ptrs + kb * stride_sk, mask=m_ok, other=0.0)
-            part = part_next
+            part = tl.dot(a, b, out_dtype=tl.float32)
+        s_a = tl.load(s_ptrs + kb * stride_sk, mask=m_ok, other=0.0)  # [BM]
         if ONE_WS_ROW:
-            acc += part.to(tl.float32) * (s_a[:, None] * s_w)
+            s_w = tl.load(ws_row + kb * stride_wsk)  # scalar
+            acc += part * (s_a[:, None] * s_w)
         else:
-            acc += part.to(tl.float32) * (s_a[:, None] * s_w[None, :])
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            kb = k0 // BLOCK_K
-            k_ok = (k0 + rk) < K
-            # q has ceil(K/128)*128 columns, so only rows need a mask; w's columns >= K are masked to 0.
-            a = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            part = tl.dot(a, b, out_dtype=ACC_TYPE).to(tl.float32)
-            s_a = tl.load(s_ptrs + kb * stride_sk, mask=m_ok, other=0.0)  # [BM]
-            if ONE_WS_ROW:
-                s_w = tl.load(ws_row + kb * stride_wsk)  # scalar
-                acc += part * (s_a[:, None] * s_w)
-            else:
-                s_w = tl.load(ws_cols + kb * stride_wsk, mask=n_ok, other=0.0)  # [BN]
-                acc += part * (s_a[:, None] * s_w[None, :])
-            q_ptrs += BLOCK_K * stride_qk
-            w_ptrs += BLOCK_K * stride_wk
+            s_w = tl.load(ws_cols + kb * stride_wsk, mask=n_ok, other=0.0)  # [BN]
+            acc += part * (s_a[:, None] * s_w[None, :])
+        q_ptrs += BLOCK_K * stride_qk
+        w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -211,8 +181,7 @@ def _default_config(M: int, N: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)
 
 
-#: The keys of a tile configuration, and what each may be; SKEW (default 0) may be added: 1 issues each
-#: K block's product before the previous one is scaled into the accumulator.
+#: The keys of a tile configuration, and what each may be.
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 _POWERS_OF_TWO = (16, 32, 64, 128, 256)
 TABLE_ENV = "FP8LINEAR_TRITON_CONFIGS"
@@ -222,11 +191,8 @@ _DTYPE_KEYS = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 def check_config(cfg: dict, where: str = "config") -> dict:
     """cfg with exactly CONFIG_KEYS and values the kernel compiles for, else ValueError naming the field."""
-    if not isinstance(cfg, dict) or set(cfg) - {"SKEW"} != set(CONFIG_KEYS):
-        raise ValueError(f"{where}: a Triton tile config has exactly the keys {list(CONFIG_KEYS)} (and optionally "
-                         f"SKEW); got {cfg!r}")
-    if cfg.get("SKEW", 0) not in (0, 1):
-        raise ValueError(f"{where}: SKEW must be 0 or 1; got {cfg['SKEW']!r}")
+    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+        raise ValueError(f"{where}: a Triton tile config has exactly the keys {list(CONFIG_KEYS)}; got {cfg!r}")
     for key in ("BLOCK_M", "BLOCK_N"):
         if cfg[key] not in _POWERS_OF_TWO:
             raise ValueError(f"{where}: {key} must be one of {list(_POWERS_OF_TWO)}; got {cfg[key]!r}")
@@ -288,7 +254,6 @@ def _gemm_impl(
         return y
     cfg = config if config is not None else config_for(M, N, q.dtype, q.device)
     meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M")}
-    meta["SKEW"] = int(cfg.get("SKEW", 0)) if K > BLOCK_K else 0  # one K block leaves nothing to overlap
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _kernel(_interpret())[grid](
         q, s, weight, weight_scale_inv, bias if bias is not None else y, y,
