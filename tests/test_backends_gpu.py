@@ -98,6 +98,36 @@ def test_backend_no_bias_and_ue8m0(backend):
     assert _rel_err(mod(x), ref(x)) <= REL_TOL
 
 
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_triton_measured_tiles_give_the_built_in_tiles_bits(dtype):
+    """Every tile row this card's triton_configs.json holds: at an M inside its bucket the layer uses those
+    tiles and matches the reference, and the GEMM gives the built-in tiles' bits (what
+    scripts/tune_triton.py demanded of them)."""
+    from fp8linear import per_token_group_quant
+    from fp8linear.backends import triton_blockwise as tb
+
+    key = {FP8: "e4m3", INT8: "int8"}[dtype]
+    card_rows = [r for r in tb._measured_rows(torch.cuda.get_device_name()) if r[0] == key]
+    if not any(cfg is not None for _, _, cfg in card_rows):
+        pytest.skip(f"no measured Triton tiles for {key} on {torch.cuda.get_device_name()}")
+    lowers = [0] + [m_max for _, m_max, _ in card_rows]
+    for N, K in ((200, 300), (2112, 7168)):
+        mod, ref = _pair(N, K, dtype, "triton")
+        for (_, m_max, cfg), lower in zip(card_rows, lowers):
+            if cfg is None:
+                continue
+            M = (lower + 1 + m_max) // 2  # inside the bucket (lower, m_max]
+            assert tb.config_for(M, N, dtype, torch.device("cuda")) == cfg
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            assert _rel_err(mod(x), ref(x)) <= REL_TOL, (N, K, M, cfg)
+            Kp = -(-K // 128) * 128
+            q, s = per_token_group_quant(torch.nn.functional.pad(x, (0, Kp - K)), 128, dtype, scale_layout="row")
+            w, ws = mod.weight, mod.weight_scale_inv
+            measured = tb._gemm_impl(q, s, w, ws, mod.bias, torch.bfloat16, config=cfg)
+            built_in = tb._gemm_impl(q, s, w, ws, mod.bias, torch.bfloat16, config=tb._default_config(M, N))
+            assert torch.equal(measured.view(torch.int16), built_in.view(torch.int16)), (N, K, M, cfg)
+
+
 def test_empty_batch_on_gpu():
     mod, _ = _pair(256, 256, FP8, "auto")
     y = mod(torch.randn(0, 256, device="cuda", dtype=torch.bfloat16))
