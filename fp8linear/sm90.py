@@ -1,9 +1,11 @@
 """fp8linear's own Hopper GEMM, quantizing the activations inside the same kernel (`kernels/sm90_linear.cu`).
 
-    y = dequant(per_token_group_quant(x, 128, fp8 e4m3, scale_layout="col", scale_ue8m0, eps))
+    y = dequant(per_token_group_quant(x, 128, weight.dtype, scale_layout="col", scale_ue8m0, eps))
         @ dequant(weight)^T + bias,   accumulated in fp32, returned in x's dtype
 
-for x [M, K] bf16 or fp16, K % 128 == 0, N % 8 == 0, on compute capability 9.0 (wgmma, TMA). One kernel:
+for x [M, K] bf16 or fp16, fp8 e4m3 or int8 weights, K % 128 == 0, N % 8 == 0, on compute capability 9.0
+(wgmma, TMA; int8 block sums exact in int32, so the int8 result is the same product as the Triton GEMM's,
+on Hopper's int8 tensor cores). One kernel:
 warps of its own quantize each 1x128 group of x once, in the order the GEMM's tiles consume them, and
 publish q and the scales to global memory where the GEMM's TMA loads read them, meant to run the
 quantization beside the tensor cores instead of in a pass before them (the kernel's header says why, how,
@@ -31,6 +33,7 @@ __all__ = ["sm90_linear", "unsupported_reason", "GROUP"]
 GROUP = 128
 
 _X_DTYPES = (torch.bfloat16, torch.float16)
+_Q_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 _lib = torch.library.Library("fp8linear", "FRAGMENT")
 _lib.define(
@@ -54,7 +57,7 @@ def _sm90_linear_fake(x, weight, weight_scale_inv, bias, scale_ue8m0, eps, block
         _build.ensure_loaded()  # tracing runs this, not the wrapper: the kernel must exist when the graph runs
     M, K = x.shape
     y = x.new_empty((M, weight.shape[0]))
-    q = x.new_empty((M, K), dtype=torch.float8_e4m3fn)
+    q = x.new_empty((M, K), dtype=weight.dtype)
     return y, q, _col_scales_like(x, M, K // GROUP)
 
 
@@ -77,7 +80,7 @@ def _reference_product(q, s, weight, weight_scale_inv, bias, out_dtype):
 @torch.library.impl(_lib, "sm90_linear", "CPU")
 def _sm90_linear_cpu(x, weight, weight_scale_inv, bias, scale_ue8m0, eps, block_m=0, cluster=0):
     M, K = x.shape
-    q, s_row = per_token_group_quant_reference(x, GROUP, torch.float8_e4m3fn, scale_ue8m0, eps)
+    q, s_row = per_token_group_quant_reference(x, GROUP, weight.dtype, scale_ue8m0, eps)
     s = _col_scales_like(x, M, K // GROUP)
     s.copy_(s_row)
     return _reference_product(q, s, weight, weight_scale_inv, bias, x.dtype), q, s
@@ -90,8 +93,8 @@ def _sm90_gemm_cpu(q, s, weight, weight_scale_inv, bias, out_dtype, block_m=0, c
 
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype) -> "str | None":
     """None when the kernel serves [M, K] x [N, K]^T with `dtype` weights (any device); else why not."""
-    if dtype != torch.float8_e4m3fn:
-        return f"fp8 e4m3 only; got {dtype}"
+    if dtype not in _Q_DTYPES:
+        return f"fp8 e4m3 or int8 only; got {dtype}"
     if K % GROUP != 0 or K == 0:
         return f"K % 128 != 0 (K={K})"
     if N % 8 != 0 or N == 0:
@@ -110,11 +113,13 @@ def sm90_linear(
     block_m: int = 0,
     cluster: int = 0,
 ) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
-    """(y, q, s): x [M, K] quantized per 1x128 group and multiplied by a 128x128-block fp8 weight in one kernel.
+    """(y, q, s): x [M, K] quantized per 1x128 group and multiplied by a 128x128-block fp8 or int8 weight in one
+    kernel.
 
     Args:
         x: bfloat16 or float16 [M, K], K % 128 == 0, unit stride along K (rows may be strided).
-        weight: float8_e4m3fn [N, K], N % 8 == 0.
+        weight: float8_e4m3fn or int8 [N, K], N % 8 == 0; x is quantized to the same type (int8: amax / 127,
+            round half to even, block sums exact in int32).
         weight_scale_inv: fp32 [ceil(N/128), K/128], the per-block multipliers that dequantize weight.
         bias: [N] bf16, fp16 or fp32, or None; added in fp32 before the output is rounded.
         scale_ue8m0: power-of-two activation scales.
@@ -124,8 +129,8 @@ def sm90_linear(
             measured slower on the H100, docs/benchmarks.md).
 
     Returns:
-        y [M, N] in x's dtype; q [M, K] float8_e4m3fn and s fp32 [M, K/128] in the `col` layout, equal bit
-        for bit to `per_token_group_quant(x, 128, scale_layout="col", scale_ue8m0=..., eps=...)`.
+        y [M, N] in x's dtype; q [M, K] of the weight's type and s fp32 [M, K/128] in the `col` layout, equal
+        bit for bit to `per_token_group_quant(x, 128, weight.dtype, scale_layout="col", scale_ue8m0=..., eps=...)`.
         A group of x holding a NaN or Inf makes its row of y NaN.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -137,8 +142,8 @@ def sm90_linear(
         raise ValueError(f"x's last dim K={K} must be a positive multiple of {GROUP}")
     if x.stride(1) != 1 and M > 1:
         raise ValueError(f"x must have unit stride along K; got strides {tuple(x.stride())}")
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"weight must be a float8_e4m3fn tensor; got {getattr(weight, 'dtype', type(weight))}")
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _Q_DTYPES:
+        raise TypeError(f"weight must be a float8_e4m3fn or int8 tensor; got {getattr(weight, 'dtype', type(weight))}")
     if weight.dim() != 2 or weight.shape[1] != K:
         raise ValueError(f"weight must have shape [N, {K}] (x's K); got {list(weight.shape)}")
     N = weight.shape[0]
@@ -149,6 +154,8 @@ def sm90_linear(
         raise ValueError(f"block_m must be 0 (by shape), 128 or 256; got {block_m!r}")
     if cluster not in (0, 1, 2):
         raise ValueError(f"cluster must be 0 (by shape), 1 or 2; got {cluster!r}")
+    if cluster == 2 and weight.dtype == torch.int8:
+        raise ValueError("cluster=2 is fp8 only: int8 runs without clusters (cluster 0 or 1)")
     if x.is_cuda:
         if torch.cuda.get_device_capability(x.device) != (9, 0):
             raise ValueError(f"sm90_linear needs a compute capability 9.0 GPU (wgmma, TMA); {x.device} is "

@@ -78,9 +78,12 @@ constexpr int kBTileBytes = kBlockN * kBlockK;
 // thread: the math warpgroups take 232 registers each (setmaxnreg) and warpgroup 0 keeps 40, and its
 // quantizers get one part buffer each instead of two. 128-row tiles serve M too small to fill the SMs with
 // 256-row ones.
-template <int kBlockM_, int kCluster_>
+template <int kBlockM_, int kCluster_, bool kInt8_ = false>
 struct Tile {
   static constexpr int kBlockM = kBlockM_;
+  // int8 operands (wgmma .s32.s8.s8, exact per 128-wide K block) instead of fp8 e4m3; blocks alone only.
+  static constexpr bool kInt8 = kInt8_;
+  static_assert(!kInt8_ || kCluster_ == 1, "int8 tiles run without clusters");
   // 2: blocks run in pairs on the same m-block and neighbouring n-blocks, each loading half of the A tile
   // into both (TMA multicast): a quarter fewer bytes from L2 per flop.
   static constexpr int kCluster = kCluster_;
@@ -113,7 +116,7 @@ enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 }
 struct Params {
   const void* x;          // [M, K] in T, rows x_stride elements apart, 16-byte aligned (kQuantize only)
   int64_t x_stride;
-  uint8_t* q;             // [M, K] fp8 e4m3, row-major (written with kQuantize, else read)
+  uint8_t* q;             // [M, K] fp8 e4m3 or int8 (the weight's type), row-major (written with kQuantize)
   float* s;               // `col`: s[k * m_pad + row]
   const float* sb;        // weight_scale_inv [ceil(N / 128), G]
   const void* bias;
@@ -279,10 +282,47 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// The same product for int8: d[64] (+)= A * B^T in exact int32 (s8 x s8); integer wgmma has no operand
+// scaling or transposes, so scale-d is its only flag.
+__device__ __forceinline__ void wgmma_m64n128k32_s8(uint32_t (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                    uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "
+      "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "
+      "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p;\n"
+      "}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
+        "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
+        "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]),
+        "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]),
+        "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]),
+        "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
+        "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 // Keeps the compiler from moving reads of wgmma's outputs above the wait (the wait names no registers).
 __device__ __forceinline__ void fence_operands(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_operands(uint32_t (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// An int8 block sum (int32) as fp32 without a conversion instruction (I2F runs at a quarter of the FMA
+// rate): adding the bits of 1.5 * 2^23 gives those of the float 1.5 * 2^23 + sum, exact for |sum| < 2^22 (a
+// block's sum is at most 128 * 128 * 128 = 2^21), and one subtraction leaves sum exactly. (Starting the
+// accumulator at those bits instead saved the add but made the 256-row tiles spill.)
+__device__ __forceinline__ float int8_block_sum(uint32_t sum) {
+  return __uint_as_float(sum + 0x4B400000u) - 12582912.0f;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -361,6 +401,7 @@ __device__ void quantize_parts(const Params& p, const CUtensorMap* map_x, uint32
   const int r = lane / 2;
   const int h = lane % 2;
   const int units = p.m_blocks * p.G * (C::kPartsPerBlock / kClaim);
+  using Out = std::conditional_t<C::kInt8, OutInt8, OutFp8E4M3>;
   // Lane 0's ticket from the counter; the shuffle that hands it out comes after the unit's work, so the
   // atomic's round trip overlaps it.
   auto ticket = [&]() { return lane == 0 ? static_cast<int>(atomicAdd(p.next_part, 1u)) : 0; };
@@ -396,7 +437,7 @@ __device__ void quantize_parts(const Params& p, const CUtensorMap* map_x, uint32
         amax = max(amax, InputTraits<T>::abs_max_bits(ld_shared_v4(row_addr + ((c ^ (r % 8)) << 4))));
       }
       amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
-      const GroupScale g = group_scale<T>(amax, p.eps, OutFp8E4M3::kQmax, p.ue8m0);
+      const GroupScale g = group_scale<T>(amax, p.eps, Out::kQmax, p.ue8m0);
       uint8_t* q_row = p.q + static_cast<int64_t>(row) * p.K + k * kBlockK + h * 64;
 #pragma unroll
       for (int i = 0; i < 8; i += 2) {
@@ -407,7 +448,7 @@ __device__ void quantize_parts(const Params& p, const CUtensorMap* map_x, uint32
           float f[8];
           InputTraits<T>::to_float(ld_shared_v4(row_addr + (((c + jj) ^ (r % 8)) << 4)), f);
           uint32_t half_w[2];
-          quantize_chunk<OutFp8E4M3, 8>(f, g.inv, g.nonfinite, half_w);
+          quantize_chunk<Out, 8>(f, g.inv, g.nonfinite, half_w);
           w[2 * jj] = half_w[0];
           w[2 * jj + 1] = half_w[1];
         }
@@ -603,10 +644,16 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
         const float scale_1 = a_scales[stage * C::kBlockM + r + 8] * scale_b;
         const uint64_t desc_a =
             smem_desc(a_tiles + stage * C::kATileBytes + (wg * (C::kBlockM / 2) + 64 * sub) * kBlockK);
-        float part[64];
+        std::conditional_t<C::kInt8, uint32_t, float> part[64];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBlockK / 32; ++kk) wgmma_m64n128k32(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+        for (int kk = 0; kk < kBlockK / 32; ++kk) {
+          if constexpr (C::kInt8) {
+            wgmma_m64n128k32_s8(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+          } else {
+            wgmma_m64n128k32(part, desc_a + 2 * kk, desc_b + 2 * kk, kk > 0);
+          }
+        }
         wgmma_commit();
         wgmma_wait_all();
         fence_operands(part);
@@ -618,12 +665,19 @@ __device__ __forceinline__ void consume(const Params& p, uint32_t a_tiles, uint3
           const int next = stage + 1 == C::kStages ? 0 : stage + 1;
           full_ready = mbar_test(full_bars + 8 * next, next == 0 ? phase ^ 1u : phase);
         }
+        auto value = [&](int i) {
+          if constexpr (C::kInt8) {
+            return int8_block_sum(part[i]);
+          } else {
+            return part[i];
+          }
+        };
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-          acc[sub][4 * i + 0] = fmaf(scale_0, part[4 * i + 0], acc[sub][4 * i + 0]);
-          acc[sub][4 * i + 1] = fmaf(scale_0, part[4 * i + 1], acc[sub][4 * i + 1]);
-          acc[sub][4 * i + 2] = fmaf(scale_1, part[4 * i + 2], acc[sub][4 * i + 2]);
-          acc[sub][4 * i + 3] = fmaf(scale_1, part[4 * i + 3], acc[sub][4 * i + 3]);
+          acc[sub][4 * i + 0] = fmaf(scale_0, value(4 * i + 0), acc[sub][4 * i + 0]);
+          acc[sub][4 * i + 1] = fmaf(scale_0, value(4 * i + 1), acc[sub][4 * i + 1]);
+          acc[sub][4 * i + 2] = fmaf(scale_1, value(4 * i + 2), acc[sub][4 * i + 2]);
+          acc[sub][4 * i + 3] = fmaf(scale_1, value(4 * i + 3), acc[sub][4 * i + 3]);
         }
       }
       if (++stage == C::kStages) {
@@ -760,10 +814,11 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
 }
 
 void check_weight(const at::Tensor& weight, const at::Tensor& weight_scale_inv, int64_t K, const char* op) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.scalar_type() == at::ScalarType::Float8_e4m3fn &&
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K &&
+                  (weight.scalar_type() == at::ScalarType::Float8_e4m3fn || weight.scalar_type() == at::kChar) &&
                   weight.is_contiguous() && aligned_to(weight.data_ptr(), 16),
-              op, ": weight must be contiguous, 16-byte aligned float8_e4m3fn [N, ", K, "]; got ", weight.scalar_type(),
-              " ", weight.sizes());
+              op, ": weight must be contiguous, 16-byte aligned float8_e4m3fn or int8 [N, ", K, "]; got ",
+              weight.scalar_type(), " ", weight.sizes());
   const int64_t N = weight.size(0);
   TORCH_CHECK(N > 0 && N % 8 == 0, op, ": needs N % 8 == 0; got N=", N);
   TORCH_CHECK(K > 0 && K % kBlockK == 0, op, ": needs K % 128 == 0; got K=", K);
@@ -825,7 +880,14 @@ Shape pick_shape(const Params& p, int64_t block_m, int64_t cluster, int device) 
 }
 
 template <bool kQuantize, typename T>
-void dispatch_tile(const Params& p, Shape s, const void* q, const void* weight, int device, cudaStream_t stream) {
+void dispatch_tile(const Params& p, Shape s, bool int8, const void* q, const void* weight, int device,
+                   cudaStream_t stream) {
+  if (int8) {
+    TORCH_CHECK(s.cluster == 1, "sm90_linear: int8 runs without clusters (cluster 0 or 1); got ", s.cluster);
+    s.block_m == 256 ? launch<Tile<256, 1, true>, T, kQuantize>(p, q, weight, device, stream)
+                     : launch<Tile<128, 1, true>, T, kQuantize>(p, q, weight, device, stream);
+    return;
+  }
   if (s.block_m == 256) {
     s.cluster == 2 ? launch<Tile<256, 2>, T, kQuantize>(p, q, weight, device, stream)
                    : launch<Tile<256, 1>, T, kQuantize>(p, q, weight, device, stream);
@@ -836,12 +898,13 @@ void dispatch_tile(const Params& p, Shape s, const void* q, const void* weight, 
 }
 
 template <bool kQuantize>
-void dispatch(at::ScalarType dtype, const Params& p, Shape s, const void* q, const void* weight, int device) {
+void dispatch(at::ScalarType dtype, const Params& p, Shape s, bool int8, const void* q, const void* weight,
+              int device) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
   if (dtype == at::ScalarType::BFloat16) {
-    dispatch_tile<kQuantize, __nv_bfloat16>(p, s, q, weight, device, stream);
+    dispatch_tile<kQuantize, __nv_bfloat16>(p, s, int8, q, weight, device, stream);
   } else {
-    dispatch_tile<kQuantize, __half>(p, s, q, weight, device, stream);
+    dispatch_tile<kQuantize, __half>(p, s, int8, q, weight, device, stream);
   }
 }
 
@@ -866,7 +929,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sm90_linear_cuda(const at::Tensor
   fill_sizes(p, M, N, K);
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor y = at::empty({M, N}, x_in.options());
-  at::Tensor q = at::empty({M, K}, x_in.options().dtype(at::ScalarType::Float8_e4m3fn));
+  at::Tensor q = at::empty({M, K}, x_in.options().dtype(weight.scalar_type()));  // fp8 or int8, as the weight
   at::Tensor s_storage = at::empty({K / kBlockK, p.m_pad}, x_in.options().dtype(at::kFloat));
   at::Tensor s = s_storage.t().narrow(0, 0, M);
   if (M == 0) return {y, q, s};
@@ -888,7 +951,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sm90_linear_cuda(const at::Tensor
   p.next_part = p.flags + n_flags;
   p.eps = static_cast<float>(eps);
   p.ue8m0 = scale_ue8m0;
-  dispatch<true>(x_in.scalar_type(), p, shape, q.data_ptr(), weight.data_ptr(), device);
+  dispatch<true>(x_in.scalar_type(), p, shape, weight.scalar_type() == at::kChar, q.data_ptr(), weight.data_ptr(),
+                 device);
   return {y, q, s};
 }
 
@@ -900,9 +964,10 @@ at::Tensor sm90_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at::Te
                           const at::Tensor& weight_scale_inv, const c10::optional<at::Tensor>& bias,
                           at::ScalarType out_dtype, int64_t block_m, int64_t cluster) {
   constexpr const char* op = "sm90_gemm";
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::ScalarType::Float8_e4m3fn && q.is_contiguous() &&
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == weight.scalar_type() && q.is_contiguous() &&
                   aligned_to(q.data_ptr(), 16),
-              op, ": q must be contiguous, 16-byte aligned float8_e4m3fn [M, K]; got ", q.scalar_type(), " ",
+              op, ": q must be contiguous, 16-byte aligned [M, K] of the weight's type (", weight.scalar_type(),
+              "); got ", q.scalar_type(), " ",
               q.sizes());
   const int64_t M = q.size(0), K = q.size(1);
   check_weight(weight, weight_scale_inv, K, op);
@@ -934,7 +999,8 @@ at::Tensor sm90_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at::Te
   p.eps = 0.0f;
   p.ue8m0 = false;
   const int device = q.get_device();
-  dispatch<false>(out_dtype, p, pick_shape(p, block_m, cluster, device), q.data_ptr(), weight.data_ptr(), device);
+  dispatch<false>(out_dtype, p, pick_shape(p, block_m, cluster, device), weight.scalar_type() == at::kChar,
+                  q.data_ptr(), weight.data_ptr(), device);
   return y;
 }
 

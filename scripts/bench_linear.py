@@ -101,7 +101,7 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float) -> dict:
 
 
 def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
-               rounds: int = 1) -> tuple[list[dict], dict]:
+               rounds: int = 1, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[list[dict], dict]:
     """Rows {N, K, M, provider, us, tflops, speedup, pick} for one layer shape; and build seconds."""
     from fp8linear import FP8Linear, per_token_group_quant
     from fp8linear.backends import deepgemm as dg_backend
@@ -109,30 +109,32 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
 
     dev = torch.device("cuda")
     lin = make_layer(N, K)
-    mods = {name: FP8Linear.from_linear(lin, backend=name) for name in names}
+    # Backends without a GEMM for this dtype and shape at any M (deepgemm and cublas with int8) stay out.
+    mods = {name: FP8Linear.from_linear(lin, dtype=dtype, backend=name) for name in names
+            if name == "auto" or any(unsupported_reason(name, m, N, K, dtype, dev) is None for m in (1, 4096))}
     rows, build_s = [], {}
     for M in Ms:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
         for name, mod in mods.items():
-            if name != "auto" and unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
+            if name != "auto" and unsupported_reason(name, M, N, K, dtype, dev) is not None:
                 continue
             t0 = time.perf_counter()
             mod(x)  # first call: backend choice, prepared weight, JIT builds: not timed
             torch.cuda.synchronize()
             build_s[f"{name} M={M}"] = time.perf_counter() - t0
             fns[name] = lambda mod=mod: mod(x)
-        if "deepgemm" in names and unsupported_reason("deepgemm", M, N, K, torch.float8_e4m3fn, dev) is None:
+        if "deepgemm" in mods and unsupported_reason("deepgemm", M, N, K, dtype, dev) is None:
             q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
             prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
             fns["dg-gemm"] = lambda q=q, s=s, prepared=prepared: dg_backend._gemm_impl(q, s, *prepared)
-        if "sm90" in names and unsupported_reason("sm90", M, N, K, torch.float8_e4m3fn, dev) is None:
+        if "sm90" in mods and unsupported_reason("sm90", M, N, K, dtype, dev) is None:
             # The sm90 kernel on pre-quantized operands: what its layer costs without the quantization.
-            q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
+            q, s = per_token_group_quant(x, 128, dtype, scale_layout="col")
             w, ws = mods["sm90"].weight, mods["sm90"].weight_scale_inv
             fns["sm90-gemm"] = lambda q=q, s=s, w=w, ws=ws: torch.ops.fp8linear.sm90_gemm(q, s, w, ws, None,
                                                                                           torch.bfloat16)
-        fns["quant"] = lambda: per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
+        fns["quant"] = lambda: per_token_group_quant(x, 128, dtype, scale_layout="col")
         results = bench_rounds(fns, rounds, rep_ms)
         pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""
         for provider, us in results.items():
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rep-ms", type=float, default=25.0, help="do_bench measuring time per point")
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over the providers per point, each timed once per pass; the median is kept")
+    ap.add_argument("--dtype", choices=["e4m3", "int8"], default="e4m3",
+                    help="the layers' weight and activation type (int8: the backends with an int8 GEMM)")
     ap.add_argument("--out", help="write the table (markdown) here, and raw rows next to it as .json")
     args = ap.parse_args(argv)
 
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
     Ms = args.M or (QUICK_M if args.quick else M_LIST)
     names = list(args.backends) + ([] if args.no_auto else ["auto"])
 
-    head = header()
+    head = header() + f" | dtype: {args.dtype}"
     print(head, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     all_rows, builds = [], {}
@@ -248,7 +252,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for N, K in shapes:
             t0 = time.perf_counter()
-            rows, build_s = time_shape(N, K, Ms, names, args.rep_ms, args.rounds)
+            rows, build_s = time_shape(N, K, Ms, names, args.rep_ms, args.rounds,
+                                       torch.int8 if args.dtype == "int8" else torch.float8_e4m3fn)
             all_rows += rows
             builds.update({f"{N}x{K} {k}": v for k, v in build_s.items()})
             print(f"  {N}x{K}: {time.perf_counter() - t0:.1f}s "

@@ -57,8 +57,8 @@ def _skip_unless_served(backend: str, M: int, N: int, K: int, dtype: torch.dtype
 @pytest.mark.parametrize(
     "backend,dtype",
     [("deepgemm", FP8), ("cublas", FP8), ("triton", FP8), ("triton", INT8), ("small_m", FP8), ("small_m", INT8),
-     ("sm90", FP8)],
-    ids=["deepgemm", "cublas", "triton-fp8", "triton-int8", "small_m-fp8", "small_m-int8", "sm90"],
+     ("sm90", FP8), ("sm90", INT8)],
+    ids=["deepgemm", "cublas", "triton-fp8", "triton-int8", "small_m-fp8", "small_m-int8", "sm90", "sm90-int8"],
 )
 def test_backend_matches_reference(backend, dtype, N, K, M):
     _skip_unless_served(backend, M, N, K, dtype)

@@ -19,14 +19,14 @@ from conftest import assert_bitwise_equal, poison_allocator
 from fp8linear import backends, per_token_group_quant, sm90
 from fp8linear.weights import quantize_weight_blockwise
 
-FP8 = torch.float8_e4m3fn
+FP8, INT8 = torch.float8_e4m3fn, torch.int8
 REL_TOL = 1e-2
 
 
-def _weights(N: int, K: int, device="cpu", seed: int = 0):
+def _weights(N: int, K: int, device="cpu", seed: int = 0, dtype=FP8):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=g) * 0.05
-    weight, wsi = quantize_weight_blockwise(W.to(device), FP8)
+    weight, wsi = quantize_weight_blockwise(W.to(device), dtype)
     return weight, wsi
 
 
@@ -40,12 +40,14 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # -- CPU ------------------------------------------------------------------------------------------------
-def test_cpu_op_is_the_reference():
-    weight, wsi = _weights(64, 256)
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_cpu_op_is_the_reference(dtype):
+    weight, wsi = _weights(64, 256, dtype=dtype)
     x = torch.randn(5, 256, dtype=torch.bfloat16)
     bias = torch.randn(64)
     y, q, s = sm90.sm90_linear(x, weight, wsi, bias)
-    q_ref, s_ref = per_token_group_quant(x, 128, FP8, scale_layout="col")
+    assert q.dtype == dtype
+    q_ref, s_ref = per_token_group_quant(x, 128, dtype, scale_layout="col")
     assert_bitwise_equal(q, q_ref, "q")
     assert_bitwise_equal(s, s_ref, "s")
     assert s.stride() == (1, 8)
@@ -61,7 +63,8 @@ def test_cpu_op_is_the_reference():
         (dict(x=torch.randn(4, 200, dtype=torch.bfloat16)), ValueError, "multiple of 128"),
         (dict(x=torch.randn(2, 4, 256, dtype=torch.bfloat16)), ValueError, "2-D"),
         (dict(x=torch.randn(256, 4, dtype=torch.bfloat16).t()), ValueError, "unit stride"),
-        (dict(weight=torch.zeros(64, 256, dtype=torch.int8)), TypeError, "float8_e4m3fn"),
+        (dict(weight=torch.zeros(64, 256, dtype=torch.float16)), TypeError, "float8_e4m3fn or int8"),
+        (dict(weight=torch.zeros(64, 256, dtype=torch.int8), cluster=2), ValueError, "int8 runs without clusters"),
         (dict(weight=torch.zeros(60, 256, dtype=FP8)), ValueError, "multiple of 8"),
         (dict(weight=torch.zeros(64, 384, dtype=FP8)), ValueError, r"shape \[N, 256\]"),
         (dict(weight_scale_inv=torch.ones(1, 3)), ValueError, r"weight_scale_inv must be float32 of shape \[1, 2\]"),
@@ -83,7 +86,7 @@ def test_wrapper_names_the_bad_argument(change, exc, match):
 
 def test_backend_refusals_say_why():
     cpu = torch.device("cpu")
-    assert "fp8 e4m3 only" in backends.unsupported_reason("sm90", 64, 256, 256, torch.int8, cpu)
+    assert "fp8 e4m3 or int8 only" in backends.unsupported_reason("sm90", 64, 256, 256, torch.float16, cpu)
     assert "K % 128" in backends.unsupported_reason("sm90", 64, 256, 200, FP8, cpu)
     assert "N % 8" in backends.unsupported_reason("sm90", 64, 250, 256, FP8, cpu)
     assert "CUDA device" in backends.unsupported_reason("sm90", 64, 256, 256, FP8, cpu)
@@ -111,15 +114,18 @@ SHAPES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("block_m,cluster", [(128, 1), (128, 2), (256, 1), (256, 2)], ids=lambda v: str(v))
-def test_quantizes_like_the_op_and_multiplies_like_the_reference(M, N, K, x_dtype, block_m, cluster):
+@pytest.mark.parametrize(
+    "block_m,cluster,dtype",
+    [(128, 1, FP8), (128, 2, FP8), (256, 1, FP8), (256, 2, FP8), (128, 1, INT8), (256, 1, INT8)],
+    ids=["128-1", "128-2", "256-1", "256-2", "128-1-int8", "256-1-int8"])
+def test_quantizes_like_the_op_and_multiplies_like_the_reference(M, N, K, x_dtype, block_m, cluster, dtype):
     _skip_unless_sm90()
-    weight, wsi = _weights(N, K, "cuda", seed=M + N)
+    weight, wsi = _weights(N, K, "cuda", seed=M + N, dtype=dtype)
     x = (torch.randn(M, K, device="cuda") * 3).to(x_dtype)
     bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
     poison_allocator()
     y, q, s = sm90.sm90_linear(x, weight, wsi, bias, block_m=block_m, cluster=cluster)
-    q_op, s_op = per_token_group_quant(x, 128, FP8, scale_layout="col")
+    q_op, s_op = per_token_group_quant(x, 128, dtype, scale_layout="col")
     torch.cuda.synchronize()
     assert_bitwise_equal(q, q_op, "q")
     assert_bitwise_equal(s, s_op, "s")
@@ -176,16 +182,17 @@ def test_bias_dtypes_and_power_of_two_scales(bias_dtype):
 
 
 @pytest.mark.gpu
-def test_a_nan_group_poisons_its_row_only():
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_a_nan_group_poisons_its_row_only(dtype):
     _skip_unless_sm90()
     M, N, K = 130, 256, 512
-    weight, wsi = _weights(N, K, "cuda")
+    weight, wsi = _weights(N, K, "cuda", dtype=dtype)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     x[129, 300] = float("nan")
     y, q, s = sm90.sm90_linear(x, weight, wsi)
     assert torch.isnan(y[129]).all()
     assert torch.isfinite(y[:129]).all()
-    q_op, s_op = per_token_group_quant(x, 128, FP8, scale_layout="col")
+    q_op, s_op = per_token_group_quant(x, 128, dtype, scale_layout="col")
     assert_bitwise_equal(q, q_op, "q")
     assert_bitwise_equal(s, s_op, "s")
 

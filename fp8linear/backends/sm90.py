@@ -7,7 +7,7 @@ DeepGEMM's one-op forward at large M (its quantization still adds 6-23% to its o
 7-9% behind DeepGEMM's at the same clock, and both run at the card's power limit; docs/benchmarks.md), so
 `auto` never names it; ask for it by name.
 
-Needs fp8 e4m3 weights, K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input
+Needs fp8 e4m3 or int8 weights, K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input
 for the one-op path (`quant_gemm`); fp32 input, and q and scales handed over by FP8RMSNorm, go through
 `gemm` (the same kernel on given operands, `col` scales).
 """
@@ -61,7 +61,7 @@ def quant_gemm(
     bias: "torch.Tensor | None",
 ) -> "torch.Tensor | None":
     """Quantize x2d [M, K] (bf16/fp16, unit stride along K) and multiply in one kernel -> y [M, N] out_dtype,
-    the result of quantizing with `quantize_for_gemm(x2d, 128, fp8, scale_ue8m0, ScaleLayout.COL)` and calling
+    the result of quantizing with `quantize_for_gemm(x2d, 128, weight's dtype, scale_ue8m0, ScaleLayout.COL)` and calling
     `gemm`, bit for bit; None for fp32 x (FP8Linear then quantizes and calls `gemm`)."""
     if x2d.dtype not in _OUT_DTYPES or out_dtype != x2d.dtype:
         return None
@@ -76,7 +76,8 @@ def gemm(
     out_dtype: torch.dtype,
     bias: "torch.Tensor | None",
 ) -> torch.Tensor:
-    """q fp8 [M, K] contiguous, s fp32 [M, K/128] `col` -> y [M, N] out_dtype (bias added in fp32 in the kernel;
+    """q [M, K] contiguous (the weight's fp8 or int8), s fp32 [M, K/128] `col` -> y [M, N] out_dtype (bias added
+    in fp32 in the kernel;
     fp32 output is the bf16 result cast, as the other Hopper backends give)."""
     weight, weight_scale_inv = prepared
     if out_dtype in _OUT_DTYPES:
