@@ -14,8 +14,9 @@
 // GEMM on pre-quantized operands takes 1.07-1.24x DeepGEMM's at large M (1.35x before the TMA-store epilogue).
 // With the quantizers fed by TMA (2026-11-26) the quantization lengthens the kernel by 6-23% instead of
 // 8-51%, against 16-29% for the standalone pass; in sustained loops this kernel and DeepGEMM's both run at
-// the card's 700 W limit, where our GEMM core takes 7-9% longer than DeepGEMM's at the same clock. Opt-in
-// only; `auto` never names it.
+// the card's 700 W limit, where our GEMM core takes 7-9% longer than DeepGEMM's at the same clock. For fp8
+// `auto` never names it. It also runs int8 (Tile::kInt8, wgmma .s32.s8.s8): there it beats the Triton GEMM,
+// and `auto` uses it from M = 1024 (docs/benchmarks.md).
 //
 // The block (384 threads, one per SM, persistent over kBlockM x 128 output tiles, kBlockM = 128 or 256):
 //   warp 0           TMA producer: per K step, waits for the stage to be free and (with kQuantize) for the

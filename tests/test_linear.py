@@ -337,6 +337,9 @@ def test_auto_heuristic_and_cpu_choice():
     assert auto.heuristic(1, 4096, 4096, INT8) == "small_m"
     assert auto.heuristic(8, 4096, 4096, FP8) == "small_m"
     assert auto.heuristic(9, 4096, 4096, INT8) == "triton"
+    assert auto.heuristic(1023, 4096, 4096, INT8) == "triton"
+    assert auto.heuristic(1024, 4096, 4096, INT8) == "sm90"
+    assert auto.heuristic(4096, 1024, 4096, INT8) == "triton"  # narrow layers: the Triton GEMM
     for M in (9, 256, 512, 2048):  # never triton for fp8: slower than bf16 at most measured points
         assert auto.heuristic(M, 4096, 4096, FP8) == "deepgemm"
     assert auto.choose(5, 200, 300, FP8, torch.device("cpu")) == "reference"

@@ -5,7 +5,8 @@ One kernel per forward (`fp8linear::sm90_linear`, fp8linear.sm90): warps of its 
 and scales it writes are bit for bit the quant op's. Experimental: on the H100 it is 1.05-1.33x the time of
 DeepGEMM's one-op forward at large M (its quantization still adds 6-23% to its own GEMM, whose core is
 7-9% behind DeepGEMM's at the same clock, and both run at the card's power limit; docs/benchmarks.md), so
-`auto` never names it; ask for it by name.
+`auto` never names it for fp8. For int8 it is the fastest GEMM here: `auto` names it from M = 1024 on layers
+with N >= 2048 (fp8linear.backends.auto.heuristic).
 
 Needs fp8 e4m3 or int8 weights, K % 128 == 0, N % 8 == 0, compute capability 9.0 (wgmma, TMA), bf16 or fp16 input
 for the one-op path (`quant_gemm`); fp32 input, and q and scales handed over by FP8RMSNorm, go through
