@@ -64,8 +64,8 @@ def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
       there and is within 1.3x of the best elsewhere).
     - int8, M > 8: sm90 (int8 wgmma, its quantization inside) from M = 1024 on layers with N >= 2048, where
       it measured 0.53-1.21x bf16 against the Triton GEMM's 0.51-0.91x, at least as fast at all 15 points
-      (bench_linear --dtype int8, H100, 2026-11-26); triton below that, on narrower layers, and where sm90 cannot serve (not compute
-      capability 9.0, K % 128 or N % 8: `choose` falls back to triton).
+      (bench_linear --dtype int8, H100, 2026-11-26); triton below that, on narrower layers, and where sm90
+      cannot serve (not compute capability 9.0, K % 128 or N % 8: `choose` falls back to triton).
     - fp8, M > 8: DeepGEMM, the fastest at 80 of the 99 points from M = 16 up; where DeepGEMM is missing
       or refuses the shape `choose` falls back to cuBLASLt (median 1.08x DeepGEMM's time there). Triton
       stays out: it is slower than bf16 at 75 of the 88 points from M = 64 up.
