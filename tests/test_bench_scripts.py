@@ -16,14 +16,18 @@ tune_triton = importlib.import_module("tune_triton")
 
 
 @pytest.mark.parametrize(
-    "argv,message",
-    [(["--seconds", "0.5", "--settle-s", "0.6"], "--seconds (0.5) must exceed --settle-s (0.6)"),
-     (["--rounds", "0"], "--rounds must be >= 1; got 0"),
-     (["--M", "0"], "--M values must be >= 1"),
-     (["--N", "4096"], "--N and --K pair up")])
-def test_bench_sustained_rejects_bad_arguments(argv, message, capsys):
+    "script,argv,message",
+    [(sustained, ["--seconds", "0.5", "--settle-s", "0.6"], "--seconds (0.5) must exceed --settle-s (0.6)"),
+     (sustained, ["--rounds", "0"], "--rounds must be >= 1; got 0"),
+     (sustained, ["--M", "0"], "--M values must be >= 1"),
+     (sustained, ["--N", "4096"], "--N and --K pair up"),
+     (tune_triton, ["--N", "4096", "--K", "4000"], "--K values must be multiples of 128"),
+     (tune_triton, ["--M", "0"], "--M values must be >= 1"),
+     (tune_triton, ["--rep-ms", "0"], "--rep-ms must be > 0")],
+    ids=lambda v: v.__name__ if hasattr(v, "__name__") else None)
+def test_scripts_reject_bad_arguments(script, argv, message, capsys):
     with pytest.raises(SystemExit):
-        sustained.main(argv)
+        script.main(argv)
     assert message in capsys.readouterr().err
 
 
@@ -52,14 +56,3 @@ def test_tune_triton_candidates_compile_checks_and_bucket_shapes():
             tb.check_config(cfg)  # every candidate is a config the table may hold
     assert {c["BLOCK_M"] for c in tune_triton.candidates(16)} == {16}
     assert {c["BLOCK_M"] for c in tune_triton.candidates(4096)} == {128, 256}
-
-
-@pytest.mark.parametrize(
-    "argv,message",
-    [(["--N", "4096", "--K", "4000"], "--K values must be multiples of 128"),
-     (["--M", "0"], "--M values must be >= 1"),
-     (["--rep-ms", "0"], "--rep-ms must be > 0")])
-def test_tune_triton_rejects_bad_arguments(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        tune_triton.main(argv)
-    assert message in capsys.readouterr().err
