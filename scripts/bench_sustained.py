@@ -16,6 +16,7 @@ dg-gemm (DeepGEMM's GEMM alone on pre-quantized operands, where DeepGEMM is impo
 
     python scripts/bench_sustained.py                         # issue 3's shapes at M = 4096
     python scripts/bench_sustained.py --N 4096 --K 4096 --M 2048 4096 --seconds 2
+    python scripts/bench_sustained.py --model /path/to/model --M 4096   # every layer shape of a model
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit, bench_linear
 
 import bench_linear  # noqa: E402
+import model_shapes  # noqa: E402
 import run_commit  # noqa: E402
 
 L2_BYTES = 50 * 2**20  # the H100's; more copies than needed elsewhere only cost memory
@@ -48,6 +50,7 @@ class SmiSampler:
     def __init__(self, index: int):
         self.samples: list[tuple[float, float, float]] = []
         self._proc = None
+        self.power_field = "n/a"  # the nvidia-smi field read, once one is
         if shutil.which("nvidia-smi") is None:
             return
         field = "power.draw.instant"
@@ -166,8 +169,7 @@ def providers_for(N: int, K: int, M: int, names: list[str]):
 
 def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--N", type=int, nargs="+", help="output widths (pair with --K)")
-    ap.add_argument("--K", type=int, nargs="+", help="input widths (pair with --N)")
+    model_shapes.add_shape_arguments(ap)
     ap.add_argument("--M", type=int, nargs="+", default=[4096], help="token counts")
     ap.add_argument("--backends", nargs="*", default=[], choices=["deepgemm", "cublas", "triton"],
                     help="FP8Linear backends timed beside auto (none by default)")
@@ -176,9 +178,7 @@ def main(argv: "list[str] | None" = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="passes over the providers (forward, then reverse order, in turn)")
     ap.add_argument("--out", help="write the table (markdown) here")
     args = ap.parse_args(argv)
-    if args.N or args.K:
-        if not args.N or not args.K or len(args.N) != len(args.K):
-            ap.error("--N and --K pair up: give both, the same number of values")
+    shapes = model_shapes.shapes_from_args(ap, args, bench_linear.SHAPES)
     if args.seconds <= args.settle_s or args.settle_s < 0:
         ap.error(f"--seconds ({args.seconds}) must exceed --settle-s ({args.settle_s}), which must be >= 0")
     if args.rounds < 1:
@@ -192,13 +192,12 @@ def main(argv: "list[str] | None" = None) -> int:
     from fp8linear import _build
 
     _build.ensure_loaded()
-    shapes = list(zip(args.N, args.K)) if args.N else bench_linear.SHAPES
     names = ["auto", *args.backends]
     sampler = SmiSampler(torch.cuda.current_device())
     head = (f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
             f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {run_commit.commit()} | "
             f"{args.seconds} s per provider and pass, first {args.settle_s} s not measured, {args.rounds} passes | "
-            f"power: {getattr(sampler, 'power_field', 'n/a')}")
+            f"power: {sampler.power_field}")
     print(head, flush=True)
     cols = None
     lines = []

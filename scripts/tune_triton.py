@@ -9,8 +9,9 @@ best is timed again beside the built-in tiles in three rounds (bench_linear.benc
 its geometric mean wins by --min-gain; otherwise the bucket keeps the built-in tiles. Rows of other cards
 are kept; this card's rows for the tuned dtypes are replaced.
 
-The Triton GEMM serves int8 layers (auto's only int8 GEMM above small_m's M) and fp8 shapes DeepGEMM and
-cuBLASLt refuse, so bf16's time on each shape is printed beside it.
+The Triton GEMM serves int8 layers from small_m's M up to M = 1024 (at any M on layers narrower than 2048,
+and everywhere off compute capability 9.0, where sm90 cannot) and fp8 shapes DeepGEMM and cuBLASLt refuse,
+so bf16's time on each shape is printed beside it.
 
     python scripts/tune_triton.py                                  # both dtypes, the default shapes
     python scripts/tune_triton.py --dtype int8 --M 4096 --out /tmp/triton_configs.json
@@ -32,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: bench_linear, run_commit
 
 import bench_linear  # noqa: E402
+import model_shapes  # noqa: E402
 import run_commit  # noqa: E402
 
 # Llama-3-8B's q/o, k/v, gate_up and down projections, DeepSeek-V3's 7168^2 and its narrow 2112 x 7168.
@@ -131,17 +133,15 @@ def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--M", type=int, nargs="+", default=M_BUCKETS, help="bucket upper bounds (M_max), one M each")
-    ap.add_argument("--N", type=int, nargs="+", help="output widths (pair with --K)")
-    ap.add_argument("--K", type=int, nargs="+", help="input widths (pair with --N)")
+    model_shapes.add_shape_arguments(ap)
     ap.add_argument("--rep-ms", type=float, default=10.0, help="do_bench measuring time per timing")
     ap.add_argument("--min-gain", type=float, default=0.03, help="keep a configuration only this much faster")
     ap.add_argument("--out", help=f"the table to update (default: the shipped {tb.TABLE_FILE})")
     args = ap.parse_args(argv)
-    if args.N or args.K:
-        if not args.N or not args.K or len(args.N) != len(args.K):
-            ap.error("--N and --K pair up: give both, the same number of values")
-        if any(k % 128 for k in args.K):
-            ap.error(f"--K values must be multiples of 128 (the quantization group); got {args.K}")
+    shapes = model_shapes.shapes_from_args(ap, args, SHAPES)
+    if any(k % 128 for _, k in shapes):
+        ap.error(f"--K values must be multiples of 128 (the quantization group; with --model, every layer's K); "
+                 f"got {sorted({k for _, k in shapes})}")
     if any(m < 1 for m in args.M):
         ap.error(f"--M values must be >= 1; got {args.M}")
     if args.rep_ms <= 0 or args.min_gain < 0:
@@ -154,7 +154,6 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"tune_triton: the Triton backend cannot run here: {reason}")
         return 2
 
-    shapes = list(zip(args.N, args.K)) if args.N else SHAPES
     card = torch.cuda.get_device_name()
     commit = run_commit.commit()
     print(f"card: {card} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | torch {torch.__version__} "
