@@ -107,13 +107,14 @@ def test_triton_measured_tiles_give_the_built_in_tiles_bits(dtype):
     from fp8linear.backends import triton_blockwise as tb
 
     key = {FP8: "e4m3", INT8: "int8"}[dtype]
-    card_rows = [r for r in tb._measured_rows(torch.cuda.get_device_name()) if r[0] == key]
-    if not any(cfg is not None for _, _, cfg in card_rows):
+    card_rows = [r for r in tb._measured_rows(torch.cuda.get_device_name()) if r["dtype"] == key]
+    if not any(r["config"] is not None for r in card_rows):
         pytest.skip(f"no measured Triton tiles for {key} on {torch.cuda.get_device_name()}")
-    lowers = [0] + [m_max for _, m_max, _ in card_rows]
+    lowers = [0] + [r["M_max"] for r in card_rows]
     for N, K in ((200, 300), (2112, 7168)):
         mod, ref = _pair(N, K, dtype, "triton")
-        for (_, m_max, cfg), lower in zip(card_rows, lowers):
+        for row, lower in zip(card_rows, lowers):
+            m_max, cfg = row["M_max"], row["config"]
             if cfg is None:
                 continue
             M = (lower + 1 + m_max) // 2  # inside the bucket (lower, m_max]

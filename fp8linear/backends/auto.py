@@ -48,12 +48,8 @@ def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str
     key = _DTYPE_KEY.get(dtype)
     mine = sorted((r for r in rows if r.get("dtype") == key and r.get("N") == N and r.get("K") == K),
                   key=lambda r: r["M_max"])
-    if not mine:
-        return None
-    for r in mine:
-        if M <= r["M_max"]:
-            return r["backend"]
-    return mine[-1]["backend"]
+    row = card_tables.bucket_row(mine, M)
+    return None if row is None else row["backend"]
 
 
 def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:

@@ -11,7 +11,7 @@ import pathlib
 
 import torch
 
-__all__ = ["table_path", "rows_for", "device_name"]
+__all__ = ["table_path", "rows_for", "device_name", "bucket_row"]
 
 
 def table_path(env_var: str, filename: str) -> pathlib.Path:
@@ -47,3 +47,11 @@ def device_name(device: torch.device) -> str:
     """The key of a CUDA device's rows: its `torch.cuda.get_device_name()` (looked up once per index; the
     current device when `device` has no index)."""
     return _name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def bucket_row(rows: list, M: int):
+    """The row of M's bucket among rows sorted by "M_max": the first whose M_max >= M, else the last (M beyond
+    every measured bucket); None for no rows."""
+    if not rows:
+        return None
+    return next((r for r in rows if M <= r["M_max"]), rows[-1])

@@ -207,7 +207,7 @@ def check_config(cfg: dict, where: str = "config") -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _measured_rows(device_name: str) -> tuple:
-    """(dtype key, M_max, config) of the card's rows, sorted by M_max; checked once."""
+    """The card's rows {dtype, M_max, config}, sorted by M_max, configs checked; read once."""
     from . import card_tables
 
     path = card_tables.table_path(TABLE_ENV, TABLE_FILE)
@@ -219,8 +219,9 @@ def _measured_rows(device_name: str) -> tuple:
         if not isinstance(row.get("M_max"), int) or row["M_max"] < 1:
             raise ValueError(f"{where}: M_max must be a positive int; got {row.get('M_max')!r}")
         cfg = row.get("config")
-        out.append((row["dtype"], row["M_max"], None if cfg is None else check_config(cfg, where)))
-    return tuple(sorted(out, key=lambda r: r[1]))
+        out.append({"dtype": row["dtype"], "M_max": row["M_max"],
+                    "config": None if cfg is None else check_config(cfg, where)})
+    return tuple(sorted(out, key=lambda r: r["M_max"]))
 
 
 def config_for(M: int, N: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -230,11 +231,10 @@ def config_for(M: int, N: int, dtype: torch.dtype, device: torch.device) -> dict
     if device.type == "cuda":
         from . import card_tables
 
-        rows = [r for r in _measured_rows(card_tables.device_name(device)) if r[0] == _DTYPE_KEYS.get(dtype)]
-        if rows:
-            cfg = next((c for _, m_max, c in rows if M <= m_max), rows[-1][2])
-            if cfg is not None:
-                return dict(cfg)
+        rows = [r for r in _measured_rows(card_tables.device_name(device)) if r["dtype"] == _DTYPE_KEYS.get(dtype)]
+        row = card_tables.bucket_row(rows, M)
+        if row is not None and row["config"] is not None:
+            return dict(row["config"])
     return _default_config(M, N)
 
 
