@@ -23,8 +23,8 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import os
+import statistics
 import sys
 
 import torch
@@ -101,7 +101,7 @@ def tune_bucket(M: int, dtype: torch.dtype, shapes: list, rep_ms: float, min_gai
             refused.append(f"{label(cfg)}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             continue
         if len(rel) == len(shapes):
-            scores.append((math.exp(sum(math.log(r) for r in rel) / len(rel)), cfg))
+            scores.append((statistics.geometric_mean(rel), cfg))
     lines = [f"  M={M}: built-in tiles " + ", ".join(
         f"{n}x{k} {base_us[(n, k)]:.1f} us (bf16 {bf16_us[(n, k)]:.1f}, {bf16_us[(n, k)] / base_us[(n, k)]:.2f}x)"
         for n, k in shapes)]
@@ -116,7 +116,7 @@ def tune_bucket(M: int, dtype: torch.dtype, shapes: list, rep_ms: float, min_gai
     for shape in shapes:
         got = bench_linear.bench_rounds({"base": run(shape, default[shape]), "best": run(shape, best)}, 3, rep_ms)
         confirm.append(got["best"] / got["base"])
-    gain = 1.0 / math.exp(sum(math.log(r) for r in confirm) / len(confirm))
+    gain = 1.0 / statistics.geometric_mean(confirm)
     kept = gain >= 1.0 + min_gain
     per_shape = ", ".join(
         f"{n}x{k} {bf16_us[(n, k)] / (base_us[(n, k)] * r):.2f}x bf16" for (n, k), r in zip(shapes, confirm))
