@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", default=list(bench_linear.BACKENDS), choices=list(bench_linear.BACKENDS))
     ap.add_argument("--rep-ms", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=3,
-                    help="passes over the backends per bucket (bench_linear.bench_rounds); the median is kept")
+                    help="passes over the backends per bucket (bench_linear.bench_rounds); the median is kept "
+                         "(the lower middle one of an even number)")
     ap.add_argument("--out", help=f"table to update (default {auto.table_path()})")
     ap.add_argument("--reselect", action="store_true",
                     help="re-apply the pick rule to the table's stored timings and exit (no GPU needed)")

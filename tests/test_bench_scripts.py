@@ -1,5 +1,5 @@
-"""scripts/bench_sustained.py's and scripts/tune_triton.py's CPU-side pieces: argument checks, the nvidia-smi
-window, the candidate sets (the timing itself runs on the GPU machine)."""
+"""The benchmark scripts' CPU-side pieces: argument checks, bench_sustained's nvidia-smi window, tune_triton's
+candidate sets, bench_linear's summary of issue 3's targets (the timing itself runs on the GPU machine)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
 sustained = importlib.import_module("bench_sustained")  # scripts/ is not a package
 tune_triton = importlib.import_module("tune_triton")
+bench_linear = importlib.import_module("bench_linear")
 
 
 @pytest.mark.parametrize(
@@ -57,3 +58,33 @@ def test_tune_triton_candidates_compile_checks_and_bucket_shapes():
             tb.check_config(cfg)  # every candidate is a config the table may hold
     assert {c["BLOCK_M"] for c in tune_triton.candidates(16)} == {16}
     assert {c["BLOCK_M"] for c in tune_triton.candidates(4096)} == {128, 256}
+
+
+def _row(N, M, provider, us, rounds=None, bf16_us=100.0, pick="deepgemm"):
+    return dict(N=N, K=4096, M=M, provider=provider, us=us, us_rounds=rounds or [us], pick=pick,
+                speedup=bf16_us / us if provider not in ("bf16", "quant") else float("nan"))
+
+
+def test_bench_linear_summary_takes_the_true_median_and_names_split_passes():
+    """Four points: the median is the mean of the middle two (1.5x), not the upper one (1.6x); the quant
+    share is read at M = 4096; a provider whose passes lie 1.3x apart is named, one 1.1x apart is not;
+    no M <= 64 line where the run timed none."""
+    rows = []
+    for N, M, auto_us in [(4096, 2048, 100 / 1.2), (4096, 4096, 100 / 1.4), (7168, 2048, 100 / 1.6),
+                          (7168, 4096, 100 / 1.8)]:
+        rows += [_row(N, M, "bf16", 100.0), _row(N, M, "auto", auto_us, [auto_us, 1.1 * auto_us])]
+        rows.append(_row(N, M, "quant", 10.0, [10.0, 13.0] if (N, M) == (7168, 4096) else None))
+    summary = bench_linear.summarize(rows).splitlines()
+    assert summary[0] == "auto M>=2048: min 1.20x, median 1.50x over 4 points (targets 1.5x / 1.7x)"
+    assert summary[1] == "auto slower than bf16 at: none"
+    assert summary[2] == "quant share at M=4096: max 18.0% (target <= 7%)"  # 10 us of 1/1.8 * 100
+    assert summary[3] == "passes more than 1.2x apart: 7168x4096 M=4096 quant (10.0-13.0 us)"
+    assert len(summary) == 4
+
+
+def test_bench_linear_summary_names_slower_points_and_small_m():
+    rows = [_row(4096, 16, "bf16", 10.0), _row(4096, 16, "auto", 8.0, bf16_us=10.0),
+            _row(4096, 64, "bf16", 20.0), _row(4096, 64, "auto", 25.0, bf16_us=20.0)]
+    assert bench_linear.summarize(rows).splitlines() == [
+        "auto M<=64: median 1.02x over 2 points (target 1.3x)",
+        "auto slower than bf16 at: 4096x4096 M=64 (0.80x)"]

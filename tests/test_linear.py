@@ -420,6 +420,19 @@ def test_bench_rounds_alternates_providers_and_keeps_medians(monkeypatch):
         bench_linear.bench_rounds({"a": timed("a")}, rounds=0, rep_ms=1.0)
 
 
+def test_bench_rounds_even_passes_keep_the_lower_middle(monkeypatch):
+    """With two passes the upper middle is the slower pass itself: one interrupted timing would decide."""
+    bench_linear = _tune_auto().bench_linear
+    values = {"quant": iter([30.0, 244.0]), "auto": iter([135.0, 131.0, 140.0, 133.0])}
+    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
+    samples: dict = {}
+    two = bench_linear.bench_rounds({"quant": lambda: next(values["quant"])}, rounds=2, rep_ms=1.0,
+                                    samples=samples)
+    assert two == {"quant": 30.0} and samples == {"quant": [30.0, 244.0]}
+    four = bench_linear.bench_rounds({"auto": lambda: next(values["auto"])}, rounds=4, rep_ms=1.0)
+    assert four == {"auto": 133.0}
+
+
 def test_shipped_auto_table_follows_the_pick_rule():
     import json
 
