@@ -82,15 +82,17 @@ def tflops(M: int, N: int, K: int, us: float) -> float:
     return 2 * M * N * K / (us * 1e-6) / 1e12 if us and math.isfinite(us) else float("nan")
 
 
-def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" = None) -> dict:
+def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" = None, salt: int = 0) -> dict:
     """Median microseconds per call of each fn, over `rounds` passes that take the fns in turn: a GPU
     whose clock drifts with heat (long GEMMs at M >= 4096) then charges the drift to every provider
     alike, where one timing each would charge it to whichever ran in the hot stretch.
 
-    The first pass takes the fns in the given order, later passes in a shuffled one (seeded by the pass).
-    Large GEMMs hold the card at its power limit, and a timing moves with what ran before it: with one
-    fixed order `auto` read a median 3% below the `deepgemm` column at M >= 2048 while both ran the same
-    kernels, and swapping the two in that order moved their ratio by up to 5% (H100, 2026-11-26).
+    The first pass takes the fns in the given order, later passes in a shuffled one (seeded by the pass and
+    `salt`). Large GEMMs hold the card at its power limit, and a timing moves with what ran before it: with
+    one fixed order `auto` read a median 3% below the `deepgemm` column at M >= 2048 while both ran the same
+    kernels, and swapping the two in that order moved their ratio by up to 5% (H100, 2026-11-26). A caller
+    timing many points passes a salt per point, so that no provider follows the same ones at every point
+    (with the shuffles seeded by the pass alone, auto still read a median 2% below deepgemm at M >= 2048).
 
     With an even number of passes the lower of the two middle timings is kept: interference only slows a
     timing down, and with two passes the upper one would be the slower pass itself (a quant timing of
@@ -100,7 +102,7 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" =
         raise ValueError(f"rounds must be at least 1; got {rounds}")
     times: dict = {name: [] for name in fns}
     for r in range(rounds):
-        order = list(fns) if r == 0 else random.Random(r).sample(list(fns), len(fns))
+        order = list(fns) if r == 0 else random.Random(f"{salt}:{r}").sample(list(fns), len(fns))
         for name in order:
             times[name].append(bench_us(fns[name], rep_ms=rep_ms))
     if samples is not None:
@@ -144,7 +146,7 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
                                                                                           torch.bfloat16)
         fns["quant"] = lambda: per_token_group_quant(x, 128, dtype, scale_layout="col")
         samples: dict = {}
-        results = bench_rounds(fns, rounds, rep_ms, samples)
+        results = bench_rounds(fns, rounds, rep_ms, samples, salt=hash((N, K, M)))
         pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""
         for provider, us in results.items():
             rows.append(dict(N=N, K=K, M=M, provider=provider, us=us, us_rounds=samples[provider],

@@ -433,6 +433,23 @@ def test_bench_rounds_even_passes_keep_the_lower_middle(monkeypatch):
     assert four == {"auto": 133.0}
 
 
+def test_bench_rounds_salt_varies_the_shuffles_between_points(monkeypatch):
+    """With the shuffles seeded by the pass alone every point would repeat the same orders, and whatever a
+    provider inherits from its predecessor would bias it at every point alike."""
+    bench_linear = _tune_auto().bench_linear
+    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
+    names = ["bf16", "deepgemm", "cublas", "auto", "dg-gemm", "quant"]
+
+    def orders(salt):
+        order = []
+        bench_linear.bench_rounds({n: (lambda n=n: order.append(n) or 1.0) for n in names}, 3, 1.0, salt=salt)
+        return tuple(order)
+
+    assert orders(7) == orders(7)
+    assert len({orders(salt) for salt in range(6)}) == 6
+    assert all(o[:len(names)] == tuple(names) for o in map(orders, range(6)))  # the first pass: as given
+
+
 def test_shipped_auto_table_follows_the_pick_rule():
     import json
 
