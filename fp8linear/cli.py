@@ -130,8 +130,9 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     forced = int((pred_ref == pred_fp8).sum())
     equal = res_ref.tokens == res_fp8.tokens
     prefix = int(equal.long().cumprod(0).sum())
-    say(f"prompt: {args.prompt!r} ({ids.shape[1]} byte tokens); greedy, {args.max_new_tokens} new tokens "
-        "(random weights: the text is noise, the point is that both models agree)")
+    say(f"prompt: {args.prompt!r} ({ids.shape[1]} byte tokens); greedy, {args.max_new_tokens} new tokens")
+    say("random weights: the text is noise and the logits near ties, so the greedy paths may part at any "
+        "step; compare the models by the next token on the same prefix and the accuracy lines below")
     rows = [
         ("tokens", str(res_ref.tokens[:8].tolist())[:-1] + ", ...]", str(res_fp8.tokens[:8].tolist())[:-1] + ", ...]"),
         ("same greedy tokens", "-", f"first {prefix} of {args.max_new_tokens}"),
