@@ -110,41 +110,85 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" =
     return {name: statistics.median_low(ts) for name, ts in times.items()}
 
 
-def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
-               rounds: int = 1, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[list[dict], dict]:
-    """Rows {N, K, M, provider, us, tflops, speedup, pick} for one layer shape; and build seconds."""
-    from fp8linear import FP8Linear, per_token_group_quant
+def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[dict, dict]:
+    """{provider: callable} for one (N, K, M), and each FP8Linear's first-call seconds.
+
+    Providers: "bf16" (F.linear on `lin`'s weight), each FP8Linear of `mods` that serves the shape (its
+    first call, untimed: backend choice, prepared weight, JIT builds), "dg-gemm" and "sm90-gemm" (the
+    GEMM alone on pre-quantized operands, where `mods` has that backend and it serves the shape) and
+    "quant". Each callable takes the next of `xs` in turn, on a count of its own: one tensor for
+    do_bench's single calls, several for back-to-back loops whose inputs must not stay in L2
+    (bench_sustained). CPU tensors work too (the reference backend), for the tests."""
+    from fp8linear import per_token_group_quant
     from fp8linear.backends import deepgemm as dg_backend
     from fp8linear.backends import unsupported_reason
 
-    dev = torch.device("cuda")
-    lin = make_layer(N, K)
-    # Backends without a GEMM for this dtype and shape at any M (deepgemm and cublas with int8) stay out.
-    mods = {name: FP8Linear.from_linear(lin, dtype=dtype, backend=name) for name in names
+    M, K = xs[0].shape
+    N = lin.weight.shape[0]
+    dev = xs[0].device
+
+    def rotated(f, items: list):
+        """A callable applying f to the next of `items` in turn (always the same one where there is one)."""
+        if len(items) == 1:
+            only = items[0]
+            return lambda: f(only)
+        turn = [0]
+
+        def call():
+            turn[0] = (turn[0] + 1) % len(items)
+            return f(items[turn[0]])
+
+        return call
+
+    fns = {"bf16": rotated(lambda x: torch.nn.functional.linear(x, lin.weight), xs)}
+    first_call_s = {}
+    for name, mod in mods.items():
+        if name != "auto" and unsupported_reason(name, M, N, K, dtype, dev) is not None:
+            continue
+        t0 = time.perf_counter()
+        mod(xs[0])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        first_call_s[name] = time.perf_counter() - t0
+        fns[name] = rotated(mod, xs)
+    if "deepgemm" in mods and unsupported_reason("deepgemm", M, N, K, dtype, dev) is None:
+        prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
+        qs = [per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col") for x in xs]
+        fns["dg-gemm"] = rotated(lambda qs_: dg_backend._gemm_impl(*qs_, *prepared), qs)
+    if "sm90" in mods and unsupported_reason("sm90", M, N, K, dtype, dev) is None:
+        # The sm90 kernel on pre-quantized operands: what its layer costs without the quantization.
+        w, ws = mods["sm90"].weight, mods["sm90"].weight_scale_inv
+        qs = [per_token_group_quant(x, 128, dtype, scale_layout="col") for x in xs]
+        fns["sm90-gemm"] = rotated(lambda qs_: torch.ops.fp8linear.sm90_gemm(*qs_, w, ws, None, torch.bfloat16), qs)
+    fns["quant"] = rotated(lambda x: per_token_group_quant(x, 128, dtype, scale_layout="col"), xs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return fns, first_call_s
+
+
+def layer_modules(lin, names: list[str], dtype: torch.dtype = torch.float8_e4m3fn) -> dict:
+    """FP8Linear.from_linear(lin) per backend name; those with no GEMM for this dtype and shape at any M
+    (deepgemm and cublas with int8) stay out, `auto` always in."""
+    from fp8linear import FP8Linear
+    from fp8linear.backends import unsupported_reason
+
+    N, K = lin.weight.shape
+    dev = lin.weight.device
+    return {name: FP8Linear.from_linear(lin, dtype=dtype, backend=name) for name in names
             if name == "auto" or any(unsupported_reason(name, m, N, K, dtype, dev) is None for m in (1, 4096))}
+
+
+def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
+               rounds: int = 1, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[list[dict], dict]:
+    """Rows {N, K, M, provider, us, us_rounds, tflops, speedup, pick} for one layer shape; and the
+    FP8Linears' first-call seconds."""
+    lin = make_layer(N, K)
+    mods = layer_modules(lin, names, dtype)
     rows, build_s = [], {}
     for M in Ms:
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
-        for name, mod in mods.items():
-            if name != "auto" and unsupported_reason(name, M, N, K, dtype, dev) is not None:
-                continue
-            t0 = time.perf_counter()
-            mod(x)  # first call: backend choice, prepared weight, JIT builds: not timed
-            torch.cuda.synchronize()
-            build_s[f"{name} M={M}"] = time.perf_counter() - t0
-            fns[name] = lambda mod=mod: mod(x)
-        if "deepgemm" in mods and unsupported_reason("deepgemm", M, N, K, dtype, dev) is None:
-            q, s = per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col")
-            prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
-            fns["dg-gemm"] = lambda q=q, s=s, prepared=prepared: dg_backend._gemm_impl(q, s, *prepared)
-        if "sm90" in mods and unsupported_reason("sm90", M, N, K, dtype, dev) is None:
-            # The sm90 kernel on pre-quantized operands: what its layer costs without the quantization.
-            q, s = per_token_group_quant(x, 128, dtype, scale_layout="col")
-            w, ws = mods["sm90"].weight, mods["sm90"].weight_scale_inv
-            fns["sm90-gemm"] = lambda q=q, s=s, w=w, ws=ws: torch.ops.fp8linear.sm90_gemm(q, s, w, ws, None,
-                                                                                          torch.bfloat16)
-        fns["quant"] = lambda: per_token_group_quant(x, 128, dtype, scale_layout="col")
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        fns, first_call_s = layer_fns(lin, mods, [x], dtype)
+        build_s.update({f"{name} M={M}": sec for name, sec in first_call_s.items()})
         samples: dict = {}
         results = bench_rounds(fns, rounds, rep_ms, samples, salt=hash((N, K, M)))
         pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""

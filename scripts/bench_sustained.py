@@ -127,43 +127,18 @@ def sustained_us(fn, seconds: float, settle_s: float, sampler: SmiSampler) -> tu
 
 
 def providers_for(N: int, K: int, M: int, names: list[str]):
-    """{provider: callable} for one (N, K, M), each rotating over copies of x."""
-    from fp8linear import FP8Linear, per_token_group_quant
-    from fp8linear.backends import deepgemm as dg_backend
+    """{provider: callable} for one (N, K, M), each rotating over copies of x (bench_linear.layer_fns);
+    dg-gemm wherever DeepGEMM serves the shape, whether or not --backends names it."""
     from fp8linear.backends import unsupported_reason
 
-    dev = torch.device("cuda")
     lin = bench_linear.make_layer(N, K)
     copies = max(2, min(MAX_COPIES, -(-2 * L2_BYTES // (M * K * 2))))
-    xs = [torch.randn(M, K, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
-    turn = [0]
-
-    def next_x() -> torch.Tensor:
-        turn[0] = (turn[0] + 1) % copies
-        return xs[turn[0]]
-
-    fns = {"bf16": lambda: torch.nn.functional.linear(next_x(), lin.weight)}
-    mods = {}
-    for name in names:
-        if name != "auto" and unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
-            continue
-        mods[name] = mod = FP8Linear.from_linear(lin, backend=name)
-        mod(xs[0])  # backend choice, prepared weight, JIT builds: before any timing
-        fns[name] = lambda mod=mod: mod(next_x())
-    if unsupported_reason("deepgemm", M, N, K, torch.float8_e4m3fn, dev) is None:
-        qs = [per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col") for x in xs]
-        dg = mods.get("deepgemm") or FP8Linear.from_linear(lin, backend="deepgemm")
-        prepared = dg_backend.prepare_weight(dg.weight, dg.weight_scale_inv)
-
-        def dg_gemm() -> torch.Tensor:
-            turn[0] = (turn[0] + 1) % copies
-            q, s = qs[turn[0]]
-            return dg_backend._gemm_impl(q, s, *prepared)
-
-        dg_gemm()
-        fns["dg-gemm"] = dg_gemm
-    fns["quant"] = lambda: per_token_group_quant(next_x(), 128, torch.float8_e4m3fn, scale_layout="col")
-    torch.cuda.synchronize()
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    dg = unsupported_reason("deepgemm", M, N, K, torch.float8_e4m3fn, torch.device("cuda")) is None
+    mods = bench_linear.layer_modules(lin, names + (["deepgemm"] if dg and "deepgemm" not in names else []))
+    fns, _ = bench_linear.layer_fns(lin, mods, xs)
+    if "deepgemm" not in names:
+        fns.pop("deepgemm", None)  # built for dg-gemm's prepared weight only
     return fns
 
 

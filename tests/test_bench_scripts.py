@@ -88,3 +88,26 @@ def test_bench_linear_summary_names_slower_points_and_small_m():
     assert bench_linear.summarize(rows).splitlines() == [
         "auto M<=64: median 1.02x over 2 points (target 1.3x)",
         "auto slower than bf16 at: 4096x4096 M=64 (0.80x)"]
+
+
+def test_layer_fns_rotate_each_provider_over_the_inputs():
+    """bench_sustained's providers take the copies of x in turn (none finds its input in L2 from its last
+    call); bench_linear's take its one x every time. Checked on the CPU with the reference backend: each
+    call's result is the one for the input it should have taken."""
+    import torch
+    from fp8linear import per_token_group_quant
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128, bias=False, dtype=torch.bfloat16)
+    mods = bench_linear.layer_modules(lin, ["auto", "reference"])
+    xs = [torch.randn(3, 256, dtype=torch.bfloat16) for _ in range(3)]
+    fns, first = bench_linear.layer_fns(lin, mods, xs)
+    assert list(fns) == ["bf16", "auto", "reference", "quant"] and sorted(first) == ["auto", "reference"]
+    for i in (1, 2, 0, 1):  # each provider counts on its own from the copy after the first
+        assert torch.equal(fns["bf16"](), torch.nn.functional.linear(xs[i], lin.weight))
+        assert torch.equal(fns["reference"](), mods["reference"](xs[i]))
+    q, s = fns["quant"]()
+    q1, s1 = per_token_group_quant(xs[1], 128, torch.float8_e4m3fn, scale_layout="col")
+    assert torch.equal(q.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s, s1)
+    one, _ = bench_linear.layer_fns(lin, mods, xs[:1])
+    assert all(torch.equal(one["bf16"](), torch.nn.functional.linear(xs[0], lin.weight)) for _ in range(3))
