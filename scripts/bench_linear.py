@@ -92,7 +92,8 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" =
     one fixed order `auto` read a median 3% below the `deepgemm` column at M >= 2048 while both ran the same
     kernels, and swapping the two in that order moved their ratio by up to 5% (H100, 2026-11-26). A caller
     timing many points passes a salt per point, so that no provider follows the same ones at every point
-    (with the shuffles seeded by the pass alone, auto still read a median 2% below deepgemm at M >= 2048).
+    (with the shuffles seeded by the pass alone, auto still read a median 1.4% slower than deepgemm at
+    M >= 2048, up to 9.6% at one point).
 
     With an even number of passes the lower of the two middle timings is kept: interference only slows a
     timing down, and with two passes the upper one would be the slower pass itself (a quant timing of
