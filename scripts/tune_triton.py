@@ -35,11 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: benc
 import bench_linear  # noqa: E402
 import model_shapes  # noqa: E402
 import run_commit  # noqa: E402
+from fp8linear.backends import card_tables  # noqa: E402
 
 # Llama-3-8B's q/o, k/v, gate_up and down projections, DeepSeek-V3's 7168^2 and its narrow 2112 x 7168.
 SHAPES = [(4096, 4096), (1024, 4096), (28672, 4096), (4096, 14336), (7168, 7168), (2112, 7168)]
 M_BUCKETS = [16, 64, 256, 1024, 4096, 16384]
-DTYPES = {"e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+DTYPES = {key: dtype for dtype, key in card_tables.DTYPE_KEYS.items()}  # the table rows' "dtype" names
 
 
 def candidates(M: int) -> list[dict]:

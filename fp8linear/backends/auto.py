@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 #: The M buckets scripts/tune_auto.py measures (upper bounds; beyond the last, the last row holds).
 M_BUCKETS = (1, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
 
-_DTYPE_KEY = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 
 def table_path() -> pathlib.Path:
@@ -45,7 +44,7 @@ def load_table(device_name: str) -> list[dict]:
 
 def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str | None":
     """The table's backend for this shape, or None when the table has no row for (dtype, N, K)."""
-    key = _DTYPE_KEY.get(dtype)
+    key = card_tables.DTYPE_KEYS.get(dtype)
     mine = sorted((r for r in rows if r.get("dtype") == key and r.get("N") == N and r.get("K") == K),
                   key=lambda r: r["M_max"])
     row = card_tables.bucket_row(mine, M)

@@ -11,7 +11,10 @@ import pathlib
 
 import torch
 
-__all__ = ["table_path", "rows_for", "device_name", "bucket_row"]
+__all__ = ["DTYPE_KEYS", "table_path", "rows_for", "device_name", "bucket_row"]
+
+#: How rows name the weight type they were measured for (their "dtype" field).
+DTYPE_KEYS = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 
 def table_path(env_var: str, filename: str) -> pathlib.Path:

@@ -42,6 +42,7 @@ import os
 import torch
 
 from ..layouts import ScaleLayout
+from . import card_tables
 
 try:
     import triton
@@ -186,7 +187,6 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 _POWERS_OF_TWO = (16, 32, 64, 128, 256)
 TABLE_ENV = "FP8LINEAR_TRITON_CONFIGS"
 TABLE_FILE = "triton_configs.json"
-_DTYPE_KEYS = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 
 def check_config(cfg: dict, where: str = "config") -> dict:
@@ -208,14 +208,13 @@ def check_config(cfg: dict, where: str = "config") -> dict:
 @functools.lru_cache(maxsize=None)
 def _measured_rows(device_name: str) -> tuple:
     """The card's rows {dtype, M_max, config}, sorted by M_max, configs checked; read once."""
-    from . import card_tables
-
     path = card_tables.table_path(TABLE_ENV, TABLE_FILE)
     out = []
     for i, row in enumerate(card_tables.rows_for(path, device_name)):
         where = f"{path} [{device_name!r}] row {i}"
-        if row.get("dtype") not in _DTYPE_KEYS.values():
-            raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_KEYS.values())}; got {row.get('dtype')!r}")
+        if row.get("dtype") not in card_tables.DTYPE_KEYS.values():
+            raise ValueError(f"{where}: dtype must be one of {sorted(card_tables.DTYPE_KEYS.values())}; "
+                             f"got {row.get('dtype')!r}")
         if not isinstance(row.get("M_max"), int) or row["M_max"] < 1:
             raise ValueError(f"{where}: M_max must be a positive int; got {row.get('M_max')!r}")
         cfg = row.get("config")
@@ -229,9 +228,8 @@ def config_for(M: int, N: int, dtype: torch.dtype, device: torch.device) -> dict
     largest), or `_default_config` on a card (or CPU) without rows and for a row whose config is null (a
     bucket where the measured tiles did not beat the built-in ones)."""
     if device.type == "cuda":
-        from . import card_tables
-
-        rows = [r for r in _measured_rows(card_tables.device_name(device)) if r["dtype"] == _DTYPE_KEYS.get(dtype)]
+        key = card_tables.DTYPE_KEYS.get(dtype)
+        rows = [r for r in _measured_rows(card_tables.device_name(device)) if r["dtype"] == key]
         row = card_tables.bucket_row(rows, M)
         if row is not None and row["config"] is not None:
             return dict(row["config"])
