@@ -111,13 +111,14 @@ def bench_rounds(fns: dict, rounds: int, rep_ms: float, samples: "dict | None" =
     return {name: statistics.median_low(ts) for name, ts in times.items()}
 
 
-def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[dict, dict]:
+def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3fn,
+              peers: bool = True) -> tuple[dict, dict]:
     """{provider: callable} for one (N, K, M), and each FP8Linear's first-call seconds.
 
     Providers: "bf16" (F.linear on `lin`'s weight), each FP8Linear of `mods` that serves the shape (its
     first call, untimed: backend choice, prepared weight, JIT builds), "dg-gemm" and "sm90-gemm" (the
     GEMM alone on pre-quantized operands, where `mods` has that backend and it serves the shape) and
-    "quant". Each callable takes the next of `xs` in turn, on a count of its own: one tensor for
+    "quant" (with `peers`; tune_auto times bf16 and the modules alone). Each callable takes the next of `xs` in turn, on a count of its own: one tensor for
     do_bench's single calls, several for back-to-back loops whose inputs must not stay in L2
     (bench_sustained). CPU tensors work too (the reference backend), for the tests."""
     from fp8linear import per_token_group_quant
@@ -152,6 +153,8 @@ def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3f
             torch.cuda.synchronize()
         first_call_s[name] = time.perf_counter() - t0
         fns[name] = rotated(mod, xs)
+    if not peers:
+        return fns, first_call_s
     if "deepgemm" in mods and unsupported_reason("deepgemm", M, N, K, dtype, dev) is None:
         prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
         qs = [per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col") for x in xs]

@@ -83,22 +83,12 @@ def merge_rows(old: list[dict], new: list[dict], whole_shapes: bool) -> list[dic
 
 
 def tune_shape(N: int, K: int, Ms, names, rep_ms: float, rounds: int = 1) -> list[dict]:
-    from fp8linear import FP8Linear
-    from fp8linear.backends import unsupported_reason
-
-    dev = torch.device("cuda")
     lin = bench_linear.make_layer(N, K)
-    mods = {name: FP8Linear.from_linear(lin, backend=name) for name in names}
+    mods = bench_linear.layer_modules(lin, names)
     rows = []
     for M in Ms:
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-        fns = {"bf16": lambda: torch.nn.functional.linear(x, lin.weight)}
-        for name, mod in mods.items():
-            if unsupported_reason(name, M, N, K, torch.float8_e4m3fn, dev) is not None:
-                continue
-            mod(x)  # JIT builds and the prepared weight, untimed
-            torch.cuda.synchronize()
-            fns[name] = lambda mod=mod: mod(x)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        fns, _ = bench_linear.layer_fns(lin, mods, [x], peers=False)  # bf16 and the backends serving M
         if len(fns) == 1:
             print(f"  {N}x{K} M={M}: no FP8 backend serves it; no row (auto falls back by availability)")
             continue

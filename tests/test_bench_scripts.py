@@ -111,3 +111,5 @@ def test_layer_fns_rotate_each_provider_over_the_inputs():
     assert torch.equal(q.view(torch.uint8), q1.view(torch.uint8)) and torch.equal(s, s1)
     one, _ = bench_linear.layer_fns(lin, mods, xs[:1])
     assert all(torch.equal(one["bf16"](), torch.nn.functional.linear(xs[0], lin.weight)) for _ in range(3))
+    bare, _ = bench_linear.layer_fns(lin, mods, xs[:1], peers=False)  # tune_auto's: no quant, no GEMM alone
+    assert list(bare) == ["bf16", "auto", "reference"]
