@@ -78,8 +78,7 @@ def gemm(
     bias: "torch.Tensor | None",
 ) -> torch.Tensor:
     """q [M, K] contiguous (the weight's fp8 or int8), s fp32 [M, K/128] `col` -> y [M, N] out_dtype (bias added
-    in fp32 in the kernel;
-    fp32 output is the bf16 result cast, as the other Hopper backends give)."""
+    in fp32 in the kernel; fp32 output is the bf16 result cast, as the other Hopper backends give)."""
     weight, weight_scale_inv = prepared
     if out_dtype in _OUT_DTYPES:
         return _GEMM(q, s, weight, weight_scale_inv, bias, out_dtype)
