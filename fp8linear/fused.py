@@ -80,8 +80,8 @@ import torch
 
 from . import _build
 from .layouts import ScaleLayout, check_scales, empty_scales, pack_ue8m0
-from .ops import MIN_EPS, SUPPORTED_GROUP_SIZES, SUPPORTED_INPUT_DTYPES, SUPPORTED_OUTPUT_DTYPES
-from .reference import per_token_group_quant_reference
+from .reference import (MIN_EPS, SUPPORTED_GROUP_SIZES, SUPPORTED_INPUT_DTYPES, SUPPORTED_OUTPUT_DTYPES,
+                        per_token_group_quant_reference)
 
 __all__ = [
     "silu_and_mul_quant",

@@ -16,17 +16,12 @@ import math
 
 import torch
 
-from . import _build
+from . import _build, fused
 from .layouts import ScaleLayout, check_scales, empty_scales, pack_ue8m0
-from .reference import QMAX, per_token_group_quant_reference
+from .reference import (MIN_EPS, SUPPORTED_GROUP_SIZES, SUPPORTED_INPUT_DTYPES, SUPPORTED_OUTPUT_DTYPES,
+                        per_token_group_quant_reference)
 
 __all__ = ["per_token_group_quant", "quantize_for_gemm", "gemm_buffers", "SUPPORTED_GROUP_SIZES", "SUPPORTED_INPUT_DTYPES", "SUPPORTED_OUTPUT_DTYPES"]
-
-SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
-SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SUPPORTED_OUTPUT_DTYPES = tuple(QMAX)
-#: eps below this lets 1/scale overflow to inf (amax/448 must stay above ~3e-39).
-MIN_EPS = 1e-30
 
 _LAYOUTS = {**{m.value: m for m in ScaleLayout}, **{m: m for m in ScaleLayout}}
 
@@ -212,8 +207,6 @@ def quantize_for_gemm(x: torch.Tensor, group_size: int, dtype: torch.dtype, scal
 
 def _fused(x, group_size, dtype, scale_layout, scale_ue8m0, eps, out, scale_out, prologue, weight, rms_eps,
            return_normed, normed_out):
-    from . import fused  # fused imports this module
-
     if prologue == "silu_and_mul":
         if weight is not None or return_normed or normed_out is not None:
             raise ValueError("prologue='silu_and_mul' takes no weight, return_normed or normed_out")

@@ -25,6 +25,13 @@ __all__ = ["QMAX", "per_token_group_quant_reference", "ceil_to_power_of_two", "d
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 FP8_NAN_BYTE = 0x7F
 
+# What the quantization ops accept (fp8linear.ops, fp8linear.fused), checked before any kernel runs.
+SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
+SUPPORTED_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SUPPORTED_OUTPUT_DTYPES = tuple(QMAX)
+#: eps below this lets 1/scale overflow to inf (amax/448 must stay above ~3e-39).
+MIN_EPS = 1e-30
+
 
 def ceil_to_power_of_two(scale: torch.Tensor) -> torch.Tensor:
     """2 ** ceil(log2(scale)) for positive finite fp32, exactly: bump the exponent when any mantissa bit
