@@ -3,6 +3,7 @@
 Public API (stable; everything else is reachable but not promised):
 
     per_token_group_quant   quantize activations per 1 x g group into the scale layout a GEMM reads
+    FP8Config               how to quantize (dtype, power-of-two scales, GEMM backend), validated and frozen
     FP8Linear               drop-in nn.Linear with 128x128-block FP8/INT8 weights and a blockwise GEMM
     quantize_model          swap a model's nn.Linear layers for FP8Linear, in place
     save_quantized          write a DeepSeek-V3-style FP8 checkpoint (safetensors + config.json)
@@ -18,8 +19,10 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["per_token_group_quant", "FP8Linear", "quantize_model", "save_quantized", "load_quantized", "__version__"]
+__all__ = ["per_token_group_quant", "FP8Config", "FP8Linear", "quantize_model", "save_quantized", "load_quantized",
+           "__version__"]
 
+from .config import FP8Config
 from .ops import per_token_group_quant
 
 # The module and the Hugging Face side import on first use, keeping `import fp8linear` light.

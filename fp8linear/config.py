@@ -22,7 +22,7 @@ import torch
 #: INT8 checkpoints' quant_method: a name no other reader knows, so they refuse rather than misread.
 INT8_QUANT_METHOD = "fp8linear_int8"
 
-__all__ = ["Backend", "FP8Config", "SUPPORTED_BLOCK_SIZE", "SUPPORTED_DTYPES"]
+__all__ = ["ALIASES", "Backend", "FP8Config", "SUPPORTED_BLOCK_SIZE", "SUPPORTED_DTYPES"]
 
 #: The only weight block the GEMM backends and the checkpoint format agree on.
 SUPPORTED_BLOCK_SIZE = (128, 128)
@@ -33,7 +33,9 @@ _FMT = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 
 class Backend(str, enum.Enum):
-    """Which blockwise GEMM computes `FP8Linear.forward` (see `fp8linear.backends`)."""
+    """Which blockwise GEMM computes `FP8Linear.forward` (see `fp8linear.backends`). Each name says what
+    computes the product: a library (deepgemm, cublaslt), our Triton kernel, or one of our CUDA kernels
+    that quantize inside the GEMM (fused_mma, fused_wgmma). Earlier names stay accepted (`ALIASES`)."""
 
     #: Per (M bucket, N, K, dtype), the backend measured fastest on this card
     #: (`fp8linear/backends/auto_table.json`, written by `scripts/tune_auto.py`); without a table for the
@@ -42,32 +44,39 @@ class Backend(str, enum.Enum):
     #: DeepGEMM (legacy `gemm_fp8_fp8_bf16_nt` or current `fp8_gemm_nt`): fp8 only, SM90, N % 64 == 0,
     #: K % 128 == 0. Fastest at large M on wide layers.
     DEEPGEMM = "deepgemm"
-    #: cuBLASLt through `torch.nn.functional.scaled_mm` blockwise 1x128 x 128x128 (torch >= 2.10, SM90):
-    #: fp8 only, N % 16 == 0, K % 128 == 0. Fastest at small M.
-    CUBLAS = "cublas"
+    #: cuBLASLt's blockwise 1x128 x 128x128 FP8 GEMM (the recipe of `torch.nn.functional.scaled_mm`, SM90,
+    #: cuBLAS >= 12.9): fp8 only, N % 16 == 0, K % 128 == 0. Alias: "cublas".
+    CUBLASLT = "cublaslt"
     #: fp8linear's own Triton GEMM: fp8 and int8, any N and K, fused bias; the fallback that serves all.
     TRITON = "triton"
-    #: fp8linear's own CUDA kernel for M <= 16 (decode): quantizes x inside a tensor-core GEMM, one launch;
-    #: fp8 and int8, K % 128 == 0, compute capability >= 8.9.
-    SMALL_M = "small_m"
-    #: fp8linear's own Hopper GEMM (wgmma, TMA), quantizing x inside the same kernel; fp8 only, K % 128 == 0,
-    #: N % 8 == 0, compute capability 9.0. Experimental: measured slower than DeepGEMM and cuBLASLt on the
-    #: H100 (docs/benchmarks.md), so `auto` never picks it.
-    SM90 = "sm90"
+    #: fp8linear's own CUDA kernel for M <= 16 (decode): quantizes x inside an mma.sync tensor-core GEMM,
+    #: one launch; fp8 and int8, K % 128 == 0, compute capability >= 8.9. Alias: "small_m".
+    FUSED_MMA = "fused_mma"
+    #: fp8linear's own Hopper GEMM (wgmma, TMA) quantizing x inside the same kernel; fp8 and int8,
+    #: K % 128 == 0, N % 8 == 0, compute capability 9.0. For fp8 slower than DeepGEMM and cuBLASLt on the
+    #: H100 (docs/benchmarks.md), so `auto` names it only for int8 layers. Alias: "sm90".
+    FUSED_WGMMA = "fused_wgmma"
     #: Dequantize and matmul in fp32 on any device: the CPU path and the oracle of the tests.
     #: Slow, never chosen by `auto` on a GPU that another backend serves.
     REFERENCE = "reference"
 
     @classmethod
     def parse(cls, value: "str | Backend") -> "Backend":
+        if isinstance(value, str) and value in ALIASES:
+            value = ALIASES[value]
         try:
             return cls(value)
         except ValueError:
             names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"backend must be one of {names}; got {value!r}") from None
+            aliases = ", ".join(f"{old!r} for {new!r}" for old, new in ALIASES.items())
+            raise ValueError(f"backend must be one of {names} (or the earlier names {aliases}); got {value!r}") from None
 
     def short_str(self) -> str:
         return self.value
+
+
+#: Earlier backend names, still accepted everywhere a backend name is (config.json included).
+ALIASES = {"cublas": "cublaslt", "small_m": "fused_mma", "sm90": "fused_wgmma"}
 
 
 def dtype_short_str(dtype: torch.dtype) -> str:

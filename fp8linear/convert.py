@@ -32,6 +32,8 @@ from typing import Any, Iterable, Pattern, Union
 import torch
 from torch import nn
 
+from .config import FP8Config
+
 __all__ = ["quantize_model", "dequantize_model", "read_skip_list", "QuantizeSummary", "models_dir", "recipe_rules", "SkipRule"]
 
 log = logging.getLogger("fp8linear")
@@ -159,10 +161,11 @@ def _fused_weight_reason(module: nn.Module) -> "str | None":
 
 def quantize_model(
     model: nn.Module,
+    config: "FP8Config | None" = None,
     *,
-    dtype: torch.dtype = torch.float8_e4m3fn,
     skip: "Iterable[SkipSpec] | SkipSpec | None" = None,
-    backend: str = "auto",
+    dtype: "torch.dtype | None" = None,
+    backend: "str | None" = None,
     progress: bool = True,
     fuse_mlp: bool = False,
     fuse_norm: bool = False,
@@ -172,10 +175,13 @@ def quantize_model(
     Args:
         model: any nn.Module; a Hugging Face model's `config.model_type` selects its recipe of default
             skips (models/recipes.json). Weights are quantized where they live (CPU or GPU).
-        dtype: torch.float8_e4m3fn (default) or torch.int8.
-        skip: extra modules to keep in the original dtype: exact qualified names, regex strings or
-            compiled patterns, each matched against the whole name (re.fullmatch).
-        backend: FP8Linear's GEMM backend ("auto", "deepgemm", "cublas", "triton", "reference").
+        config: how to quantize (fp8linear.FP8Config: dtype, scale_ue8m0, backend); default FP8Config(),
+            fp8 e4m3 with exact scales and backend "auto".
+        skip: the one way to keep modules in the original dtype (on top of the model's recipe): exact
+            qualified names, regex strings or compiled patterns, each matched against the whole name
+            (re.fullmatch). A checkpoint's `modules_to_not_convert` is written from what was kept.
+        dtype, backend: shorthands for FP8Config(dtype=..., backend=...) (torch.float8_e4m3fn or
+            torch.int8; a backend name, fp8linear.config.Backend); not together with `config`.
         progress: show a tqdm bar over the layers.
         fuse_mlp: also swap gated MLPs (gate_proj/up_proj/down_proj, SiLU) for fp8linear.mlp.FP8GatedMLP:
             one gate_up GEMM, SiLU-and-mul fused into the activation quantization, the down GEMM. MLPs
@@ -192,11 +198,17 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if dtype not in (torch.float8_e4m3fn, torch.int8):
-        raise ValueError(f"dtype must be torch.float8_e4m3fn or torch.int8; got {dtype!r}")
-    options = {"dtype": dtype, "backend": backend}
-    # Validate the options once, before touching the model, so a typo fails fast and leaves it intact.
-    FP8Linear(128, 128, bias=False, device="meta", **options)
+    shorthands = {k: v for k, v in (("dtype", dtype), ("backend", backend)) if v is not None}
+    if config is None:
+        # FP8Config validates, before the model is touched, so a typo fails fast and leaves it intact.
+        config = FP8Config(**shorthands)
+    elif not isinstance(config, FP8Config):
+        raise TypeError(f"config must be an fp8linear.FP8Config; got {type(config).__name__}")
+    elif shorthands:
+        raise ValueError(f"quantize_model: pass {', '.join(f'{k}=' for k in shorthands)} inside config (got both "
+                         f"config={config.short_str()} and {shorthands}); e.g. dataclasses.replace(config, ...)")
+    options = config.module_kwargs()
+    dtype = config.dtype
 
     config = getattr(model, "config", None)
     user = _user_rules(skip)

@@ -4,13 +4,23 @@ forward(x), for x [..., K] in bf16, fp16 or fp32 (DESIGN.md "The data path"):
 
     x2d = x.reshape(M, K)                                  M = product of the leading dims
     x2d = pad(x2d, K -> Kp = ceil(K/128)*128) with zeros   only when K % 128 != 0 (see below)
-    q, s = per_token_group_quant(x2d, 128, dtype, scale_layout=<the backend's>, scale_ue8m0=...)
-    y = backend.gemm(q, s, prepared weight, x.dtype, bias)  dequant(q) @ dequant(W)^T + bias, fp32 accumulation
+    backend = the GEMM backend for M                       chosen once per M (`backend=`, or auto's table)
+    y = backend.linear(x2d, prepared weight, bias, ...)    quantize per 1x128 group, then
+                                                           dequant(q) @ dequant(W)^T + bias, fp32 accumulation
     return y.reshape(..., N)
 
-A backend that quantizes inside its GEMM (`small_m`, M <= 16: decode) takes x itself instead:
-y = backend.linear(x, prepared weight, bias), one op call per forward. A backend with `quant_gemm`
-(`deepgemm`, `cublas`) does the two steps above in one op call when it can (same bytes), else returns None.
+Every backend implements the same protocol (fp8linear.backends.Backend); how many launches `linear` takes
+(one where the backend fuses the quantization, two otherwise) is the backend's business.
+
+The two halves, for modules that produce this layer's input already quantized (fp8linear.mlp's fused
+SiLU-and-mul, fp8linear.norm's fused RMSNorm):
+
+    layout = layer.input_layout(M, device)     InputLayout: dtype, scale layout, row alignment, ue8m0;
+                                               None when the backend quantizes inside its own kernel
+    q, s = layout.empty(M, device)             then any kernel writes rows 0..M-1 of q and s
+    y = layer.forward_quantized(q, s, M, dtype)  the backend's GEMM on them -> y [M, N] in dtype
+
+and `offer_quantized(h, q, s)`, which lets the next forward(h) use q and s instead of quantizing h.
 
 Padding rule for K % 128 != 0: the quant op needs whole groups, so x gets zero columns up to Kp. Zeros
 never raise a group's amax (the scales of the real columns are unchanged) and contribute nothing to the
@@ -33,6 +43,7 @@ Backend state lives in two Python dicts, never in the state dict:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from typing import Any
@@ -43,10 +54,11 @@ from torch import nn
 from . import backends
 from .backends import padded_k
 from .config import FP8Config, dtype_short_str
-from .ops import quantize_for_gemm
+from .layouts import ScaleLayout
+from .ops import gemm_buffers
 from .weights import quantize_weight_blockwise
 
-__all__ = ["FP8Linear"]
+__all__ = ["FP8Linear", "InputLayout"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,26 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """How an FP8Linear wants its input quantized at some M: what `forward_quantized` reads.
+
+    q [M_pad, K] in `dtype` and scales per 1 x `group_size` group in `scale_layout` over M_pad rows, M_pad =
+    ceil(M / row_align) * row_align; `scale_ue8m0` asks for power-of-two scales. Equal layouts mean one
+    quantization serves several layers (FP8RMSNorm's consumers)."""
+
+    dtype: torch.dtype
+    K: int
+    scale_layout: ScaleLayout
+    row_align: int
+    scale_ue8m0: bool
+    group_size: int = 128
+
+    def empty(self, M: int, device: "torch.device | str") -> "tuple[torch.Tensor, torch.Tensor]":
+        """Uninitialised (q [M_pad, K], s over M_pad rows) in this layout (fp8linear.ops.gemm_buffers)."""
+        return gemm_buffers(M, self.K, self.group_size, self.dtype, self.scale_layout, self.row_align, device)
+
+
 class FP8Linear(nn.Module):
     """y = x @ W^T + b with W stored as 128x128-block fp8 e4m3 (or int8) and x quantized per 1x128 group.
 
@@ -70,7 +102,8 @@ class FP8Linear(nn.Module):
         dtype: `torch.float8_e4m3fn` (default) or `torch.int8`, for weights and activations.
         block_size: (128, 128) only (the checkpoint convention; fp8linear.config).
         scale_ue8m0: power-of-two scales for activations (and for weights quantized by `from_linear`).
-        backend: "auto" (default), "deepgemm", "cublas", "triton" or "reference" (fp8linear.config.Backend).
+        backend: "auto" (default) or a backend name (fp8linear.config.Backend: "deepgemm", "cublaslt",
+            "triton", "fused_mma", "fused_wgmma", "reference"; earlier names are aliases).
             An explicit backend that cannot serve a shape raises on that forward, naming the reason.
         device: where the parameters live; "meta" costs nothing (the checkpoint loader builds on meta,
             then `load_state_dict(..., assign=True)`).
@@ -99,10 +132,11 @@ class FP8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self._choice: dict[int, types.ModuleType] = {}
+        self._layouts: dict[str, "InputLayout | None"] = {}  # by backend name: what input_layout returns
         self._prepared: dict[str, tuple[tuple, Any]] = {}
-        # (h, q, s, backend, version) from an fp8linear.norm.FP8RMSNorm whose output h this layer reads:
-        # h already quantized in this layer's layout; used once, when forward's x is h itself.
-        self._handoff: "tuple | None" = None
+        # (h, q, s, version) from `offer_quantized`: h already quantized in this layer's layout for h's M;
+        # used once, when forward's x is h itself, unmodified.
+        self._offered: "tuple | None" = None
 
         N, K = out_features, in_features
         bn, bk = self.config.block_size
@@ -213,13 +247,14 @@ class FP8Linear(nn.Module):
         module._prepared.clear()
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__["_handoff"] = None
+        self.__dict__["_offered"] = None
         self._prepared.clear()
         self._choice.clear()  # the choice depends on the device
+        self._layouts.clear()
         return super()._apply(fn, *args, **kwargs)
 
     # -- the hot path ----------------------------------------------------------------------------------
-    def _backend_for(self, M: int, device: torch.device) -> types.ModuleType:
+    def backend_for(self, M: int, device: torch.device) -> types.ModuleType:
         backend = self._choice.get(M)
         if backend is None:
             backend = backends.select(self.backend, M, self.out_features, self.in_features, self.dtype, device)
@@ -254,8 +289,9 @@ class FP8Linear(nn.Module):
         # The caches hold backend modules (not picklable) and device-bound tensors: copies start empty.
         state = dict(self.__dict__)
         state["_choice"] = {}
+        state["_layouts"] = {}
         state["_prepared"] = {}
-        state["_handoff"] = None
+        state["_offered"] = None
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,18 +318,14 @@ class FP8Linear(nn.Module):
         M = x.numel() // K
         if M == 0:
             return x.new_empty((*x.shape[:-1], N))
-        backend = self._choice.get(M) or self._backend_for(M, x.device)
+        backend = self._choice.get(M) or self.backend_for(M, x.device)
         prepared = self._prepared_for(backend)
-        handoff = self._handoff
-        if handoff is not None:
-            self.__dict__["_handoff"] = None  # used once (and not kept alive)
-        if backend.FUSES_QUANT:
-            # small_m: one op quantizes x inside the GEMM and takes any leading dims (flattened in C++).
-            return backend.linear(x, prepared, bias, self.scale_ue8m0)
-        if handoff is not None:
-            h, q, s, made_for, version = handoff
-            if h is x and made_for is backend and _version(x) == version and not torch.compiler.is_compiling():
-                # x is the output of the FP8RMSNorm before this layer, quantized by it in this layout.
+        offered = self._offered
+        if offered is not None:
+            self.__dict__["_offered"] = None  # used once (and not kept alive)
+            h, q, s, version = offered
+            if h is x and _version(x) == version and not torch.compiler.is_compiling():
+                # x is the output h of the module that offered it, quantized there in this layer's layout.
                 y = backend.gemm(q, s, prepared, x.dtype, bias)
                 return (y if y.shape[0] == M else y[:M]).reshape(*x.shape[:-1], N)
 
@@ -304,29 +336,43 @@ class FP8Linear(nn.Module):
             x2d = torch.nn.functional.pad(x2d, (0, Kp - K))  # [M, Kp], zero columns (module docstring)
         elif x2d.stride(-1) != 1:
             x2d = x2d.contiguous()  # the quant op reads rows with unit element stride
-        quant_gemm = getattr(backend, "quant_gemm", None)
-        if quant_gemm is not None:  # deepgemm, cublas: quantize and multiply in one op call
-            y = quant_gemm(x2d, prepared, self.scale_ue8m0, x.dtype, bias)
-            if y is not None:
-                return y.reshape(*lead, N)
-        # The backend may read M_pad rows (cuBLASLt: scale strides exactly (1, M_pad), ROW_ALIGN 4): one op
-        # call allocates q and s over M_pad rows and quantizes rows 0..M-1; rows M.. stay unwritten (each
-        # output row depends on its own input row only) and y's padding rows are sliced off below. x is
-        # built here to the op's contract, so the public wrapper's checks are skipped (host time per
-        # forward: docs/design.md).
-        q, s = quantize_for_gemm(x2d, self.config.activation_group_size, self.dtype, self.scale_ue8m0,
-                                 backend.SCALE_LAYOUT, backend.ROW_ALIGN)
-        y = backend.gemm(q, s, prepared, x.dtype, bias)  # [M or M_pad, N]
-        if y.shape[0] != M:
-            y = y[:M]
+        y = backend.linear(x2d, prepared, bias, x.dtype, self.dtype, self.scale_ue8m0)  # [M, N]
         return y.reshape(*lead, N)
+
+    # -- the two halves, for modules that quantize this layer's input themselves ----------------------------
+    def input_layout(self, M: int, device: "torch.device | str") -> "InputLayout | None":
+        """How the backend serving M rows on `device` reads its quantized input, or None when that backend
+        quantizes inside its own kernel (then call the layer on the unquantized input instead)."""
+        backend = self._choice.get(M) or self.backend_for(M, torch.device(device))
+        if backend.NAME not in self._layouts:
+            self._layouts[backend.NAME] = None if backend.SCALE_LAYOUT is None else InputLayout(
+                self.dtype, padded_k(self.in_features), backend.SCALE_LAYOUT, backend.ROW_ALIGN, self.scale_ue8m0,
+                self.config.activation_group_size)
+        return self._layouts[backend.NAME]
+
+    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, M: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """y [M, N] in `out_dtype` (the unquantized input's dtype) from q and s written in
+        `input_layout(M, q.device)`: rows 0..M-1 filled, the padding rows as `InputLayout.empty` allocates."""
+        backend = self._choice.get(M) or self.backend_for(M, q.device)
+        if backend.SCALE_LAYOUT is None:
+            raise ValueError(
+                f"backend {backend.NAME!r} quantizes inside its own kernel at M={M} (input_layout is None): call "
+                "the layer on the unquantized input instead"
+            )
+        y = backend.gemm(q, s, self._prepared_for(backend), out_dtype, self._parameters["bias"])
+        return y if y.shape[0] == M else y[:M]
+
+    def offer_quantized(self, h: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+        """Let the next forward(h) multiply q and s (h quantized in `input_layout(M, h.device)`, by the caller)
+        instead of quantizing h again: used once, and only when forward's input is h itself, unmodified."""
+        self.__dict__["_offered"] = (h, q, s, _version(h))  # not nn.Module.__setattr__: host time per call
 
     # -- display ---------------------------------------------------------------------------------------
     def _backend_str(self) -> str:
         device = self.weight.device
         if self.backend != "auto":
             module = backends.get(self.backend)
-            if module.FUSES_QUANT:
+            if module.SCALE_LAYOUT is None:
                 return f"{self.backend} (quantization fused into the GEMM)"
             return f"{self.backend} ({module.SCALE_LAYOUT.value} scales)"
         if device.type == "meta":

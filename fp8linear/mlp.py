@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from .fused import silu_and_mul_quant
-from .ops import gemm_buffers
 from .linear import FP8Linear
 
 __all__ = ["FP8GatedMLP", "fuse_gated_mlps", "unsupported_reason"]
@@ -180,25 +179,16 @@ class FP8GatedMLP(nn.Module):
         # gate_up_proj sees x itself (not the 2-D view): an FP8RMSNorm before it may have quantized x already.
         h = self.gate_up_proj(x).reshape(-1, 2 * I)  # [M, 2I] = [gate | up], x's dtype
         down = self.down_proj
-        backend = down._backend_for(M, x.device)
-        prepared = down._prepared_for(backend)
-        g = down.config.activation_group_size
-        if backend.FUSES_QUANT:
-            # small_m quantizes inside its GEMM: the activation runs unfused, as Hugging Face computes it.
+        layout = down.input_layout(M, x.device)
+        if layout is None:
+            # down_proj's backend quantizes inside its own kernel: the activation runs unfused, as Hugging
+            # Face computes it.
             gate, up = h.chunk(2, dim=-1)
-            a = torch.nn.functional.silu(gate) * up
-            return backend.linear(a, prepared, down.bias, down.scale_ue8m0).reshape(*lead, H)
-        if backend.ROW_ALIGN == 1:
-            q, s = silu_and_mul_quant(h, g, down.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=down.scale_ue8m0)
-        else:
-            # As FP8Linear.forward: the backend reads M_pad rows; rows M.. stay unwritten and are sliced off.
-            q, s = gemm_buffers(M, I, g, down.dtype, backend.SCALE_LAYOUT, backend.ROW_ALIGN, x.device)
-            silu_and_mul_quant(h, g, down.dtype, scale_layout=backend.SCALE_LAYOUT, scale_ue8m0=down.scale_ue8m0,
-                               out=q[:M], scale_out=s[:M])
-        y = backend.gemm(q, s, prepared, x.dtype, down.bias)  # [M or M_pad, H]
-        if y.shape[0] != M:
-            y = y[:M]
-        return y.reshape(*lead, H)
+            return down(torch.nn.functional.silu(gate) * up).reshape(*lead, H)
+        q, s = layout.empty(M, x.device)  # rows M..M_pad-1 (if any) stay unwritten; forward_quantized drops them
+        silu_and_mul_quant(h, layout.group_size, layout.dtype, scale_layout=layout.scale_layout,
+                           scale_ue8m0=layout.scale_ue8m0, out=q[:M], scale_out=s[:M])
+        return down.forward_quantized(q, s, M, x.dtype).reshape(*lead, H)
 
     # -- the standard per-projection state dict --------------------------------------------------------
     def _rows(self, leaf: str) -> int:

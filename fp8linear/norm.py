@@ -15,7 +15,7 @@ itself, `fp8linear.fused.rmsnorm_reference` (Hugging Face's formula and rounding
 sum of squares and a correctly rounded sqrt).
 
 No handoff (h alone, still from the one kernel) when the consumers disagree on the layout for this M, when
-one quantizes inside its GEMM (small_m: decode sizes), under torch.compile (the handoff is Python state),
+one quantizes inside its GEMM (fused_mma: decode sizes), under torch.compile (the handoff is Python state),
 or when the input does not fit the kernel (dtype other than the weight's, width > 16384 or not a multiple
 of 128): then the consumers quantize h as usual. `quantize_model(..., fuse_norm=True)` installs it.
 """
@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from .fused import rmsnorm_quant, rmsnorm_reference
-from .ops import gemm_buffers
 
 __all__ = ["FP8RMSNorm", "fuse_norms", "SUPPORTED_NORMS"]
 
@@ -82,18 +81,11 @@ class FP8RMSNorm(nn.Module):
         return (x.dim() >= 1 and x.shape[-1] == H and x.dtype == self.weight.dtype and H % _GROUP == 0
                 and H <= _MAX_WIDTH and x.device == self.weight.device)
 
-    def _plan(self, M: int, device: torch.device) -> "tuple[Any, Any] | None":
-        """(backend, first consumer) when every consumer reads the same q/s layout for this M; else None."""
-        first = self._consumers[0]
-        backend = first._choice.get(M) or first._backend_for(M, device)
-        if backend.FUSES_QUANT:
-            return None
-        for c in self._consumers[1:]:
-            b = c._choice.get(M) or c._backend_for(M, device)
-            if (b.FUSES_QUANT or b.SCALE_LAYOUT is not backend.SCALE_LAYOUT or b.ROW_ALIGN != backend.ROW_ALIGN
-                    or c.dtype != first.dtype or c.scale_ue8m0 != first.scale_ue8m0):
-                return None
-        return backend, first
+    def _layout(self, M: int, device: torch.device) -> "Any | None":
+        """The consumers' one InputLayout for this M, or None when they differ or one quantizes inside its
+        own GEMM (fp8linear.linear.FP8Linear.input_layout)."""
+        layouts = {c.input_layout(M, device) for c in self._consumers}
+        return layouts.pop() if len(layouts) == 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fits(x):
@@ -103,24 +95,22 @@ class FP8RMSNorm(nn.Module):
         if x2d.stride(-1) != 1:
             x2d = x2d.contiguous()
         M = x2d.shape[0]
-        plan = None
+        layout = None
         if M > 0 and self._consumers and not torch.compiler.is_compiling():
-            plan = self._plan(M, x.device)
-        if plan is None:
+            layout = self._layout(M, x.device)
+        if layout is None:
             if M == 0:
                 return x.new_empty(x.shape)
             _, _, h = rmsnorm_quant(x2d, self.weight, self.variance_epsilon, _GROUP, return_normed=True)
             return h.reshape(x.shape)
-        backend, first = plan
-        q, s = gemm_buffers(M, H, _GROUP, first.dtype, backend.SCALE_LAYOUT, backend.ROW_ALIGN, x.device)
+        q, s = layout.empty(M, x.device)
         h2d = torch.empty((M, H), dtype=x.dtype, device=x.device)
-        rmsnorm_quant(x2d, self.weight, self.variance_epsilon, _GROUP, first.dtype, scale_layout=backend.SCALE_LAYOUT,
-                      scale_ue8m0=first.scale_ue8m0, return_normed=True, out=q[:M], scale_out=s[:M],
-                      normed_out=h2d)
+        rmsnorm_quant(x2d, self.weight, self.variance_epsilon, layout.group_size, layout.dtype,
+                      scale_layout=layout.scale_layout, scale_ue8m0=layout.scale_ue8m0, return_normed=True,
+                      out=q[:M], scale_out=s[:M], normed_out=h2d)
         h = h2d.reshape(x.shape)
-        handoff = (h, q, s, backend, -1 if h.is_inference() else h._version)
         for c in self._consumers:
-            c.__dict__["_handoff"] = handoff  # plain attribute write: nn.Module.__setattr__ costs host time
+            c.offer_quantized(h, q, s)
         return h
 
     def _unfused(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def dequantize_weight_blockwise(
 
 def check_linear_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                           bias: "torch.Tensor | None", eps: float) -> None:
-    """The checks the fused linear ops' wrappers share (fp8linear.small_m, fp8linear.sm90), after each has
+    """The checks the fused linear ops' wrappers share (fp8linear.backends.small_m and .sm90), after each has
     checked x and weight's dtype and [N, K] shape: weight_scale_inv fp32 [ceil(N/128), K/128], bias a float
     [N] or None, every tensor on x's device, eps a finite float >= 1e-30. Raises ValueError naming the
     argument."""

@@ -171,8 +171,8 @@ def bench_mlp(timer: Timer, Ms, results: list) -> None:
         row(results, "mlp", shape, "bf16", timer.us(lambda: bf16(x)), None, None, t_unfused)
         row(results, "mlp", shape, "unfused", t_unfused, None, None, t_unfused)
         row(results, "mlp", shape, "fused", timer.us(lambda: fused(x)), None, None, t_unfused)
-        print(f"#   backends: gate_up {fused.gate_up_proj._backend_for(M, x.device).NAME}, down "
-              f"{fused.down_proj._backend_for(M, x.device).NAME}; unfused gate {gate._backend_for(M, x.device).NAME}",
+        print(f"#   backends: gate_up {fused.gate_up_proj.backend_for(M, x.device).NAME}, down "
+              f"{fused.down_proj.backend_for(M, x.device).NAME}; unfused gate {gate.backend_for(M, x.device).NAME}",
               flush=True)
 
 

@@ -3,7 +3,7 @@
 Per (N, K, M): median time of one layer forward, quantization included (triton.testing.do_bench: L2
 flushed before each call, warm-up first), in TFLOP/s (2*M*N*K / t) and as a speedup over bf16
 F.linear timed in the same process. Peers: "dg-gemm", DeepGEMM's GEMM alone on pre-quantized operands
-(our `col` scales; the legacy DeepGEMM package ships no quant helper), "sm90-gemm", the sm90 kernel on
+(our `col` scales; the legacy DeepGEMM package ships no quant helper), "fused_wgmma-gemm", that kernel on
 pre-quantized operands, and "quant", our per_token_group_quant alone, whose share of auto's layer time is
 reported at M = 4096 (where auto's pick quantizes inside its GEMM, the time that adds over the GEMM alone).
 
@@ -12,7 +12,7 @@ once per shape before timing, and that build time is reported apart, never timed
 
     python scripts/bench_linear.py                    # the full grid (~5 min on an H100)
     python scripts/bench_linear.py --quick            # 3 shapes x 4 M
-    python scripts/bench_linear.py --N 7168 --K 7168 --M 1 4096 --backends cublas triton
+    python scripts/bench_linear.py --N 7168 --K 7168 --M 1 4096 --backends cublaslt triton
     python scripts/bench_linear.py --out bench-linear.md
 """
 
@@ -46,20 +46,19 @@ SHAPES = [
 M_LIST = [1, 16, 64, 256, 1024, 4096, 16384]
 QUICK_SHAPES = [(4096, 4096), (7168, 7168), (2112, 7168)]
 QUICK_M = [1, 64, 512, 4096]
-BACKENDS = ("deepgemm", "cublas", "triton", "small_m", "sm90")
+BACKENDS = ("deepgemm", "cublaslt", "triton", "fused_mma", "fused_wgmma")
 
 
 def header() -> str:
     commit = run_commit.commit()
-    from fp8linear.backends import cublaslt, deepgemm, deepgemm_tiles
+    from fp8linear.backends import deepgemm, deepgemm_tiles
 
     tiled = sum(r.get("tiles") is not None for r in deepgemm_tiles.load_rows(torch.cuda.get_device_name()))
     return (
         f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
         f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {commit} | "
         f"deepgemm: {deepgemm.api_name()}{'' if deepgemm.OWN_LAUNCH else ', its own launch'}, "
-        f"{tiled} buckets with measured tiles | "
-        f"cublas: {'our cuBLASLt call' if cublaslt.OWN_LAUNCH else cublaslt.api_name()}"
+        f"{tiled} buckets with measured tiles"
     )
 
 
@@ -116,7 +115,7 @@ def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3f
     """{provider: callable} for one (N, K, M), and each FP8Linear's first-call seconds.
 
     Providers: "bf16" (F.linear on `lin`'s weight), each FP8Linear of `mods` that serves the shape (its
-    first call, untimed: backend choice, prepared weight, JIT builds), "dg-gemm" and "sm90-gemm" (the
+    first call, untimed: backend choice, prepared weight, JIT builds), "dg-gemm" and "fused_wgmma-gemm" (the
     GEMM alone on pre-quantized operands, where `mods` has that backend and it serves the shape) and
     "quant" (with `peers`; tune_auto times bf16 and the modules alone). Each callable takes the next of `xs` in turn, on a count of its own: one tensor for
     do_bench's single calls, several for back-to-back loops whose inputs must not stay in L2
@@ -159,11 +158,11 @@ def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3f
         prepared = dg_backend.prepare_weight(mods["deepgemm"].weight, mods["deepgemm"].weight_scale_inv)
         qs = [per_token_group_quant(x, 128, torch.float8_e4m3fn, scale_layout="col") for x in xs]
         fns["dg-gemm"] = rotated(lambda qs_: dg_backend._gemm_impl(*qs_, *prepared), qs)
-    if "sm90" in mods and unsupported_reason("sm90", M, N, K, dtype, dev) is None:
-        # The sm90 kernel on pre-quantized operands: what its layer costs without the quantization.
-        w, ws = mods["sm90"].weight, mods["sm90"].weight_scale_inv
+    if "fused_wgmma" in mods and unsupported_reason("fused_wgmma", M, N, K, dtype, dev) is None:
+        # The fused_wgmma kernel on pre-quantized operands: what its layer costs without the quantization.
+        w, ws = mods["fused_wgmma"].weight, mods["fused_wgmma"].weight_scale_inv
         qs = [per_token_group_quant(x, 128, dtype, scale_layout="col") for x in xs]
-        fns["sm90-gemm"] = rotated(lambda qs_: torch.ops.fp8linear.sm90_gemm(*qs_, w, ws, None, torch.bfloat16), qs)
+        fns["fused_wgmma-gemm"] = rotated(lambda qs_: torch.ops.fp8linear.sm90_gemm(*qs_, w, ws, None, torch.bfloat16), qs)
     fns["quant"] = rotated(lambda x: per_token_group_quant(x, 128, dtype, scale_layout="col"), xs)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -172,7 +171,7 @@ def layer_fns(lin, mods: dict, xs: list, dtype: torch.dtype = torch.float8_e4m3f
 
 def layer_modules(lin, names: list[str], dtype: torch.dtype = torch.float8_e4m3fn) -> dict:
     """FP8Linear.from_linear(lin) per backend name; those with no GEMM for this dtype and shape at any M
-    (deepgemm and cublas with int8) stay out, `auto` always in."""
+    (deepgemm and cublaslt with int8) stay out, `auto` always in."""
     from fp8linear import FP8Linear
     from fp8linear.backends import unsupported_reason
 
@@ -195,7 +194,7 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
         build_s.update({f"{name} M={M}": sec for name, sec in first_call_s.items()})
         samples: dict = {}
         results = bench_rounds(fns, rounds, rep_ms, samples, salt=hash((N, K, M)))
-        pick = mods["auto"]._choice[M].NAME if "auto" in mods and M in mods["auto"]._choice else ""
+        pick = mods["auto"].backend_for(M, x.device).NAME if "auto" in mods else ""
         for provider, us in results.items():
             rows.append(dict(N=N, K=K, M=M, provider=provider, us=us, us_rounds=samples[provider],
                              tflops=tflops(M, N, K, us) if provider != "quant" else float("nan"),
@@ -209,7 +208,7 @@ def time_shape(N: int, K: int, Ms: list[int], names: list[str], rep_ms: float,
 
 def format_table(rows: list[dict], providers: list[str]) -> str:
     """Markdown: one line per (N, K, M): TFLOP/s per provider, speedup vs bf16, auto's pick, quant share."""
-    cols = ["bf16"] + [p for p in providers if p != "bf16"] + ["dg-gemm", "sm90-gemm"]
+    cols = ["bf16"] + [p for p in providers if p != "bf16"] + ["dg-gemm", "fused_wgmma-gemm"]
     lines = ["| N x K | M | " + " | ".join(f"{c} TFLOP/s (x bf16)" if c != "bf16" else "bf16 TFLOP/s" for c in cols)
              + " | auto pick | quant % of auto |",
              "|" + " --- |" * (len(cols) + 4)]
@@ -235,13 +234,13 @@ def format_table(rows: list[dict], providers: list[str]) -> str:
 
 def quant_share(by: dict, pick: str) -> "float | None":
     """The quantization's share of auto's layer time, in percent: the standalone quant op's time over the
-    layer's; where auto's pick quantizes inside its GEMM (sm90), the time the quantization adds to that
+    layer's; where auto's pick quantizes inside its GEMM (fused_wgmma), the time the quantization adds to that
     kernel (layer minus the same kernel on pre-quantized operands) over the layer's."""
     if "auto" not in by:
         return None
     auto_us = by["auto"]["us"]
-    if pick == "sm90" and "sm90-gemm" in by:
-        return 100 * max(auto_us - by["sm90-gemm"]["us"], 0.0) / auto_us
+    if pick == "fused_wgmma" and "fused_wgmma-gemm" in by:
+        return 100 * max(auto_us - by["fused_wgmma-gemm"]["us"], 0.0) / auto_us
     if "quant" in by:
         return 100 * by["quant"]["us"] / auto_us
     return None

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         ap.error("--N and --K pair up: give both, the same number of values")
 
     from fp8linear import FP8Linear, _build, per_token_group_quant
-    importlib.import_module("fp8linear.sm90")  # defines the ops called directly below
+    importlib.import_module("fp8linear.backends.sm90")  # defines the ops called directly below
     from fp8linear.backends import unsupported_reason
 
     _build.ensure_loaded()  # ... and their CUDA kernels, before any FP8Linear forward would load them

@@ -45,8 +45,8 @@ def kernels(fn) -> str:
 
 
 def their_launch(mod, x, backend: str):
-    """mod(x) with the backend's OWN_LAUNCH off: every DeepGEMM call through DeepGEMM's own Python launch,
-    every cuBLASLt call through torch's scaled-mm op (the same kernels, for comparison)."""
+    """mod(x) with the backend's OWN_LAUNCH off: every DeepGEMM call through DeepGEMM's own Python launch
+    (the same kernel, for comparison)."""
     from fp8linear import backends
 
     module = backends.get(backend)
@@ -85,9 +85,9 @@ def host_parts(N: int, K: int, Ms) -> None:
     from fp8linear.ops import quantize_for_gemm
 
     lin = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
-    mod = FP8Linear.from_linear(lin, backend="cublas")
+    mod = FP8Linear.from_linear(lin, backend="cublaslt")
     prepared = cublaslt.prepare_weight(mod.weight, mod.weight_scale_inv)
-    print(f"# host parts, cublas backend ({cublaslt.api_name()}), N={N} K={K}: us per call, loop of 200, one sync")
+    print(f"# host parts, cublaslt backend, N={N} K={K}: us per call, loop of 200, one sync")
     with torch.inference_mode():
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -97,7 +97,7 @@ def host_parts(N: int, K: int, Ms) -> None:
                 "torch.empty_like(x)": lambda: torch.empty_like(x),
                 "quantize_for_gemm": lambda: quantize_for_gemm(x, 128, torch.float8_e4m3fn, False, ScaleLayout.COL,
                                                                cublaslt.ROW_ALIGN),
-                "cublaslt._gemm_impl": lambda: cublaslt._gemm_impl(q, s, *prepared),
+                "cublaslt_gemm op": lambda: torch.ops.fp8linear.cublaslt_gemm(q, s, *prepared),
                 "cublaslt.gemm": lambda: cublaslt.gemm(q, s, prepared, torch.bfloat16, None),
                 "FP8Linear forward": lambda: mod(x),
                 "bf16 F.linear": lambda: torch.nn.functional.linear(x, lin.weight),
@@ -110,7 +110,7 @@ def main() -> int:
     ap.add_argument("--N", type=int, default=4096)
     ap.add_argument("--K", type=int, default=4096)
     ap.add_argument("--M", type=int, nargs="+", default=[1, 64, 512])
-    ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublas", "triton", "small_m", "auto"])
+    ap.add_argument("--backends", nargs="+", default=["deepgemm", "cublaslt", "triton", "fused_mma", "auto"])
     ap.add_argument("--cprofile", action="store_true", help="also print where the host time of each provider goes")
     ap.add_argument("--parts", action="store_true", help="only the host time of each piece of a cuBLASLt forward")
     args = ap.parse_args()
@@ -136,8 +136,8 @@ def main() -> int:
                 if b != "auto" and unsupported_reason(b, M, N, K, torch.float8_e4m3fn, x.device) is not None:
                     continue
                 fns[b] = (lambda m: (lambda: m(x)))(mod)
-                theirs = {"deepgemm": "deepgemm-py", "cublas": "cublas-torch"}.get(b)
-                if theirs:  # the same kernel through DeepGEMM's own launch / torch's op
+                theirs = {"deepgemm": "deepgemm-py"}.get(b)
+                if theirs:  # the same kernel through DeepGEMM's own launch
                     fns[theirs] = (lambda m, b: (lambda: their_launch(m, x, b)))(mod, b)
             for name, fn in fns.items():
                 try:

@@ -1,16 +1,14 @@
 """fp8linear's own cuBLASLt call (kernels/cublaslt_gemm.cu, fp8linear.backends.cublaslt).
 
 It asks cuBLASLt for the GEMM torch's scaled-mm op asks for, with the same operands, descriptors and
-heuristic limit, so the same kernel runs: the outputs must be equal bit for bit, over shapes that exercise
-the scale layouts (N not a multiple of 128, ceil(K/128) not a multiple of 4, padded rows). The one-op
-forward must equal the quant op followed by the GEMM. Every backend's match with the reference, CUDA-graph
-replay and torch.compile are tested in test_backends_gpu.py, which now runs through this call.
-The CPU half checks the bookkeeping around it.
+heuristic limit, so the same kernel runs: the outputs must equal torch's op bit for bit (the independent
+oracle here), over shapes that exercise the scale layouts (N not a multiple of 128, ceil(K/128) not a
+multiple of 4, padded rows). The one-op forward (`linear`) must equal the quant op followed by `gemm`.
+Every backend's match with the reference, CUDA-graph replay and torch.compile are tested in
+test_backends_gpu.py. The CPU half checks the bookkeeping around it.
 """
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -27,12 +25,16 @@ FP8 = torch.float8_e4m3fn
 def _own_call_on_this_gpu() -> "str | None":
     if not torch.cuda.is_available():
         return "needs CUDA"
-    why = cublaslt.unsupported_reason(64, 256, 256, FP8, torch.device("cuda"))
-    if why is not None:
-        return why
-    if not cublaslt._own_launch(torch.device("cuda", torch.cuda.current_device())):
-        return "fp8linear's cuBLASLt call is unavailable here (see the INFO log)"
-    return None
+    return cublaslt.unsupported_reason(64, 256, 256, FP8, torch.device("cuda", torch.cuda.current_device()))
+
+
+def _torchs_call(q, s, b, sb):
+    """torch's own blockwise scaled matmul on the same operands (torch >= 2.10: F.scaled_mm; 2.9: _scaled_mm)."""
+    F = torch.nn.functional
+    if hasattr(F, "scaled_mm"):
+        return F.scaled_mm(q, b, s, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                           output_dtype=torch.bfloat16)
+    return torch._scaled_mm(q, b, s, sb, out_dtype=torch.bfloat16)
 
 
 needs_own_call = pytest.mark.skipif(_own_call_on_this_gpu() is not None, reason=str(_own_call_on_this_gpu()))
@@ -51,17 +53,16 @@ needs_own_call = pytest.mark.skipif(_own_call_on_this_gpu() is not None, reason=
         (4099, 6144, 4096),  # M % 4 != 0 at large M
     ],
 )
-def test_own_call_equals_torchs_call(monkeypatch, M, N, K):
+def test_own_call_equals_torchs_call(M, N, K):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16) * 3
     q, s = quantize_for_gemm(x, 128, FP8, False, ScaleLayout.COL, cublaslt.ROW_ALIGN)
     weight, wsi = quantize_weight_blockwise(torch.randn(N, K, device="cuda") * 0.05, FP8)
     b, sb = cublaslt.prepare_weight(weight, wsi)
     poison_allocator(q.device)
-    ours = cublaslt._gemm_impl(q, s, b, sb)
-    again = cublaslt._gemm_impl(q, s, b, sb)  # the cached plan
-    monkeypatch.setattr(cublaslt, "OWN_LAUNCH", False)
+    ours = torch.ops.fp8linear.cublaslt_gemm(q, s, b, sb)
+    again = torch.ops.fp8linear.cublaslt_gemm(q, s, b, sb)  # the cached plan
     poison_allocator(q.device)
-    theirs = cublaslt._gemm_impl(q, s, b, sb)  # torch._scaled_mm_v2
+    theirs = _torchs_call(q, s, b, sb)
     torch.cuda.synchronize()
     M_pad = q.shape[0]
     assert ours.shape == (M_pad, N) and ours.dtype == torch.bfloat16
@@ -81,13 +82,13 @@ def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
 
     weight, wsi = quantize_weight_blockwise(torch.randn(N, K, device="cuda") * 0.05, FP8, scale_ue8m0=pow2)
     b = torch.randn(N, device="cuda", dtype=torch.bfloat16) if bias else None
-    layer = FP8Linear.from_quantized(weight, wsi, b, backend="cublas", scale_ue8m0=pow2)
+    layer = FP8Linear.from_quantized(weight, wsi, b, backend="cublaslt", scale_ue8m0=pow2)
     x = torch.randn(2, M, K, device="cuda", dtype=x_dtype)  # 3-D input: 2*M rows
     poison_allocator(x.device)
     y = layer(x)
-    prepared = layer._prepared["cublas"][1]
+    prepared = cublaslt.prepare_weight(weight, wsi)
     x2d = x.reshape(-1, K)
-    assert cublaslt.quant_gemm(x2d, prepared, pow2, x_dtype, b) is not None, "the one-op path should serve"
+    assert torch.equal(y.reshape(-1, N), cublaslt.linear(x2d, prepared, b, x_dtype, FP8, pow2))
     q, s = quantize_for_gemm(x2d, 128, FP8, pow2, ScaleLayout.COL, cublaslt.ROW_ALIGN)
     two_ops = cublaslt.gemm(q, s, prepared, x_dtype, b)[: 2 * M].reshape(2, M, N)
     torch.cuda.synchronize()
@@ -126,36 +127,26 @@ def test_own_call_rejects_bad_arguments_with_clear_errors():
 
 
 # -- CPU: the bookkeeping ----------------------------------------------------------------------------------
-@pytest.fixture
-def fresh(monkeypatch):
-    monkeypatch.setattr(cublaslt, "_own_ready", {})
-    monkeypatch.setattr(cublaslt, "OWN_LAUNCH", True)
+def test_unavailable_own_call_is_a_reason_asked_once(monkeypatch):
+    calls = []
 
-
-def test_unavailable_own_call_keeps_torchs_and_says_why_once(fresh, monkeypatch, caplog):
     def broken():
+        calls.append(1)
         raise cublaslt._build.KernelBuildError("no nvcc here")
 
+    monkeypatch.setattr(cublaslt, "_unavailable", {})
     monkeypatch.setattr(cublaslt._build, "ensure_loaded", broken)
-    x = torch.randn(4, 128, dtype=torch.bfloat16)
-    prepared = (torch.randn(64, 128).to(FP8).t(), torch.ones(4, 1))
-    with caplog.at_level(logging.INFO, logger=cublaslt.__name__):
-        for _ in range(3):
-            assert cublaslt.quant_gemm(x, prepared, False, torch.bfloat16, None) is None
-    lines = [r.getMessage() for r in caplog.records if "no nvcc here" in r.getMessage()]
-    assert len(lines) == 1 and "cuBLASLt is called through" in lines[0]
-    assert cublaslt._own_ready == {None: False}
+    for _ in range(3):
+        assert cublaslt._unavailable_reason(torch.device("cpu")) == "fp8linear's CUDA extension is unavailable: no nvcc here"
+    assert len(calls) == 1
 
 
-def test_one_op_path_passes_the_operands_and_adds_the_bias(fresh, monkeypatch):
-    monkeypatch.setattr(cublaslt, "_own_ready", {None: True})
+def test_one_op_path_passes_the_operands_and_adds_the_bias(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.ops.fp8linear, "cublaslt_linear", lambda *a: calls.append(a) or torch.zeros(5, 64))
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     prepared = (torch.randn(64, 128).to(FP8).t(), torch.ones(4, 1))
-    y = cublaslt.quant_gemm(x, prepared, True, torch.float16, torch.ones(64))
+    y = cublaslt.linear(x, prepared, torch.ones(64), torch.float16, FP8, True)
     assert len(calls) == 1 and calls[0][0] is x and calls[0][1] is prepared[0] and calls[0][2] is prepared[1]
     assert calls[0][3] is True and calls[0][4] == 1e-10
     assert y.dtype == torch.float16 and torch.equal(y, torch.ones(5, 64, dtype=torch.float16))  # bias added
-    monkeypatch.setattr(cublaslt, "OWN_LAUNCH", False)
-    assert cublaslt.quant_gemm(x, prepared, False, torch.bfloat16, None) is None

@@ -94,7 +94,7 @@ def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
     first = layer(x)  # DeepGEMM's own launch; records the plan
     prepared = layer._prepared["deepgemm"][1]
     x2d = x.reshape(-1, K)
-    assert deepgemm.quant_gemm(x2d, prepared, pow2, x_dtype, b) is not None, "the one-op path should serve"
+    assert deepgemm._plans.get((2 * M, N, K, x.device.index)), "the one-op path should serve"
     poison_allocator(x.device)
     second = layer(x)  # the one-op path
     q, s = per_token_group_quant(x2d, 128, FP8, scale_layout="col", scale_ue8m0=pow2)
@@ -198,21 +198,26 @@ def test_unreadable_legacy_internals_keep_deepgemms_launch(fake_dg, monkeypatch,
 
 
 def test_one_op_path_waits_for_a_plan(fake_dg, monkeypatch):
-    """quant_gemm serves only shapes whose plan exists (DeepGEMM ran them once) and only with our launch."""
+    """`linear` takes the one-op path only for shapes whose plan exists (DeepGEMM ran them once) and only with
+    our launch; otherwise the quant op then `gemm`."""
     fake_dg("legacy")
+    two_ops = []
+    monkeypatch.setattr(deepgemm, "quantize_then_gemm", lambda *a: two_ops.append(a) or torch.zeros(5, 64))
     x = torch.randn(5, 128, dtype=torch.bfloat16)
     prepared = (torch.randn(64, 128).to(FP8), torch.ones(1, 1))
-    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None  # no plan yet
+    deepgemm.linear(x, prepared, None, torch.bfloat16, FP8, False)  # no plan yet
     deepgemm._plans[(5, 64, 128, None)] = ()  # DeepGEMM's own launch for this shape
-    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None
+    deepgemm.linear(x, prepared, None, torch.bfloat16, FP8, False)
+    assert len(two_ops) == 2
     deepgemm._plans[(5, 64, 128, None)] = (1, 132, 64, 64, 1000, 128, 1)
     calls = []
     monkeypatch.setattr(torch.ops.fp8linear, "deepgemm_linear", lambda *a: calls.append(a) or torch.zeros(5, 64))
-    y = deepgemm.quant_gemm(x, prepared, True, torch.float16, torch.ones(64))
+    y = deepgemm.linear(x, prepared, torch.ones(64), torch.float16, FP8, True)
     assert len(calls) == 1 and calls[0][3] is True and calls[0][5:] == (1, 132, 64, 64, 1000, 128, 1)
     assert y.dtype == torch.float16 and torch.equal(y, torch.ones(5, 64, dtype=torch.float16))  # bias added
     monkeypatch.setattr(deepgemm, "OWN_LAUNCH", False)
-    assert deepgemm.quant_gemm(x, prepared, False, torch.bfloat16, None) is None
+    deepgemm.linear(x, prepared, None, torch.bfloat16, FP8, False)
+    assert len(calls) == 1 and len(two_ops) == 3
 
 
 def test_legacy_plan_reads_the_tuners_entry(monkeypatch):

@@ -3,6 +3,7 @@ Triton's interpreter when triton is installed). GPU backends: tests/test_backend
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 
@@ -221,8 +222,9 @@ def test_row_aligned_backend_path(monkeypatch):
         q[5:] = 0x7F  # whatever the padding rows hold must not reach rows < M
         return reference.gemm(q.view(FP8), s, prepared, out_dtype, bias)
 
-    fake = types.SimpleNamespace(NAME="fake4", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4, FUSES_QUANT=False,
-                                 prepare_weight=reference.prepare_weight, gemm=gemm)
+    fake = types.SimpleNamespace(NAME="fake4", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4,
+                                 prepare_weight=reference.prepare_weight, gemm=gemm,
+                                 linear=functools.partial(backends.quantize_then_gemm, gemm, ScaleLayout.COL, 4))
     m = FP8Linear.from_linear(make_linear(300, 200))
     m._choice[5] = fake
     x = torch.randn(5, 300)
@@ -256,7 +258,7 @@ def test_extra_repr():
         "scale_ue8m0=True, backend=triton (row scales)"
     )
     assert FP8Linear(256, 256, device="meta").extra_repr().endswith("backend=auto (chosen per M on first forward)")
-    assert FP8Linear(256, 256, backend="cublas", device="meta").extra_repr().endswith("backend=cublas (col scales)")
+    assert FP8Linear(256, 256, backend="cublas", device="meta").extra_repr().endswith("backend=cublaslt (col scales)")  # alias "cublas" reads as its name
 
 
 # -- rejections ----------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def test_bad_sizes_raise():
 @pytest.mark.parametrize(
     "backend,match",
     [
-        ("cublas", "needs a CUDA device; got cpu"),
+        ("cublaslt", "needs a CUDA device; got cpu"),
         ("deepgemm", "needs a CUDA device; got cpu"),
         ("triton", "(needs a CUDA device|triton not importable)"),
     ],
@@ -311,8 +313,8 @@ def test_explicit_backend_that_cannot_serve_raises(backend, match, monkeypatch):
 def test_backend_reasons_name_the_constraint():
     cpu = torch.device("cpu")
     assert backends.unsupported_reason("reference", 3, 200, 300, INT8, cpu) is None
-    assert "fp8 e4m3 only" in backends.unsupported_reason("cublas", 3, 256, 256, INT8, cpu)
-    assert "fp8 e4m3 only" in backends.unsupported_reason("deepgemm", 3, 256, 256, INT8, cpu)
+    assert "dtype torch.int8 is not one of torch.float8_e4m3fn" in backends.unsupported_reason("cublas", 3, 256, 256, INT8, cpu)
+    assert "is not one of torch.float8_e4m3fn" in backends.unsupported_reason("deepgemm", 3, 256, 256, INT8, cpu)
     with pytest.raises(ValueError, match="backend must be one of"):
         backends.get("auto")
 
@@ -325,8 +327,8 @@ def test_auto_table_lookup():
         {"dtype": "e4m3", "N": 4096, "K": 4096, "M_max": 16384, "backend": "deepgemm"},
         {"dtype": "int8", "N": 4096, "K": 4096, "M_max": 16384, "backend": "triton"},
     ]
-    assert auto.lookup(rows, 1, 4096, 4096, FP8) == "cublas"
-    assert auto.lookup(rows, 64, 4096, 4096, FP8) == "cublas"
+    assert auto.lookup(rows, 1, 4096, 4096, FP8) == "cublaslt"  # an earlier name, read as today's
+    assert auto.lookup(rows, 64, 4096, 4096, FP8) == "cublaslt"
     assert auto.lookup(rows, 65, 4096, 4096, FP8) == "triton"
     assert auto.lookup(rows, 10**6, 4096, 4096, FP8) == "deepgemm"  # beyond the table: its last row
     assert auto.lookup(rows, 8, 4096, 4096, INT8) == "triton"
@@ -334,11 +336,11 @@ def test_auto_table_lookup():
 
 
 def test_auto_heuristic_and_cpu_choice():
-    assert auto.heuristic(1, 4096, 4096, INT8) == "small_m"
-    assert auto.heuristic(8, 4096, 4096, FP8) == "small_m"
+    assert auto.heuristic(1, 4096, 4096, INT8) == "fused_mma"
+    assert auto.heuristic(8, 4096, 4096, FP8) == "fused_mma"
     assert auto.heuristic(9, 4096, 4096, INT8) == "triton"
     assert auto.heuristic(1023, 4096, 4096, INT8) == "triton"
-    assert auto.heuristic(1024, 4096, 4096, INT8) == "sm90"
+    assert auto.heuristic(1024, 4096, 4096, INT8) == "fused_wgmma"
     assert auto.heuristic(4096, 1024, 4096, INT8) == "triton"  # narrow layers: the Triton GEMM
     for M in (9, 256, 512, 2048):  # never triton for fp8: slower than bf16 at most measured points
         assert auto.heuristic(M, 4096, 4096, FP8) == "deepgemm"
@@ -464,7 +466,7 @@ def test_shipped_auto_table_follows_the_pick_rule():
 # -- config --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "config",
-    [FP8Config(), FP8Config(dtype=INT8, scale_ue8m0=True, backend="triton"), FP8Config(backend=Backend.CUBLAS)],
+    [FP8Config(), FP8Config(dtype=INT8, scale_ue8m0=True, backend="triton"), FP8Config(backend=Backend.CUBLASLT)],
 )
 def test_config_round_trip(config):
     d = config.to_quantization_config()

@@ -10,6 +10,7 @@ kernels, with the backends auto picks (cuBLASLt / DeepGEMM at prefill sizes, sma
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -37,26 +38,19 @@ def _without_handoff(model):
 
 
 def _count_quantizations(monkeypatch):
-    """The shapes of the activations FP8Linear layers quantize themselves from now on: through
-    quantize_for_gemm, or inside a backend's one-op quant_gemm (DeepGEMM, cuBLASLt) when it serves."""
-    from fp8linear.backends import cublaslt, deepgemm
+    """The shapes of the activations FP8Linear layers quantize themselves from now on: every backend's
+    `linear` (the protocol's forward from unquantized x) quantizes its input once."""
+    from fp8linear import backends
 
     calls = []
-    real = linear_module.quantize_for_gemm
+    for name in backends.NAMES[1:]:
+        module = backends.get(name)
 
-    def counting(x2d, *args, **kwargs):
-        calls.append(tuple(x2d.shape))
-        return real(x2d, *args, **kwargs)
+        def counting(x2d, *args, _real=module.linear, **kwargs):
+            calls.append(tuple(x2d.shape))
+            return _real(x2d, *args, **kwargs)
 
-    monkeypatch.setattr(linear_module, "quantize_for_gemm", counting)
-    for backend in (deepgemm, cublaslt):
-        def counting_quant_gemm(x2d, *args, _real=backend.quant_gemm, **kwargs):
-            y = _real(x2d, *args, **kwargs)
-            if y is not None:
-                calls.append(tuple(x2d.shape))
-            return y
-
-        monkeypatch.setattr(backend, "quant_gemm", counting_quant_gemm)
+        monkeypatch.setattr(module, "linear", counting)
     return calls
 
 
@@ -84,7 +78,7 @@ def test_fused_norms_are_exact_and_skip_the_consumers_quantization(monkeypatch, 
     assert len(calls) == layers * (1 if fuse_mlp else 2)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     # Every handoff was used once and dropped: nothing keeps activations alive after the forward.
-    assert all(m._handoff is None for m in model.modules() if isinstance(m, linear_module.FP8Linear))
+    assert all(m._offered is None for m in model.modules() if isinstance(m, linear_module.FP8Linear))
 
 
 def test_norm_output_is_the_reference_formula_and_close_to_transformers():
@@ -195,11 +189,13 @@ def test_consumers_that_read_different_layouts_get_no_handoff(monkeypatch):
     nothing over and each layer quantizes for itself (same result as without the fusion)."""
     import types
 
+    from fp8linear import backends
     from fp8linear.backends import reference
     from fp8linear.layouts import ScaleLayout
 
-    col = types.SimpleNamespace(NAME="reference-col", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4, FUSES_QUANT=False,
-                                prepare_weight=reference.prepare_weight, gemm=reference.gemm)
+    col = types.SimpleNamespace(NAME="reference-col", SCALE_LAYOUT=ScaleLayout.COL, ROW_ALIGN=4,
+                                prepare_weight=reference.prepare_weight, gemm=reference.gemm,
+                                linear=functools.partial(backends.quantize_then_gemm, reference.gemm, ScaleLayout.COL, 4))
     model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16), progress=False, fuse_norm=True)
     attn = model.model.layers[0].self_attn
     x = torch.randn(1, 6, model.config.hidden_size, dtype=torch.bfloat16)
@@ -207,9 +203,11 @@ def test_consumers_that_read_different_layouts_get_no_handoff(monkeypatch):
     plain_q = copy.deepcopy(attn.q_proj)  # copies start with an empty backend cache: give it the same one
     plain_q._choice[6] = col
     calls = _count_quantizations(monkeypatch)
+    col_linear = col.linear
+    col.linear = lambda x2d, *args: (calls.append(tuple(x2d.shape)), col_linear(x2d, *args))[1]
     with torch.no_grad():
         h = model.model.layers[0].input_layernorm(x)
-        assert all(c._handoff is None for c in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert all(c._offered is None for c in (attn.q_proj, attn.k_proj, attn.v_proj))
         got = attn.q_proj(h)
         attn.k_proj(h), attn.v_proj(h)
         want = plain_q(h)

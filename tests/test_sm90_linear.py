@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import assert_bitwise_equal, poison_allocator
-from fp8linear import backends, per_token_group_quant, sm90
+from fp8linear import backends, per_token_group_quant
+from fp8linear.backends import sm90
 from fp8linear.weights import quantize_weight_blockwise
 
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
@@ -86,7 +87,7 @@ def test_wrapper_names_the_bad_argument(change, exc, match):
 
 def test_backend_refusals_say_why():
     cpu = torch.device("cpu")
-    assert "fp8 e4m3 or int8 only" in backends.unsupported_reason("sm90", 64, 256, 256, torch.float16, cpu)
+    assert "is not one of torch.float8_e4m3fn, torch.int8" in backends.unsupported_reason("sm90", 64, 256, 256, torch.float16, cpu)
     assert "K % 128" in backends.unsupported_reason("sm90", 64, 256, 200, FP8, cpu)
     assert "N % 8" in backends.unsupported_reason("sm90", 64, 250, 256, FP8, cpu)
     assert "CUDA device" in backends.unsupported_reason("sm90", 64, 256, 256, FP8, cpu)

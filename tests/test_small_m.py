@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from conftest import assert_bitwise_equal, poison_allocator
-from fp8linear import FP8Linear, backends, small_m
+from fp8linear import FP8Linear, backends
+from fp8linear.backends import small_m
 from fp8linear.backends import BackendUnsupportedError
 from fp8linear.reference import per_token_group_quant_reference
 from fp8linear.weights import quantize_weight_blockwise
@@ -321,20 +322,20 @@ def test_backend_reasons_on_cpu():
     for M in (1, 17):
         why = backends.unsupported_reason("small_m", M, 256, 256, FP8, cpu)
         assert isinstance(why, str) and why, f"M={M} on CPU: the small_m backend must give a reason, got {why!r}"
-    assert backends.get("small_m").NAME == "small_m"
-    assert backends.get("small_m").FUSES_QUANT is True
+    assert backends.get("small_m").NAME == "fused_mma"
+    assert backends.get("small_m").SCALE_LAYOUT is None  # quantizes inside its kernel: no gemm on (q, s)
 
 
 def test_explicit_backend_on_cpu_raises_on_forward():
     m = FP8Linear(256, 256, backend="small_m")  # building is fine: the backend is chosen per M on forward
-    with pytest.raises(BackendUnsupportedError, match=r"backend='small_m' cannot serve M=2, N=256, K=256.* on cpu"):
+    with pytest.raises(BackendUnsupportedError, match=r"backend='fused_mma' cannot serve M=2, N=256, K=256.* on cpu"):
         m(torch.randn(2, 256))
 
 
 def test_repr_names_the_backend():
     """repr(layer) shows which backend serves it (README), also for a backend that has no scale layout."""
-    assert "backend=small_m" in FP8Linear(256, 256, backend="small_m", device="meta").extra_repr()
-    assert "backend=small_m" in repr(FP8Linear(256, 256, backend="small_m"))
+    assert "backend=fused_mma" in FP8Linear(256, 256, backend="small_m", device="meta").extra_repr()
+    assert "backend=fused_mma" in repr(FP8Linear(256, 256, backend="small_m"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -652,7 +653,7 @@ def test_fp8linear_small_m_matches_reference(lead, dtype, scale_ue8m0):
         M *= n
     x = make_x(M, K, BF16, seed=32).reshape(*lead, K).cuda()
     y = mod(x)
-    assert mod._choice[M].NAME == "small_m"
+    assert mod._choice[M].NAME == "fused_mma"
     assert y.shape == (*lead, N) and y.dtype == BF16
     assert_close_gpu(y, ref(x), f"FP8Linear small_m {lead} {dtype} pow2={scale_ue8m0}")
 
@@ -670,7 +671,7 @@ def test_fp8linear_small_m_refuses_m17():
     weight, weight_scale_inv = make_weight(256, 256, FP8, device="cuda")
     mod = FP8Linear.from_quantized(weight, weight_scale_inv, backend="small_m")
     assert mod(torch.randn(16, 256, device="cuda", dtype=BF16)).shape == (16, 256)
-    with pytest.raises(BackendUnsupportedError, match=r"backend='small_m' cannot serve M=17, N=256, K=256"):
+    with pytest.raises(BackendUnsupportedError, match=r"backend='fused_mma' cannot serve M=17, N=256, K=256"):
         mod(torch.randn(17, 256, device="cuda", dtype=BF16))
 
 

@@ -1,55 +1,51 @@
-"""Blockwise GEMM backends: one module each, one interface, and `select()`.
+"""Blockwise GEMM backends: one protocol, one module per backend, and `select()`.
 
 Every backend computes, for activations quantized per 1 x 128 group and weights per 128 x 128 block,
 
     y[M, N] = (q * s)[M, K] @ (weight * weight_scale_inv)^T[K, N]  (+ bias),  accumulated in fp32
 
-and exposes (STYLE.md 11):
+and is a module satisfying `Backend` below (STYLE.md 11). What differs between backends is declared, not
+discovered at call sites: the scale layout it reads (or None when it quantizes inside its own kernel and
+cannot take q/s from outside), the row alignment of q and s, the element types, the largest M it serves.
+`FP8Linear` is the one caller that reads those declarations (fp8linear.linear); modules built on it
+(FP8GatedMLP, FP8RMSNorm) go through FP8Linear's public `input_layout` / `quantize_input` /
+`forward_quantized`, never through a backend.
 
-    NAME                  its name in `FP8Linear(backend=...)`, a `fp8linear.config.Backend` value
-    SCALE_LAYOUT          the `fp8linear.layouts.ScaleLayout` its activation scales must be written in;
-                          `FP8Linear` passes it to `per_token_group_quant`, so no transpose runs between
-    ROW_ALIGN             how many rows q and s must have storage for (cuBLASLt: 4; others 1): FP8Linear
-                          quantizes into buffers of ceil(M / ROW_ALIGN) * ROW_ALIGN rows
-    FUSES_QUANT           True for a backend that quantizes x itself (small_m): FP8Linear then calls
-                          `linear(x, prepared, bias, scale_ue8m0) -> y` (x [..., K]) instead of quantizing and `gemm`
-    unsupported_reason(M, N, K, dtype, device) -> str | None
-                          None when it can serve this shape; else why not ("not importable: ...",
-                          "needs sm90", "N % 64 != 0", ...). K is the layer's in_features.
-    prepare_weight(weight, weight_scale_inv) -> prepared
-                          once per weight (FP8Linear caches it): weight [N, K] fp8/int8 row-major,
-                          weight_scale_inv fp32 [ceil(N/128), ceil(K/128)] row-major
-    gemm(q, s, prepared, out_dtype, bias) -> y
-                          q [M, Kp] fp8/int8 contiguous with Kp = ceil(K/128)*128 (columns K..Kp-1 are
-                          zeros: FP8Linear pads x with zeros, see fp8linear.linear); s fp32 [M, Kp/128] in
-                          SCALE_LAYOUT; bias [N] (any float dtype) or None; y [M, N] in out_dtype.
-                          No host synchronisation (CUDA-graph capture and torch.compile must work).
-    quant_gemm(x2d, prepared, scale_ue8m0, out_dtype, bias) -> y | None   (optional; deepgemm, cublas)
-                          quantize x2d [M, Kp] and run `gemm` in one op call, with the same result; None
-                          where it cannot (FP8Linear then quantizes and calls `gemm`).
+The names (each a `fp8linear.config.Backend` value; old names are accepted as aliases, see there):
 
-The names (each a `Backend` value, documented in fp8linear.config):
-
-    reference   dequantize and fp32 matmul, any device (the CPU path and the tests' oracle)
-    deepgemm    DeepGEMM, legacy or current API by feature detection
-    cublas      cuBLASLt's blockwise FP8 GEMM (BlockWise1x128 x BlockWise128x128), called as torch calls it
-    triton      fp8linear's Triton GEMM, fp8 and int8, any N and K
-    small_m     fp8linear's CUDA kernel for M <= 16: quantization fused into a tensor-core GEMM
-    sm90        fp8linear's Hopper GEMM (wgmma, TMA), quantizing x inside the same kernel
-    auto        per shape from measurements on this card (fp8linear.backends.auto)
+    reference    dequantize and fp32 matmul, any device (the CPU path and the tests' oracle)
+    deepgemm     DeepGEMM's SM90 FP8 GEMM (legacy or current API by feature detection)
+    cublaslt     cuBLASLt's blockwise FP8 GEMM (BlockWise1x128 x BlockWise128x128)
+    triton       fp8linear's Triton GEMM, fp8 and int8, any N and K
+    fused_mma    fp8linear's CUDA kernel for M <= 16: quantization fused into an mma.sync GEMM
+    fused_wgmma  fp8linear's Hopper GEMM (wgmma, TMA) quantizing x inside the same kernel
+    auto         per shape from measurements on this card (fp8linear.backends.auto)
 
 Asking for a backend by name that cannot serve a shape raises `BackendUnsupportedError` with the
 reason: there is no silent fallback. Only `auto` falls back, in the order of `FALLBACK_ORDER`.
+
+Grouped GEMMs (mixture-of-experts) follow `GroupedBackend`: the same weights and scales with a leading
+expert dimension, the activations either expert-sorted rows with a per-row expert index (contiguous, for
+prefill) or [E, max_m, K] with a per-expert row count (masked, for decode under CUDA graphs), as
+DeepGEMM's `m_grouped_*` GEMMs take them (DESIGN.md "Mixture of experts").
 """
 
 from __future__ import annotations
 
 import importlib
 import types
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..config import Backend as BackendName
+from ..layouts import ScaleLayout
+from ..ops import quantize_for_gemm
+
 __all__ = [
+    "Backend",
+    "QuantizedInputBackend",
+    "GroupedBackend",
     "NAMES",
     "FALLBACK_ORDER",
     "BackendUnsupportedError",
@@ -59,20 +55,100 @@ __all__ = [
     "padded_k",
 ]
 
-#: Backend name -> module implementing the interface above. `auto` is a chooser, not a GEMM.
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend module provides. Shapes: x2d / q [M, Kp] with Kp = ceil(K/128) * 128 (FP8Linear
+    pads x with zero columns; fp8linear.linear), weight [N, K] fp8 e4m3 or int8, weight_scale_inv fp32
+    [ceil(N/128), ceil(K/128)], bias [N] (any float dtype) or None, y [M, N] in out_dtype.
+    No entry point synchronises with the host (CUDA-graph capture and torch.compile must work)."""
+
+    #: Its name in `FP8Linear(backend=...)`.
+    NAME: str
+    #: The layout (fp8linear.layouts) in which `gemm` reads activation scales (QuantizedInputBackend);
+    #: None for a backend that quantizes inside its own kernel and has no `gemm` on (q, s).
+    SCALE_LAYOUT: "ScaleLayout | None"
+    #: q and s need storage for a multiple of this many rows (cuBLASLt reads 4-row tiles); rows M..M_pad-1
+    #: are allocated, left unwritten, and their rows of y are dropped by the caller.
+    ROW_ALIGN: int
+    #: Element types of weights and activations it multiplies.
+    DTYPES: "tuple[torch.dtype, ...]"
+    #: The largest M it serves, or None for any.
+    MAX_M: "int | None"
+
+    def unsupported_reason(self, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
+        """Beyond DTYPES and MAX_M (checked by `fp8linear.backends.unsupported_reason`): None when it can
+        serve [M, K] x [N, K]^T on `device`, else why not ("needs sm90", "N % 64 != 0", ...)."""
+
+    def prepare_weight(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> Any:
+        """Once per weight (FP8Linear caches the result until the weight changes)."""
+
+    def linear(self, x2d: torch.Tensor, prepared: Any, bias: "torch.Tensor | None", out_dtype: torch.dtype,
+               dtype: torch.dtype, scale_ue8m0: bool) -> torch.Tensor:
+        """The whole forward from unquantized x2d [M, Kp] (unit stride along K) to y [M, N]: quantize per
+        1x128 group to `dtype` (bit for bit `per_token_group_quant`) and multiply, in as few launches as
+        the backend has (one op call where it fuses them)."""
+
+
+
+@runtime_checkable
+class QuantizedInputBackend(Backend, Protocol):
+    """A backend whose SCALE_LAYOUT is not None also multiplies activations quantized elsewhere (by
+    FP8RMSNorm's or FP8GatedMLP's fused kernels, through FP8Linear.forward_quantized)."""
+
+    def gemm(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, out_dtype: torch.dtype,
+             bias: "torch.Tensor | None") -> torch.Tensor:
+        """y [rows of q, N] from q [M_pad, Kp] contiguous and s in SCALE_LAYOUT over M_pad rows (M_pad a
+        multiple of ROW_ALIGN)."""
+
+
+@runtime_checkable
+class GroupedBackend(Protocol):
+    """What a grouped (mixture-of-experts) GEMM backend provides: E experts of the same [N, K].
+
+    weight [E, N, K] fp8 e4m3 or int8, weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]; activation
+    scales per 1x128 group in SCALE_LAYOUT (3-D for the masked layout: fp8linear.layouts).
+    """
+
+    NAME: str
+    SCALE_LAYOUT: ScaleLayout
+    DTYPES: "tuple[torch.dtype, ...]"
+    #: Rows each expert's segment is padded to in the contiguous layout (DeepGEMM's
+    #: get_mk_alignment_for_contiguous_layout(); 1 where the backend needs no padding).
+    CONTIGUOUS_ALIGN: int
+
+    def grouped_unsupported_reason(self, E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                                   grouping: str) -> "str | None":
+        """grouping is "contiguous" or "masked"; None when the backend serves it, else why not."""
+
+    def prepare_grouped_weight(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> Any:
+        """Once per weight."""
+
+    def grouped_gemm_contiguous(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, m_indices: torch.Tensor,
+                                out_dtype: torch.dtype) -> torch.Tensor:
+        """q [M_all, Kp] expert-sorted rows, s over M_all rows, m_indices int32 [M_all] (the expert of each
+        row, -1 for padding rows, whose output is unspecified) -> y [M_all, N]."""
+
+    def grouped_gemm_masked(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, masked_m: torch.Tensor,
+                            expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """q [E, max_m, Kp], s [E, max_m, Kp/128], masked_m int32 [E] (valid rows per expert, read on the
+        device only), expected_m a hint -> y [E, max_m, N]; rows >= masked_m[e] are unspecified."""
+
+
+#: Backend name -> module implementing `Backend`. `auto` is a chooser, not a GEMM.
 _MODULES = {
     "reference": "fp8linear.backends.reference",
     "deepgemm": "fp8linear.backends.deepgemm",
-    "cublas": "fp8linear.backends.cublaslt",
+    "cublaslt": "fp8linear.backends.cublaslt",
     "triton": "fp8linear.backends.triton_blockwise",
-    "small_m": "fp8linear.backends.small_m",
-    "sm90": "fp8linear.backends.sm90",
+    "fused_mma": "fp8linear.backends.small_m",
+    "fused_wgmma": "fp8linear.backends.sm90",
 }
 NAMES = ("auto", *_MODULES)
 
 #: What `auto` tries, in this order, when its table (or heuristic) names no backend that can serve a
 #: shape: triton serves every shape and dtype on a GPU with Triton; reference serves everything, slowly.
-FALLBACK_ORDER = ("cublas", "deepgemm", "triton", "reference")
+FALLBACK_ORDER = ("cublaslt", "deepgemm", "triton", "reference")
 
 #: Activation groups and weight blocks along K are 128 wide (fp8linear.config.SUPPORTED_BLOCK_SIZE).
 GROUP = 128
@@ -94,10 +170,28 @@ def bf16_epilogue(y: torch.Tensor, bias: "torch.Tensor | None", out_dtype: torch
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
 
 
+def quantize_then_gemm(gemm, layout: ScaleLayout, row_align: int, x2d: torch.Tensor, prepared: Any,
+                       bias: "torch.Tensor | None", out_dtype: torch.dtype, dtype: torch.dtype,
+                       scale_ue8m0: bool) -> torch.Tensor:
+    """`Backend.linear` for a backend whose product is its `gemm` on (q, s): one op call allocates q and s in
+    `layout` over M_pad = ceil(M / row_align) * row_align rows and quantizes rows 0..M-1
+    (fp8linear.ops.quantize_for_gemm), then `gemm`; y's padding rows are dropped."""
+    M = x2d.shape[0]
+    q, s = quantize_for_gemm(x2d, GROUP, dtype, scale_ue8m0, layout, row_align)
+    y = gemm(q, s, prepared, out_dtype, bias)  # [M or M_pad, N]
+    return y if y.shape[0] == M else y[:M]
+
+
+def canonical_name(name: "str | BackendName") -> str:
+    """The backend's current name for a name or documented alias (fp8linear.config.Backend.parse)."""
+    return BackendName.parse(name).value
+
+
 def get(name: str) -> types.ModuleType:
-    """The module of a GEMM backend by name (imports it; importing never touches the GPU)."""
+    """The module of a GEMM backend by name or alias (imports it; importing never touches the GPU)."""
+    name = canonical_name(name)
     if name not in _MODULES:
-        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)}; got {name!r}")
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in _MODULES)}; got {name!r}")
     return importlib.import_module(_MODULES[name])
 
 
@@ -107,17 +201,22 @@ def unsupported_reason(name: str, M: int, N: int, K: int, dtype: torch.dtype, de
         module = get(name)
     except ImportError as exc:  # a backend module itself failing to import is a reason, not a crash
         return f"not importable: {exc}"
+    if dtype not in module.DTYPES:
+        return f"dtype {dtype} is not one of {', '.join(str(d) for d in module.DTYPES)}"
+    if module.MAX_M is not None and M > module.MAX_M:
+        return f"M={M} > {module.MAX_M} (the largest M it serves)"
     return module.unsupported_reason(M, N, K, dtype, torch.device(device))
 
 
 def select(name: str, M: int, N: int, K: int, dtype: torch.dtype, device: "torch.device | str") -> types.ModuleType:
     """The backend module that will compute this GEMM.
 
-    `name` is a `Backend` value. "auto" asks `fp8linear.backends.auto.choose` (measured table or
+    `name` is a `Backend` value or alias. "auto" asks `fp8linear.backends.auto.choose` (measured table or
     heuristic, then FALLBACK_ORDER by availability). Any other name must be able to serve the shape,
     else BackendUnsupportedError names the backend, the shape and the reason.
     """
     device = torch.device(device)
+    name = canonical_name(name)
     if name == "auto":
         from . import auto
 

@@ -4,7 +4,7 @@ The table, `auto_table.json` beside this file, is written by `scripts/tune_auto.
 
     {"<torch.cuda.get_device_name()>": {
         "meta": {"date": ..., "torch": ..., "cuda": ..., "commit": ...},
-        "rows": [{"dtype": "e4m3", "N": 7168, "K": 7168, "M_max": 64, "backend": "cublas",
+        "rows": [{"dtype": "e4m3", "N": 7168, "K": 7168, "M_max": 64, "backend": "cublaslt",
                   "us": {...}, "bf16_us": ..., "bf16_faster": false}, ...]}}
 
 A row serves M <= M_max for its exact (dtype, N, K); the row with the smallest M_max >= M wins, and
@@ -21,7 +21,7 @@ import pathlib
 
 import torch
 
-from . import FALLBACK_ORDER, card_tables, unsupported_reason
+from . import FALLBACK_ORDER, canonical_name, card_tables, unsupported_reason
 
 __all__ = ["choose", "heuristic", "load_table", "table_path", "lookup", "M_BUCKETS"]
 
@@ -48,27 +48,25 @@ def lookup(rows: list[dict], M: int, N: int, K: int, dtype: torch.dtype) -> "str
     mine = sorted((r for r in rows if r.get("dtype") == key and r.get("N") == N and r.get("K") == K),
                   key=lambda r: r["M_max"])
     row = card_tables.bucket_row(mine, M)
-    return None if row is None else row["backend"]
+    return None if row is None else canonical_name(row["backend"])  # a table written before a rename
 
 
 def heuristic(M: int, N: int, K: int, dtype: torch.dtype) -> str:
-    """A choice for shapes the card's table has no row for, from the H100 table (auto_table.json, 11
-    shapes, DeepGEMM and cuBLASLt launched from C++; docs/benchmarks.md):
+    """A choice for shapes the card's table has no row for, read off the H100 table (auto_table.json, its
+    runs in docs/benchmarks.md):
 
-    - M <= 8: small_m, the fused quantize-and-GEMM kernel (fp8 and int8; it wins 11 of the 22 points
-      there and is within 1.3x of the best elsewhere).
-    - int8, M > 8: sm90 (int8 wgmma, its quantization inside) from M = 1024 on layers with N >= 2048, where
-      it measured 0.53-1.21x bf16 against the Triton GEMM's 0.51-0.91x, at least as fast at all 15 points
-      (bench_linear --dtype int8, H100, 2026-11-26); triton below that, on narrower layers, and where sm90
-      cannot serve (not compute capability 9.0, K % 128 or N % 8: `choose` falls back to triton).
-    - fp8, M > 8: DeepGEMM, the fastest at 80 of the 99 points from M = 16 up; where DeepGEMM is missing
-      or refuses the shape `choose` falls back to cuBLASLt (median 1.08x DeepGEMM's time there). Triton
-      stays out: it is slower than bf16 at 75 of the 88 points from M = 64 up.
+    - M <= 8: fused_mma, the fused quantize-and-GEMM kernel (fp8 and int8): the fastest at half the table's
+      points there and close to the best elsewhere.
+    - int8, M > 8: fused_wgmma (int8 wgmma, its quantization inside) from M = 1024 on layers with N >= 2048,
+      where it was at least as fast as the Triton GEMM at every point measured; triton below that, on
+      narrower layers, and where fused_wgmma cannot serve (`choose` falls back).
+    - fp8, M > 8: DeepGEMM, the fastest at most points from M = 16 up; where DeepGEMM is missing or refuses
+      the shape `choose` falls back to cuBLASLt. Triton stays out: slower than bf16 at most points there.
     """
     if M <= 8:
-        return "small_m"
+        return "fused_mma"
     if dtype == torch.int8:
-        return "sm90" if M >= 1024 and N >= 2048 else "triton"
+        return "fused_wgmma" if M >= 1024 and N >= 2048 else "triton"
     return "deepgemm"
 
 
@@ -113,7 +111,7 @@ def plan(N: int, K: int, dtype: torch.dtype, device: torch.device) -> list[tuple
 
 
 def describe(N: int, K: int, dtype: torch.dtype, device: torch.device) -> str:
-    """'M<=64: cublas, M<=512: triton, M>512: deepgemm' for this layer on this device."""
+    """'M<=64: cublaslt, M<=512: triton, M>512: deepgemm' for this layer on this device."""
     rows = plan(N, K, dtype, device)
     if len(rows) == 1:
         return f"all M: {rows[0][1]}"

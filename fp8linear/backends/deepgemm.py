@@ -25,7 +25,7 @@ So only the first call per (M, N, K, device) goes through DeepGEMM; it compiles,
 kernel, and `_legacy_plan` reads back what it ran: the CUkernel handle and the tile configuration
 (`get_best_configs`, the tuner's cache). Later calls launch that same kernel from C++, bit for bit the
 same result (kernels/deepgemm_launch.cu): `fp8linear::deepgemm_gemm` on quantized operands, and
-`fp8linear::deepgemm_linear`, quantization included, for FP8Linear's forward (`quant_gemm`: one op call).
+`fp8linear::deepgemm_linear`, quantization included, for FP8Linear's forward (`linear`: one op call).
 Where the plan cannot be read (another DeepGEMM layout of its internals, a kernel whose parameters differ),
 every call keeps DeepGEMM's own launch and one INFO log line says why; `FP8LINEAR_DEEPGEMM_LAUNCH=deepgemm`
 forces that path (for comparisons).
@@ -47,14 +47,15 @@ import torch
 from .. import _build
 from ..layouts import ScaleLayout, tma_aligned_rows
 from ..ops import GEMM_EPS
-from . import bf16_epilogue, deepgemm_tiles
+from . import bf16_epilogue, deepgemm_tiles, quantize_then_gemm
 
 log = logging.getLogger(__name__)
 
 NAME = "deepgemm"
 SCALE_LAYOUT = ScaleLayout.COL
 ROW_ALIGN = 1
-FUSES_QUANT = False
+DTYPES = (torch.float8_e4m3fn,)
+MAX_M = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +79,6 @@ def api_name() -> str:
 
 
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
-    if dtype != torch.float8_e4m3fn:
-        return f"fp8 e4m3 only; got {dtype}"
     if device.type != "cuda":
         return f"needs a CUDA device; got {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
@@ -244,23 +243,18 @@ def _gemm_impl(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_sc
     return y
 
 
-def quant_gemm(
-    x2d: torch.Tensor,
-    prepared: tuple[torch.Tensor, torch.Tensor],
-    scale_ue8m0: bool,
-    out_dtype: torch.dtype,
-    bias: "torch.Tensor | None",
-) -> "torch.Tensor | None":
-    """Quantize x2d [M, K] (unit stride along K) and multiply in one op call -> y [M, N] out_dtype, the
-    result of quantizing with `per_token_group_quant(x2d, 128, fp8, scale_layout="col")` and calling `gemm`,
-    bit for bit; or None where that op cannot serve the call (no plan for this shape yet: the first call
-    of a shape goes through DeepGEMM; under torch.compile), and the caller quantizes and calls `gemm`."""
-    if not OWN_LAUNCH or torch.compiler.is_compiling():
-        return None
+def linear(x2d: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], bias: "torch.Tensor | None",
+           out_dtype: torch.dtype, dtype: torch.dtype, scale_ue8m0: bool) -> torch.Tensor:
+    """Quantize x2d [M, K] (unit stride along K) and multiply -> y [M, N] out_dtype. Once DeepGEMM has run a
+    shape (its plan is known), in one op call that quantizes and launches the same kernel from C++
+    (`fp8linear::deepgemm_linear`, the same bytes as quantizing with `col` scales and calling `gemm`);
+    before that, and under torch.compile, the quant op then `gemm`."""
     weight, weight_scale_inv = prepared
-    plan = _plans.get((x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.device.index))
+    plan = None
+    if OWN_LAUNCH and not torch.compiler.is_compiling():
+        plan = _plans.get((x2d.shape[0], weight.shape[0], x2d.shape[1], x2d.device.index))
     if not plan:
-        return None
+        return quantize_then_gemm(gemm, SCALE_LAYOUT, ROW_ALIGN, x2d, prepared, bias, out_dtype, dtype, scale_ue8m0)
     y = torch.ops.fp8linear.deepgemm_linear(x2d, weight, weight_scale_inv, scale_ue8m0, GEMM_EPS, *plan)
     return bf16_epilogue(y, bias, out_dtype)
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 
 from ..layouts import ScaleLayout
+from . import quantize_then_gemm
 from ..reference import dequantize_groups
 from ..weights import dequantize_weight_blockwise
 
 NAME = "reference"
 SCALE_LAYOUT = ScaleLayout.ROW
 ROW_ALIGN = 1
-FUSES_QUANT = False
+DTYPES = (torch.float8_e4m3fn, torch.int8)
+MAX_M = None
 
 
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
-    if dtype not in (torch.float8_e4m3fn, torch.int8):
-        return f"dtype {dtype} is not fp8 e4m3 or int8"
-    return None
+    return None  # any shape, any device
 
 
 def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,3 +45,9 @@ def gemm(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def linear(x2d: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], bias: "torch.Tensor | None",
+           out_dtype: torch.dtype, dtype: torch.dtype, scale_ue8m0: bool) -> torch.Tensor:
+    """Quantize x2d [M, Kp] (the reference quantization) and call `gemm`."""
+    return quantize_then_gemm(gemm, SCALE_LAYOUT, ROW_ALIGN, x2d, prepared, bias, out_dtype, dtype, scale_ue8m0)

@@ -42,7 +42,7 @@ import os
 import torch
 
 from ..layouts import ScaleLayout
-from . import card_tables
+from . import card_tables, quantize_then_gemm
 
 try:
     import triton
@@ -59,7 +59,8 @@ except Exception as exc:  # ImportError, or a broken install
 NAME = "triton"
 SCALE_LAYOUT = ScaleLayout.ROW
 ROW_ALIGN = 1
-FUSES_QUANT = False
+DTYPES = (torch.float8_e4m3fn, torch.int8)
+MAX_M = None
 BLOCK_K = 128
 
 
@@ -70,8 +71,6 @@ def _interpret() -> bool:
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
     if _IMPORT_ERROR is not None:
         return f"triton not importable ({_IMPORT_ERROR})"
-    if dtype not in (torch.float8_e4m3fn, torch.int8):
-        return f"dtype {dtype} is not fp8 e4m3 or int8"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if dtype == torch.float8_e4m3fn and (major, minor) < (8, 9):
@@ -281,6 +280,12 @@ def gemm(
     if torch.compiler.is_compiling():
         return torch.ops.fp8linear.triton_blockwise_gemm(q, s, weight, weight_scale_inv, bias, out_dtype)
     return _gemm_impl(q, s, weight, weight_scale_inv, bias, out_dtype)
+
+
+def linear(x2d: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], bias: "torch.Tensor | None",
+           out_dtype: torch.dtype, dtype: torch.dtype, scale_ue8m0: bool) -> torch.Tensor:
+    """Quantize x2d [M, Kp] (`row` scales) and call `gemm`: two launches."""
+    return quantize_then_gemm(gemm, SCALE_LAYOUT, ROW_ALIGN, x2d, prepared, bias, out_dtype, dtype, scale_ue8m0)
 
 
 # -- the opaque op torch.compile sees -----------------------------------------------------------------
