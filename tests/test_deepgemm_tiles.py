@@ -76,18 +76,18 @@ def test_tiles_reject_bad_values_by_name(kwargs, message):
 
 
 def test_table_comes_from_the_environment_and_is_read_per_card(tmp_path, monkeypatch):
-    path = tmp_path / "tiles.json"
+    path = tmp_path / "deepgemm_tiles.json"
     tiles = Tiles(128, 160, 4, 2, False)
     path.write_text(json.dumps({"_comment": "x", "Card A": {"rows": [_row(2112, 7168, 2048, tiles)]}}))
-    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(path))
+    monkeypatch.setenv("FP8LINEAR_TABLES_DIR", str(tmp_path))
     assert deepgemm_tiles.table_path() == path
     assert deepgemm_tiles.lookup(deepgemm_tiles.load_rows("Card A"), 2048, 2112, 7168) == tiles
     assert deepgemm_tiles.load_rows("Card B") == []
-    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(tmp_path / "missing.json"))
+    monkeypatch.setenv("FP8LINEAR_TABLES_DIR", str(tmp_path / "missing"))
     assert deepgemm_tiles.load_rows("Card A") == []
-    bad = tmp_path / "bad.json"
-    bad.write_text("[1, 2]")
-    monkeypatch.setenv("FP8LINEAR_DEEPGEMM_TILES", str(bad))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "deepgemm_tiles.json").write_text("[1, 2]")
+    monkeypatch.setenv("FP8LINEAR_TABLES_DIR", str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="keyed by GPU name; got list"):
         deepgemm_tiles.load_rows("Card A")
 

@@ -578,9 +578,9 @@ def test_triton_configs_table_per_card_and_bucket(tmp_path, monkeypatch):
             {"dtype": "int8", "M_max": 64, "config": cfg(64, 64)},
             {"dtype": "int8", "M_max": 256, "config": None},  # measured, and the built-in tiles stayed
             {"dtype": "e4m3", "M_max": 256, "config": cfg(128, 128)}]
-    path = tmp_path / "tiles.json"
+    path = tmp_path / tb.TABLE_FILE
     path.write_text(json.dumps({"Card A": {"meta": {}, "rows": rows}}))
-    monkeypatch.setenv(tb.TABLE_ENV, str(path))
+    monkeypatch.setenv(card_tables.TABLES_ENV, str(tmp_path))
     tb._measured_rows.cache_clear()
     monkeypatch.setattr(card_tables, "device_name", lambda device: "Card A")
     dev = torch.device("cuda", 0)
@@ -600,9 +600,10 @@ def test_triton_configs_table_per_card_and_bucket(tmp_path, monkeypatch):
                 ({"dtype": "fp16", "M_max": 64, "config": cfg(64, 64)}, "dtype must be one of"),
                 ({"dtype": "int8", "M_max": 0, "config": cfg(64, 64)}, "M_max must be a positive int")]
     for i, (row, match) in enumerate(bad_rows):
-        bad_path = tmp_path / f"bad{i}.json"  # a new file each: the loader caches what it read
-        bad_path.write_text(json.dumps({"Card B": {"rows": [row]}}))
-        monkeypatch.setenv(tb.TABLE_ENV, str(bad_path))
+        bad_dir = tmp_path / f"bad{i}"  # a new file each: the loader caches what it read
+        bad_dir.mkdir()
+        (bad_dir / tb.TABLE_FILE).write_text(json.dumps({"Card B": {"rows": [row]}}))
+        monkeypatch.setenv(card_tables.TABLES_ENV, str(bad_dir))
         tb._measured_rows.cache_clear()
         with pytest.raises(ValueError, match=match):
             tb.config_for(8, 4096, INT8, dev)

@@ -33,8 +33,8 @@ M_BUCKETS = (1, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
 
 
 def table_path() -> pathlib.Path:
-    """`$FP8LINEAR_AUTO_TABLE` if set, else fp8linear/backends/auto_table.json."""
-    return card_tables.table_path("FP8LINEAR_AUTO_TABLE", "auto_table.json")
+    """auto_table.json in `$FP8LINEAR_TABLES_DIR` if set, else in fp8linear/backends/."""
+    return card_tables.table_path("auto_table.json")
 
 
 def load_table(device_name: str) -> list[dict]:

@@ -1,6 +1,7 @@
 """Tables measured per GPU model and shipped beside the backends: JSON objects keyed by
 `torch.cuda.get_device_name()`, each entry {"meta": {...}, "rows": [...]} (auto's backend table, DeepGEMM's
-tiles). An environment variable may point a table elsewhere; a missing file reads as an empty table."""
+tiles, the Triton GEMM's tiles). `$FP8LINEAR_TABLES_DIR` points all of them to another folder (where the
+tuning scripts wrote new ones); a missing file reads as an empty table."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import pathlib
 
 import torch
 
-__all__ = ["DTYPE_KEYS", "table_path", "rows_for", "device_name", "bucket_row"]
+__all__ = ["DTYPE_KEYS", "TABLES_ENV", "table_path", "rows_for", "device_name", "bucket_row"]
 
 #: How rows name the weight type they were measured for (their "dtype" field).
 DTYPE_KEYS = {torch.float8_e4m3fn: "e4m3", torch.int8: "int8"}
 
 
-def table_path(env_var: str, filename: str) -> pathlib.Path:
-    """`$env_var` if set, else `filename` beside this module."""
-    env = os.environ.get(env_var)
-    return pathlib.Path(env) if env else pathlib.Path(__file__).with_name(filename)
+#: The one environment variable of the per-card tables: a folder holding tables by their shipped names.
+TABLES_ENV = "FP8LINEAR_TABLES_DIR"
+
+
+def table_path(filename: str) -> pathlib.Path:
+    """`filename` in `$FP8LINEAR_TABLES_DIR` if set, else beside this module."""
+    folder = os.environ.get(TABLES_ENV)
+    return pathlib.Path(folder) / filename if folder else pathlib.Path(__file__).with_name(filename)
 
 
 @functools.lru_cache(maxsize=None)

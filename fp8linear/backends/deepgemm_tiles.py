@@ -12,7 +12,7 @@ The tiles change the speed, not the result: every output element is the same fp3
 K blocks in the same order, whatever the tile it falls in. The tuning script checks that bit for bit
 against DeepGEMM's own configuration and refuses a configuration that differs.
 
-The table (`deepgemm_tiles.json`, or `$FP8LINEAR_DEEPGEMM_TILES`) is keyed by
+The table (`deepgemm_tiles.json`; `$FP8LINEAR_TABLES_DIR` points elsewhere) is keyed by
 `torch.cuda.get_device_name()`; its rows name N, K, the bucket's upper bound `M_max` (a value of
 `fp8linear.backends.auto.M_BUCKETS`) and the tiles. A shape with no row keeps DeepGEMM's pick.
 """
@@ -83,8 +83,8 @@ def num_sms_for(tiles: Tiles, M: int, N: int, device_sms: int) -> int:
 
 
 def table_path() -> pathlib.Path:
-    """`$FP8LINEAR_DEEPGEMM_TILES` if set, else fp8linear/backends/deepgemm_tiles.json."""
-    return card_tables.table_path("FP8LINEAR_DEEPGEMM_TILES", "deepgemm_tiles.json")
+    """deepgemm_tiles.json in `$FP8LINEAR_TABLES_DIR` if set, else in fp8linear/backends/."""
+    return card_tables.table_path("deepgemm_tiles.json")
 
 
 def load_rows(device_name: str) -> list[dict]:

@@ -184,7 +184,6 @@ def _default_config(M: int, N: int) -> dict:
 #: The keys of a tile configuration, and what each may be.
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 _POWERS_OF_TWO = (16, 32, 64, 128, 256)
-TABLE_ENV = "FP8LINEAR_TRITON_CONFIGS"
 TABLE_FILE = "triton_configs.json"
 
 
@@ -207,7 +206,7 @@ def check_config(cfg: dict, where: str = "config") -> dict:
 @functools.lru_cache(maxsize=None)
 def _measured_rows(device_name: str) -> tuple:
     """The card's rows {dtype, M_max, config}, sorted by M_max, configs checked; read once."""
-    path = card_tables.table_path(TABLE_ENV, TABLE_FILE)
+    path = card_tables.table_path(TABLE_FILE)
     out = []
     for i, row in enumerate(card_tables.rows_for(path, device_name)):
         where = f"{path} [{device_name!r}] row {i}"
