@@ -51,6 +51,7 @@ __all__ = [
     "BackendUnsupportedError",
     "get",
     "unsupported_reason",
+    "device_unsupported_reason",
     "select",
     "padded_k",
 ]
@@ -206,6 +207,17 @@ def unsupported_reason(name: str, M: int, N: int, K: int, dtype: torch.dtype, de
     if module.MAX_M is not None and M > module.MAX_M:
         return f"M={M} > {module.MAX_M} (the largest M it serves)"
     return module.unsupported_reason(M, N, K, dtype, torch.device(device))
+
+
+def device_unsupported_reason(name: str, dtype: torch.dtype, device: "torch.device | str") -> "str | None":
+    """None when backend `name` can serve `dtype` on `device` for some layer; else why it never can (the
+    library missing, the wrong GPU, a CPU): for checking a request before loading a model, where the
+    layers' shapes are not known yet. Shape reasons are left to `unsupported_reason` at the first forward."""
+    name = canonical_name(name)
+    if name == "auto":
+        return None
+    # M = 1 and a 1024 x 1024 layer: a shape every backend's alignment rules accept.
+    return unsupported_reason(name, 1, 1024, 1024, dtype, torch.device(device))
 
 
 def select(name: str, M: int, N: int, K: int, dtype: torch.dtype, device: "torch.device | str") -> types.ModuleType:
