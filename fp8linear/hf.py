@@ -51,7 +51,8 @@ __all__ = [
     "time_forward",
 ]
 
-#: Environment override for the MiniLM folder (the GPU machine has no pip: a bf16 copy travels there).
+#: Environment override for the MiniLM folder (the GPU machine has no pip: a bf16 copy travels there,
+#: made with load_pretrained(minilm_path(), torch.bfloat16).save_pretrained(DIR) plus the tokenizer files).
 MINILM_ENV = "FP8LINEAR_MINILM_DIR"
 
 
