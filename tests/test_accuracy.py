@@ -1,4 +1,4 @@
-"""fp8linear.accuracy: the metrics against direct formulas, and the accuracy targets of issue 4.
+"""fp8linear.accuracy: the metrics against direct formulas, and the accuracy targets.
 
 Targets (CPU reference path = exact emulation of 1x128 activations and 128x128 weights):
 - the demo Llama: every layer >= 25 dB, logits cosine >= 0.999;
@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import sys
 
 import pytest
 import torch
@@ -100,6 +101,15 @@ def test_propose_skip_csv_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     png = accuracy.plot_snr(rows, tmp_path / "snr.png", 30.0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, installed or not
+    rows = [accuracy.LayerError("l0", 8, 8, 0.1, 0.99, 20.0, 1, 64)]
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fp8linear\[plot\]'") as info:
+        accuracy.plot_snr(rows, tmp_path / "snr.png", 30.0)
+    assert info.value.name == "matplotlib"
+    assert not (tmp_path / "snr.png").exists()
 
 
 def test_layer_errors_needs_fp8_layers():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from fp8linear import cli, hf  # noqa: E402
 from fp8linear.cli import CPU_NOTICE, main  # noqa: E402
 
 from conftest import HAS_CUDA  # noqa: E402
@@ -76,13 +79,247 @@ def test_eval_writes_csv_png_and_applies_skip_list(tmp_path, plain_folder, capsy
     assert "0 layers in FP8, 14 kept" in text
 
 
+def one_line_error(err: str) -> str:
+    """The message of a CLI error, after checking it is the whole of stderr and one line."""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fp8linear: error: "), err
+    return lines[0].removeprefix("fp8linear: error: ")
+
+
+def exit_status(argv: list) -> int:
+    """main(argv)'s exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model loading fails the test: the errors below must come before it."""
+    def refuse(*args, **kwargs):
+        pytest.fail("a model was loaded before the argument was checked")
+
+    for name in ("load_pretrained", "load_config", "demo_model"):
+        monkeypatch.setattr(hf, name, refuse)
+
+
 def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
+    assert "local Hugging Face model folder" in one_line_error(capsys.readouterr().err)
+    assert exit_status(["demo", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens: must be >= 1; got 0" in one_line_error(capsys.readouterr().err)
+    assert exit_status(["quantize", "--model", str(tmp_path)]) == 2  # argparse's own: --out missing
+    assert "--out" in one_line_error(capsys.readouterr().err)
+
+
+def test_unexpected_failure_is_one_line_exit_1_and_traceback_with_v(monkeypatch, capsys):
+    def boom(args, say):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_demo", boom)
+    assert main(["demo"]) == 1
+    assert one_line_error(capsys.readouterr().err) == "RuntimeError: disk on fire second line (-v prints the traceback)"
+    assert main(["demo", "-v"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("fp8linear generate: error:") and "local Hugging Face model folder" in err
-    with pytest.raises(SystemExit):
-        main(["demo", "--max-new-tokens", "0"])
-    assert main(["eval", "--model", str(tmp_path), "--skip-file", str(tmp_path / "none.txt")]) == 2
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1] == (
+        "fp8linear: error: RuntimeError: disk on fire second line")
+
+
+@pytest.mark.parametrize("out", [".", "sub/fp8"])
+def test_quantize_refuses_out_at_or_inside_model_before_loading(plain_folder, out, no_loading, capsys):
+    before = {p.name: p.read_bytes() for p in plain_folder.iterdir()}
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(plain_folder / out)]) == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert "--model folder" in message and "choose a folder outside it" in message
+    assert {p.name: p.read_bytes() for p in plain_folder.iterdir()} == before
+
+
+def test_out_that_is_a_file_is_refused_before_loading(tmp_path, plain_folder, no_loading, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for cmd in ("quantize", "eval"):
+        for out in (taken, taken / "below"):
+            assert main([cmd, "--model", str(plain_folder), "--out", str(out)]) == 2
+            message = one_line_error(capsys.readouterr().err)
+            assert f"{taken} is a file, not a folder" in message
+    assert taken.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("size", ["5XB", "0GB", "1000", "lots"])
+def test_max_shard_size_is_checked_before_loading(tmp_path, plain_folder, size, no_loading, capsys):
+    argv = ["quantize", "--model", str(plain_folder), "--out", str(tmp_path / "fp8"), "--max-shard-size", size]
+    assert exit_status(argv) == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert "--max-shard-size" in message and repr(size) in message and "5GB" in message
+    assert not (tmp_path / "fp8").exists()
+
+
+def test_max_shard_size_splits_the_checkpoint(tmp_path, plain_folder):
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(out), "--max-shard-size", "200KB",
+                 "--no-progress"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # about 0.6 MB in all
+
+
+def _broken_copy(plain_folder, tmp_path, how: str):
+    folder = tmp_path / how
+    shutil.copytree(plain_folder, folder)
+    weights = folder / "model.safetensors"
+    if how == "no_weights":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "index_missing_shard":
+        weights.unlink()
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    return folder
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("no_weights", "has config.json but no weights: none of model.safetensors"),
+    ("truncated", "model.safetensors' is not a readable safetensors file"),
+    ("index_missing_shard", "names shard files that are not in the folder: model-00002-of-00002.safetensors"),
+])
+def test_broken_model_folder_is_one_line_naming_it(tmp_path, plain_folder, how, expected, capsys):
+    folder = _broken_copy(plain_folder, tmp_path, how)
+    for argv in (["quantize", "--out", str(tmp_path / "fp8")], ["generate"], ["eval", "--out", ""]):
+        assert main([argv[0], "--model", str(folder), "--device", "cpu", *argv[1:]]) == 2
+        message = one_line_error(capsys.readouterr().err)
+        assert str(folder) in message and expected in message
+
+
+def test_eval_without_matplotlib_writes_csv_and_says_how_to_plot(tmp_path, plain_folder, monkeypatch, capsys):
+    # A None entry makes `import matplotlib` raise ModuleNotFoundError, installed or not.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(plain_folder), "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "SNR dB" in text and "logits cosine" in text  # the text report
+    with open(out / "layers.csv") as f:
+        assert len(list(csv.DictReader(f))) == 14
+    assert not (out / "snr.png").exists()
+    lines = [line for line in text.splitlines() if "snr.png" in line]
+    assert len(lines) == 1 and "pip install 'fp8linear[plot]'" in lines[0], text
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = cli.build_parser()
+    for name, sub in {"": parser, **_subparsers(parser)}.items():
+        for action in sub._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                assert action.help, f"fp8linear {name} {action.option_strings[0]} has no help"
+    subs = _subparsers(parser)
+    assert "(default: 16)" in subs["demo"].format_help()  # --max-new-tokens
+    assert "(default: 0)" in subs["demo"].format_help()  # --seed
+    assert "(default: The capital of France is)" in subs["generate"].format_help()
+    assert "(default: 5GB)" in subs["quantize"].format_help()
+    assert "(default: the model's own" in " ".join(subs["quantize"].format_help().split())
+    assert "(default: None)" not in " ".join(sub.format_help() for sub in subs.values())
+
+
+def test_verbose_before_or_after_the_command():
+    parser = cli.build_parser()
+    assert parser.parse_args(["-v", "demo"]).verbose is True
+    assert parser.parse_args(["demo", "-v"]).verbose is True
+    assert parser.parse_args(["quantize", "--model", "m", "--out", "o", "--verbose"]).verbose is True
+    assert parser.parse_args(["demo"]).verbose is False
+
+
+def test_log_lines_carry_one_prefix(tmp_path, plain_folder, capsys):
+    argv = ["quantize", "--model", str(plain_folder), "--out", str(tmp_path / "fp8"), "--skip", "no_such_layer",
+            "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "fp8linear.quantize_model: skip entry 'no_such_layer' matched no module name" in err
+    assert main([*argv, "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "nn.Linear -> FP8Linear" in err and "save_quantized" in err  # INFO with -v
+    assert "fp8linear: fp8linear" not in err
+
+
+def test_no_progress_silences_transformers_loading_bar(tmp_path, plain_folder, capsys):
+    from transformers.utils import logging as hf_logging
+
+    argv = ["quantize", "--model", str(plain_folder), "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "Loading weights" in capsys.readouterr().err  # what there is to silence
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()  # as it was before main()
+
+
+def _tensors(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("flag, dtype, config_dtype", [
+    ([], torch.bfloat16, "bfloat16"),  # the model's own
+    (["--dtype", "fp32"], torch.float32, "float32"),
+])
+def test_quantize_dtype_of_unquantized_tensors(tmp_path, plain_folder, flag, dtype, config_dtype, capsys):
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(out), "--no-progress", *flag]) == 0
+    assert f"kept in {cli._dtype_name(dtype)}: lm_head" in capsys.readouterr().out
+    source = _tensors(plain_folder / "model.safetensors")
+    saved = _tensors(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["dtype"] == config_dtype
+    quantized = {k.removesuffix("_scale_inv") for k in saved if k.endswith(".weight_scale_inv")}
+    assert len(quantized) == 14 and {saved[k].dtype for k in quantized} == {torch.float8_e4m3fn}
+    plain = {k: t for k, t in saved.items() if k in source and k not in quantized}  # embeddings, norms, lm_head
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= set(plain)
+    for name, tensor in plain.items():
+        assert tensor.dtype == dtype, name
+        assert torch.equal(tensor, source[name].to(dtype)), name  # bf16 -> fp32 is exact
+
+
+def test_generate_no_baseline_says_so_for_both_kinds_of_folder(tmp_path, plain_folder, capsys):
+    fp8_dir = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(fp8_dir), "--no-progress"]) == 0
+    capsys.readouterr()
+    for folder in (plain_folder, fp8_dir):
+        assert main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--no-baseline", "--no-progress",
+                     "--device", "cpu"]) == 0
+        text = capsys.readouterr().out
+        assert "no baseline (--no-baseline)" in text and "baseline:" not in text
+        assert "[fp8]" in text and "[fp32" not in text and "tokens equal" not in text
+
+
+def test_skip_file_takes_a_shipped_list_by_name(tmp_path, plain_folder, monkeypatch, capsys):
+    import fp8linear.convert
+
+    shipped = tmp_path / "models"
+    (shipped / "skip-lists").mkdir(parents=True)
+    (shipped / "skip-lists" / "tiny-down.txt").write_text("# a comment\nmodel.layers.0.mlp.down_proj\n")
+    monkeypatch.setattr(fp8linear.convert, "models_dir", lambda: shipped)
+    for i, name in enumerate(["tiny-down", "tiny-down.txt"]):
+        out = tmp_path / f"fp8_{i}"
+        assert main(["quantize", "--model", str(plain_folder), "--out", str(out), "--skip-file", name,
+                     "--no-progress"]) == 0
+        kept = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+        assert kept == ["lm_head", "model.layers.0.mlp.down_proj"]
+    capsys.readouterr()
+    assert exit_status(["quantize", "--model", str(plain_folder), "--out", str(tmp_path / "x"),
+                        "--skip-file", "tiny-up"]) == 2
+    message = one_line_error(capsys.readouterr().err)
+    assert "'tiny-up' is neither a file nor the name of a shipped skip list; shipped: tiny-down" in message
+
+
+def test_skip_file_finds_the_real_shipped_list():
+    from fp8linear.convert import models_dir
+
+    args = cli.build_parser().parse_args(["eval", "--model", "minilm", "--skip-file", "all-MiniLM-L6-v2.cosine-0.999"])
+    assert args.skip_file == models_dir() / "skip-lists" / "all-MiniLM-L6-v2.cosine-0.999.txt"
 
 
 def test_demo_and_generate_with_fusion(tmp_path, plain_folder, capsys):
