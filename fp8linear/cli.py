@@ -57,6 +57,20 @@ def _device(name: "str | None") -> torch.device:
     return device
 
 
+def _check_backend(args: argparse.Namespace, device: torch.device) -> None:
+    """--backend that can never run on `device` fails here, before any model loads or baseline runs."""
+    from . import backends
+
+    name = getattr(args, "backend", None)
+    if name is None:
+        return
+    dtype = _QUANT_DTYPES[getattr(args, "quant_dtype", None) or "fp8"]
+    why = backends.device_unsupported_reason(name, dtype, device)
+    if why is not None:
+        raise CLIError(f"--backend {name} cannot run on {device}: {why}. Use --backend auto (it picks what this "
+                       "device serves) or --backend reference")
+
+
 def _dtype(name: "str | None", device: torch.device) -> torch.dtype:
     if name is None:  # bf16 where the GPU kernels run; fp32 on CPU, where the reference path computes in fp32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,6 +117,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import quantize_model
 
     device = _device(args.device)
+    _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     ref = hf.demo_model(args.model, dtype, device, seed=args.seed)
     cfg = ref.config
@@ -177,6 +192,7 @@ def cmd_generate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import dequantize_model, quantize_model
 
     device = _device(args.device)
+    _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     config = hf.load_config(args.model)
     tok = hf.load_tokenizer(args.model)
@@ -297,6 +313,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import models_dir, quantize_model
 
     device = _device(args.device)
+    _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     out = _out_folder("--out", args.out) if args.out else None
     user_skip = _skip_args(args)
@@ -381,6 +398,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     out = _quantize_out(args.model, args.out)
     device = _device(args.device)
+    _check_backend(args, device)
     skip = _skip_args(args)
     model = hf.load_pretrained(args.model, _DTYPES[args.dtype] if args.dtype else "auto", device)
     dtype = model.dtype
