@@ -28,6 +28,7 @@ The `quantization_config` dict comes from fp8linear.config.FP8Config, the one ow
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -35,7 +36,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -228,21 +229,54 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
 
 # -- loading ----------------------------------------------------------------------------------------------
 
-def _shard_files(path: Path) -> list[Path]:
+def _read_index(path: Path) -> dict[str, str]:
+    """The weight_map of `path`'s index: checkpoint key -> shard file name."""
     index = path / _INDEX
-    if index.is_file():
+    try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{index}: not a readable safetensors index ({type(e).__name__}: {e}); it must be JSON with a "
+            "'weight_map' of tensor name -> file: save the checkpoint again"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to file names; save the checkpoint again")
+    return weight_map
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if (path / _INDEX).is_file():
+        files = sorted(set(_read_index(path).values()))
     elif (path / _SINGLE).is_file():
         files = [_SINGLE]
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no safetensors weights in {str(path)!r} (looked for {_INDEX}, {_SINGLE}, *.safetensors)")
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        raise FileNotFoundError(
+            f"{str(path)!r} has config.json but no weights: no {_INDEX}, {_SINGLE} or *.safetensors"
+            + (f" (it holds {others}: fp8linear reads safetensors only)" if others else "")
+        )
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{_INDEX} in {str(path)!r} names shard(s) that are missing: {missing}")
     return [path / f for f in files]
+
+
+@contextlib.contextmanager
+def _open_shard(f: Path) -> Iterator[Any]:
+    """safe_open(f) on CPU, with a truncated or corrupted file reported by name (safetensors' own error,
+    "incomplete metadata" and the like, names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{f}: not a readable safetensors file ({e}): it is truncated or corrupted; copy or save it again"
+        ) from None
+    with handle as sf:
+        yield sf
 
 
 def _keep_fp32(model: nn.Module, name: str) -> bool:
@@ -292,10 +326,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     transformers' own FP8 quantizer stays out), layers with scales in the checkpoint become
     FP8Linear, and tensors are read shard by shard with safetensors (one tensor in host memory at a
     time), then tied weights are re-tied. Raises if a checkpoint tensor has no place in the model, a
-    quantized layer misses a tensor, or anything is left on the meta device.
+    quantized layer misses a tensor, anything is left on the meta device, or a file is unreadable (named).
     """
-    from safetensors import safe_open
-
     from . import hf
     from .config import FP8Config
     from .convert import QuantizeSummary
@@ -318,18 +350,17 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         qc = qc.to_dict()
     fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
     options = fp8_config.module_kwargs()
-    del config.quantization_config  # else transformers' own FP8 quantizer would rebuild the layers
-    model = hf.build_model(config, dtype, params_on_meta=True)
-
     files = _shard_files(folder)
     keys: dict[str, Path] = {}  # checkpoint key -> the shard it is read from
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with _open_shard(f) as sf:
             for k in sf.keys():
                 keys.setdefault(k, f)
     if (folder / _INDEX).is_file():  # a key in two shards: the index decides
-        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-        keys.update({k: folder / v for k, v in weight_map.items() if k in keys})
+        keys.update({k: folder / v for k, v in _read_index(folder).items() if k in keys})
+
+    del config.quantization_config  # else transformers' own FP8 quantizer would rebuild the layers
+    model = hf.build_model(config, dtype, params_on_meta=True)
 
     modules = dict(model.named_modules())
     targets = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
@@ -412,7 +443,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
             module._buffers[leaf] = tensor
 
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with _open_shard(f) as sf:
             for key in sf.keys():
                 if keys[key] != f:
                     continue  # listed in another shard too: the index decides

@@ -1,9 +1,11 @@
-"""save_quantized / load_quantized: byte-exact round trips, the on-disk format, DeepSeek-V3-style input."""
+"""save_quantized / load_quantized: byte-exact round trips, the on-disk format, DeepSeek-V3-style input,
+and unreadable files named in one line."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -301,3 +303,40 @@ def test_minilm_encoder_round_trip_with_tokenizer(tmp_path):
     batch = accuracy.calibration_batch("encoder", hf.load_tokenizer(tmp_path))
     with torch.no_grad():
         assert_bitwise_equal(loaded(**batch).last_hidden_state, q(**batch).last_hidden_state, "last_hidden_state")
+
+
+# -- unreadable files get one line naming them --------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda data: data[: len(data) // 2], "incomplete metadata"),           # a copy cut short
+    (lambda data: data[:5], "header too small"),
+    (lambda data: struct.pack("<Q", 12) + b"{not json!!}" + data[20:], "invalid JSON"),
+])
+def test_truncated_or_corrupted_shard_is_named(tmp_path, quantized_llama, damage, what):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path, max_shard_size=60_000)
+    shard = tmp_path / "model-00002-of-00007.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(shard))}: not a readable safetensors file \(.*{what}.*\): "
+                                         "it is truncated or corrupted; copy or save it again$"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+
+
+def test_broken_index_is_named(tmp_path, quantized_llama):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path, max_shard_size=60_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
+    with pytest.raises(ValueError, match=r"index.json: not a readable safetensors index \(JSONDecodeError"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+
+
+def test_folder_without_weights(tmp_path, quantized_llama):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has config.json but no weights: no model.safetensors.index.json, "
+                                                r"model.safetensors or \*.safetensors$"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"\(it holds \['pytorch_model.bin'\]: fp8linear reads safetensors only"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
