@@ -24,6 +24,12 @@ INT8 (fp8linear's extension, `fmt: "int8"`, fp8linear.config): weights are I8 wi
 Only fp8linear reads INT8 folders back: they say `quant_method: "fp8linear_int8"`, which other readers refuse.
 
 The `quantization_config` dict comes from fp8linear.config.FP8Config, the one owner of that format.
+
+Saving never half-writes: every file goes first into a temporary folder beside `path` (same filesystem),
+then moves into place by renames: weights first, then the index, then config.json; old shards that the new
+save does not reuse go last. A failure before or during the moves leaves the previous checkpoint as it was
+(moves already made are undone) and no temporary files behind. Only a process killed during the renames
+themselves can leave a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -156,17 +163,88 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _copy_tokenizer(model: nn.Module, tokenizer: Any, path: Path) -> None:
+def _copy_tokenizer(model: nn.Module, tokenizer: Any, folder: Path, target: Path) -> None:
+    """Tokenizer files into `folder` (the temporary one), unless they come from `target` itself."""
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(folder))
         return
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not source or not Path(source).is_dir() or Path(source).resolve() == path.resolve():
-        return  # a hub id or nothing: offline, so no tokenizer to fetch
+    if not source or not Path(source).is_dir() or Path(source).resolve() == target.resolve():
+        return  # a hub id or nothing: offline, so no tokenizer to fetch; or already in place
     for name in _TOKENIZER_FILES:
         f = Path(source) / name
         if f.is_file():
-            shutil.copy2(f, path / name)
+            shutil.copy2(f, folder / name)
+
+
+def _move_order(name: str) -> int:
+    """Weights first, then the index that names them, then the rest, config.json last."""
+    if name.endswith(".safetensors"):
+        return 0
+    return {_INDEX: 1, "config.json": 3}.get(name, 2)
+
+
+def _move_into_place(new: Path, path: Path, backup: Path) -> None:
+    """Move every file of `new` into `path` (replacing same-named files), then move the old shards and the
+    old index that no new file replaces out to `backup`; on any failure undo the moves made, in reverse.
+
+    A replaced file stays reachable for the undo in `backup` (a hard link, or the file itself where the
+    filesystem has no links). Each replacement is one rename, so a reader sees the old file or the new one.
+    """
+    incoming = sorted((p.name for p in new.iterdir()), key=lambda n: (_move_order(n), n))
+    stale = sorted(p.name for p in path.glob("model*.safetensors") if p.name not in incoming)
+    if _INDEX not in incoming and (path / _INDEX).is_file():
+        stale.insert(0, _INDEX)  # a single-file save: the old index would still name the old shards
+    done: list[tuple[str, bool]] = []  # (name, whether the old file of that name waits in backup)
+    try:
+        for name in incoming:
+            had_old = os.path.lexists(path / name)
+            if had_old:
+                try:
+                    os.link(path / name, backup / name, follow_symlinks=False)
+                except OSError:
+                    os.replace(path / name, backup / name)
+            try:
+                os.replace(new / name, path / name)
+            except BaseException:
+                if had_old and not os.path.lexists(path / name):
+                    os.replace(backup / name, path / name)  # it was moved, not linked
+                raise
+            done.append((name, had_old))
+        for name in stale:
+            os.replace(path / name, backup / name)
+            done.append((name, True))
+    except BaseException:
+        for name, had_old in reversed(done):
+            if had_old:
+                os.replace(backup / name, path / name)
+            else:
+                os.unlink(path / name)
+        raise
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run write(folder) on a fresh temporary folder beside `path`, then _move_into_place; the temporary
+    folder is gone afterwards, whatever happens."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_quantized: path {str(path)!r} is a file; pass a folder (created when missing)")
+    target = path.absolute()  # "." has no name of its own
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.fp8linear-save-", dir=target.parent))
+    created = False
+    try:
+        (work / "new").mkdir()
+        (work / "old").mkdir()
+        write(work / "new")
+        created = not path.exists()
+        path.mkdir(exist_ok=True)
+        _move_into_place(work / "new", path, work / "old")
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
@@ -177,12 +255,13 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
         model: holds FP8Linear layers; a Hugging Face model also gets its config.json (plus
             quantization_config) and generation_config.json; a bare nn.Module gets a config.json holding
             only quantization_config.
-        path: output folder (created; existing files of the same names are replaced).
+        path: output folder (created; existing files of the same names are replaced, old shards removed).
         max_shard_size: bytes per safetensors file (int, or "5GB", "500MiB"); one file when it all fits.
         tokenizer: saved alongside when given; otherwise tokenizer files are copied from the local folder
             the model came from (model.name_or_path), when there is one.
 
-    Returns the folder's Path. Tensors are moved to CPU one shard at a time.
+    Returns the folder's Path. Tensors are moved to CPU one shard at a time. Nothing in `path` changes
+    until every file is written, and a failure leaves the previous checkpoint there as it was.
     """
     from safetensors.torch import save_file
 
@@ -192,37 +271,38 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
     qc = _quantization_config(model)
     state = _state_to_save(model)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("model*.safetensors")) + [path / _INDEX]:
-        old.unlink(missing_ok=True)  # stale shards of an earlier save would shadow the index
-
     shards = _shards(state, max_bytes)
     n = len(shards)
-    weight_map: dict[str, str] = {}
     total = 0
-    for i, names in enumerate(shards, start=1):
-        filename = _SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {name: state[name].detach().contiguous().cpu() for name in names}
-        save_file(tensors, str(path / filename), metadata={"format": "pt"})
-        for name, t in tensors.items():
-            weight_map[name] = filename
-            total += t.numel() * t.element_size()
-        del tensors
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config = copy.deepcopy(config)
-        config.quantization_config = qc
-        config.save_pretrained(str(path))
-    else:
-        (path / "config.json").write_text(json.dumps({"quantization_config": qc}, indent=2) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-        generation_config.save_pretrained(str(path))
-    _copy_tokenizer(model, tokenizer, path)
+    def write(folder: Path) -> None:
+        nonlocal total
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(shards, start=1):
+            filename = _SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            tensors = {name: state[name].detach().contiguous().cpu() for name in names}
+            save_file(tensors, str(folder / filename), metadata={"format": "pt"})
+            for name, t in tensors.items():
+                weight_map[name] = filename
+                total += t.numel() * t.element_size()
+            del tensors
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config = copy.deepcopy(config)
+            config.quantization_config = qc
+            config.save_pretrained(str(folder))
+        else:
+            (folder / "config.json").write_text(json.dumps({"quantization_config": qc}, indent=2) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(str(folder))
+        _copy_tokenizer(model, tokenizer, folder, path)
+
+    _write_atomically(path, write)
     log.info("save_quantized: %d tensors, %.1f MB in %d file(s) -> %s", len(state), total / 1e6, n, path)
     return path
 
