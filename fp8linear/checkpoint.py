@@ -1,4 +1,4 @@
-"""FP8 checkpoints: save_quantized / load_quantized, in the format DeepSeek-V3 and Qwen3-FP8 ship.
+"""FP8 checkpoints: save_quantized / load_quantized, as DeepSeek-V3 and Qwen3-FP8 ship them (or compressed-tensors).
 
 On disk (a Hugging Face model folder):
 
@@ -24,6 +24,10 @@ INT8 (fp8linear's extension, `fmt: "int8"`, fp8linear.config): weights are I8 wi
 Only fp8linear reads INT8 folders back: they say `quant_method: "fp8linear_int8"`, which other readers refuse.
 
 The `quantization_config` dict comes from fp8linear.config.FP8Config, the one owner of that format.
+
+compressed-tensors (`format="compressed-tensors"`, fp8linear.compressed_tensors): llm-compressor's FP8_BLOCK
+scheme, the same tensors with the scale named `<m>.weight_scale` and compressed-tensors'
+`quantization_config` (`ignore` listing the unquantized layers). `load_quantized` reads either format.
 
 Saving never half-writes: every file goes first into a temporary folder beside `path` (same filesystem),
 then moves into place by renames: weights first, then the index, then config.json; old shards that the new
@@ -59,6 +63,8 @@ TENSOR_NAMES = ("weight", "weight_scale_inv", "bias")
 SCALE_ALIASES = ("weight_scale_inv", "weight_scale")
 #: Scale dtypes accepted on load (DeepSeek-V3 stores fp32; Qwen3-FP8 bf16); all become fp32.
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: What `save_quantized(format=...)` writes, and the name its scale tensors get.
+FORMATS = {"fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -107,9 +113,9 @@ def _modules_to_not_convert(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does)
-    and FP8Linear modules reduced to TENSOR_NAMES."""
+def _state_to_save(model: nn.Module, scale_name: str = "weight_scale_inv") -> dict[str, torch.Tensor]:
+    """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does),
+    FP8Linear modules reduced to TENSOR_NAMES and their scales named `scale_name`."""
     fp8 = _fp8_modules(model)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -127,11 +133,14 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if key is not None:
             seen[key] = name
+        if leaf == "weight_scale_inv":
+            name = f"{module}.{scale_name}"
         out[name] = tensor
     return out
 
 
-def _quantization_config(model: nn.Module) -> dict[str, Any]:
+def _quantization_config(model: nn.Module, format: str = "fp8") -> dict[str, Any]:
+    from . import compressed_tensors
     from .config import FP8Config
 
     fp8 = _fp8_modules(model)
@@ -145,6 +154,15 @@ def _quantization_config(model: nn.Module) -> dict[str, Any]:
                 f"save_quantized: every FP8Linear must share dtype, block_size and scale_ue8m0 (one "
                 f"quantization_config per checkpoint); {name!r} has {c.short_str()}, others {first.short_str()}"
             )
+    if format == "compressed-tensors":
+        if first.dtype != torch.float8_e4m3fn or first.scale_ue8m0:
+            raise ValueError(
+                f"save_quantized: format='compressed-tensors' holds fp8 e4m3 weights with exact scales only "
+                f"(its FP8_BLOCK scheme); this model is {first.short_str()}: save it with format='fp8'"
+            )
+        routers = {n for n, m in model.named_modules() if compressed_tensors.counts_as_linear(m)
+                   and n not in fp8 and isinstance(m._parameters.get("weight"), torch.Tensor)}
+        return compressed_tensors.quantization_config(set(_modules_to_not_convert(model)) | routers)
     qc = FP8Config(dtype=first.dtype, block_size=first.block_size, scale_ue8m0=first.scale_ue8m0).to_quantization_config()
     qc["modules_to_not_convert"] = _modules_to_not_convert(model)
     return qc
@@ -248,7 +266,7 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
-                   tokenizer: Any = None) -> Path:
+                   tokenizer: Any = None, format: str = "fp8") -> Path:
     """Write `model` (after fp8linear.quantize_model) as an FP8 checkpoint folder (module docstring).
 
     Args:
@@ -259,6 +277,8 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
         max_shard_size: bytes per safetensors file (int, or "5GB", "500MiB"); one file when it all fits.
         tokenizer: saved alongside when given; otherwise tokenizer files are copied from the local folder
             the model came from (model.name_or_path), when there is one.
+        format: "fp8" (default: DeepSeek-V3's names and quantization_config) or "compressed-tensors"
+            (llm-compressor's FP8_BLOCK scheme; fp8 e4m3 models with exact scales only).
 
     Returns the folder's Path. Tensors are moved to CPU one shard at a time. Nothing in `path` changes
     until every file is written, and a failure leaves the previous checkpoint there as it was.
@@ -267,9 +287,11 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}; got {format!r}")
     max_bytes = _parse_size(max_shard_size)
-    qc = _quantization_config(model)
-    state = _state_to_save(model)
+    qc = _quantization_config(model, format)
+    state = _state_to_save(model, FORMATS[format])
     path = Path(path)
     shards = _shards(state, max_bytes)
     n = len(shards)
@@ -303,7 +325,8 @@ def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_siz
         _copy_tokenizer(model, tokenizer, folder, path)
 
     _write_atomically(path, write)
-    log.info("save_quantized: %d tensors, %.1f MB in %d file(s) -> %s", len(state), total / 1e6, n, path)
+    log.info("save_quantized: %d tensors, %.1f MB in %d file(s), format %s -> %s", len(state), total / 1e6, n,
+             format, path)
     return path
 
 
@@ -392,8 +415,10 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     """Build the Hugging Face model of an FP8 checkpoint folder with FP8Linear in place, offline.
 
     Args:
-        path: a local folder written by save_quantized, or a DeepSeek-V3 / Qwen3-FP8-style block-FP8
-            checkpoint (weight_scale_inv stored fp32, bf16 or fp16; also named weight_scale).
+        path: a local folder written by save_quantized, a DeepSeek-V3 / Qwen3-FP8-style block-FP8
+            checkpoint (weight_scale_inv stored fp32, bf16 or fp16; also named weight_scale), or a
+            compressed-tensors FP8_BLOCK checkpoint (its `ignore` and `targets` checked against the tensors;
+            other compressed-tensors schemes are refused by name).
         device: where every tensor goes; None means "cuda" when a GPU is present, else "cpu".
         dtype: the dtype of every non-quantized floating tensor (embeddings, norms, lm_head, biases);
             modules the model keeps in fp32 (`_keep_in_fp32_modules`) stay fp32. Quantized weights stay
@@ -408,7 +433,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     time), then tied weights are re-tied. Raises if a checkpoint tensor has no place in the model, a
     quantized layer misses a tensor, anything is left on the meta device, or a file is unreadable (named).
     """
-    from . import hf
+    from . import compressed_tensors, hf
     from .config import FP8Config
     from .convert import QuantizeSummary
     from .linear import FP8Linear
@@ -428,7 +453,12 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         )
     if not isinstance(qc, dict):
         qc = qc.to_dict()
-    fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
+    scheme = None  # compressed-tensors' targets and ignore, to check the tensors against
+    if compressed_tensors.is_compressed_tensors(qc):
+        scheme = compressed_tensors.parse(qc, backend=backend)
+        fp8_config = scheme.config
+    else:
+        fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
     options = fp8_config.module_kwargs()
     files = _shard_files(folder)
     keys: dict[str, Path] = {}  # checkpoint key -> the shard it is read from
@@ -439,7 +469,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     if (folder / _INDEX).is_file():  # a key in two shards: the index decides
         keys.update({k: folder / v for k, v in _read_index(folder).items() if k in keys})
 
-    del config.quantization_config  # else transformers' own FP8 quantizer would rebuild the layers
+    del config.quantization_config  # else transformers' own quantizers would rebuild the layers
     model = hf.build_model(config, dtype, params_on_meta=True)
 
     modules = dict(model.named_modules())
@@ -450,6 +480,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
 
     # The quantized layers: every module with a block scale in the checkpoint.
     quantized: dict[str, dict[str, str]] = {}  # model module name -> {tensor name: checkpoint key}
+    checkpoint_names: dict[str, str] = {}  # model module name -> its name in the checkpoint
     for key in keys:
         module_key, _, leaf = key.rpartition(".")
         if leaf not in SCALE_ALIASES:
@@ -467,6 +498,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         if "weight_scale_inv" in entry:
             raise ValueError(f"checkpoint has two scales for {name!r}: {entry['weight_scale_inv']!r} and {key!r}")
         entry["weight_scale_inv"] = key
+        checkpoint_names[name] = module_key
     by_target = {}
     for key in keys:
         target = resolve(key)
@@ -481,6 +513,14 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         if modules[name].bias is not None and "bias" not in entry:
             raise ValueError(f"checkpoint misses {name}.bias (the model's layer has a bias)")
     key_to_quantized = {key: (name, leaf) for name, entry in quantized.items() for leaf, key in entry.items()}
+    unquantized: dict[str, str] = {}  # nn.Linear layers stored unquantized: model name -> checkpoint name
+    for target, key in by_target.items():
+        name = target.rpartition(".")[0]
+        if target.endswith(".weight") and name not in quantized and type(modules.get(name)) is nn.Linear:
+            unquantized[name] = key.rpartition(".")[0]
+    if scheme is not None:
+        scheme.check_layers({checkpoint_names[n]: modules[n] for n in quantized},
+                            {key: modules[n] for n, key in unquantized.items()})
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     loaded: set[str] = set()
@@ -570,7 +610,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     hf.load_generation_config(model, folder)
     summary = QuantizeSummary(dtype=fp8_config.dtype)
     summary.swapped = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
-    summary.skipped = {n: "not quantized in the checkpoint" for n in qc.get("modules_to_not_convert") or []}
+    skipped = sorted(unquantized) if scheme is not None else qc.get("modules_to_not_convert") or []
+    summary.skipped = {n: "not quantized in the checkpoint" for n in skipped}
     model.fp8linear_summary = summary
     model.fp8linear_quantization_config = qc
     if fuse_mlp:
