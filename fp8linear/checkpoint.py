@@ -1,4 +1,4 @@
-"""FP8 checkpoints: save_quantized / load_quantized, in the format DeepSeek-V3 and Qwen3-FP8 ship.
+"""FP8 checkpoints: save_quantized / load_quantized, as DeepSeek-V3 and Qwen3-FP8 ship them (or compressed-tensors).
 
 On disk (a Hugging Face model folder):
 
@@ -24,18 +24,30 @@ INT8 (fp8linear's extension, `fmt: "int8"`, fp8linear.config): weights are I8 wi
 Only fp8linear reads INT8 folders back: they say `quant_method: "fp8linear_int8"`, which other readers refuse.
 
 The `quantization_config` dict comes from fp8linear.config.FP8Config, the one owner of that format.
+
+compressed-tensors (`format="compressed-tensors"`, fp8linear.compressed_tensors): llm-compressor's FP8_BLOCK
+scheme, the same tensors with the scale named `<m>.weight_scale` and compressed-tensors'
+`quantization_config` (`ignore` listing the unquantized layers). `load_quantized` reads either format.
+
+Saving never half-writes: every file goes first into a temporary folder beside `path` (same filesystem),
+then moves into place by renames: weights first, then the index, then config.json; old shards that the new
+save does not reuse go last. A failure before or during the moves leaves the previous checkpoint as it was
+(moves already made are undone) and no temporary files behind. Only a process killed during the renames
+themselves can leave a mix of old and new files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,6 +63,8 @@ TENSOR_NAMES = ("weight", "weight_scale_inv", "bias")
 SCALE_ALIASES = ("weight_scale_inv", "weight_scale")
 #: Scale dtypes accepted on load (DeepSeek-V3 stores fp32; Qwen3-FP8 bf16); all become fp32.
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: What `save_quantized(format=...)` writes, and the name its scale tensors get.
+FORMATS = {"fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -99,9 +113,9 @@ def _modules_to_not_convert(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does)
-    and FP8Linear modules reduced to TENSOR_NAMES."""
+def _state_to_save(model: nn.Module, scale_name: str = "weight_scale_inv") -> dict[str, torch.Tensor]:
+    """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does),
+    FP8Linear modules reduced to TENSOR_NAMES and their scales named `scale_name`."""
     fp8 = _fp8_modules(model)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -119,11 +133,14 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         if key is not None:
             seen[key] = name
+        if leaf == "weight_scale_inv":
+            name = f"{module}.{scale_name}"
         out[name] = tensor
     return out
 
 
-def _quantization_config(model: nn.Module) -> dict[str, Any]:
+def _quantization_config(model: nn.Module, format: str = "fp8") -> dict[str, Any]:
+    from . import compressed_tensors
     from .config import FP8Config
 
     fp8 = _fp8_modules(model)
@@ -137,6 +154,15 @@ def _quantization_config(model: nn.Module) -> dict[str, Any]:
                 f"save_quantized: every FP8Linear must share dtype, block_size and scale_ue8m0 (one "
                 f"quantization_config per checkpoint); {name!r} has {c.short_str()}, others {first.short_str()}"
             )
+    if format == "compressed-tensors":
+        if first.dtype != torch.float8_e4m3fn or first.scale_ue8m0:
+            raise ValueError(
+                f"save_quantized: format='compressed-tensors' holds fp8 e4m3 weights with exact scales only "
+                f"(its FP8_BLOCK scheme); this model is {first.short_str()}: save it with format='fp8'"
+            )
+        routers = {n for n, m in model.named_modules() if compressed_tensors.counts_as_linear(m)
+                   and n not in fp8 and isinstance(m._parameters.get("weight"), torch.Tensor)}
+        return compressed_tensors.quantization_config(set(_modules_to_not_convert(model)) | routers)
     qc = FP8Config(dtype=first.dtype, block_size=first.block_size, scale_ue8m0=first.scale_ue8m0).to_quantization_config()
     qc["modules_to_not_convert"] = _modules_to_not_convert(model)
     return qc
@@ -155,94 +181,205 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def _copy_tokenizer(model: nn.Module, tokenizer: Any, path: Path) -> None:
+def _copy_tokenizer(model: nn.Module, tokenizer: Any, folder: Path, target: Path) -> None:
+    """Tokenizer files into `folder` (the temporary one), unless they come from `target` itself."""
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(folder))
         return
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not source or not Path(source).is_dir() or Path(source).resolve() == path.resolve():
-        return  # a hub id or nothing: offline, so no tokenizer to fetch
+    if not source or not Path(source).is_dir() or Path(source).resolve() == target.resolve():
+        return  # a hub id or nothing: offline, so no tokenizer to fetch; or already in place
     for name in _TOKENIZER_FILES:
         f = Path(source) / name
         if f.is_file():
-            shutil.copy2(f, path / name)
+            shutil.copy2(f, folder / name)
+
+
+def _move_order(name: str) -> int:
+    """Weights first, then the index that names them, then the rest, config.json last."""
+    if name.endswith(".safetensors"):
+        return 0
+    return {_INDEX: 1, "config.json": 3}.get(name, 2)
+
+
+def _move_into_place(new: Path, path: Path, backup: Path) -> None:
+    """Move every file of `new` into `path` (replacing same-named files), then move the old shards and the
+    old index that no new file replaces out to `backup`; on any failure undo the moves made, in reverse.
+
+    A replaced file stays reachable for the undo in `backup` (a hard link, or the file itself where the
+    filesystem has no links). Each replacement is one rename, so a reader sees the old file or the new one.
+    """
+    incoming = sorted((p.name for p in new.iterdir()), key=lambda n: (_move_order(n), n))
+    stale = sorted(p.name for p in path.glob("model*.safetensors") if p.name not in incoming)
+    if _INDEX not in incoming and (path / _INDEX).is_file():
+        stale.insert(0, _INDEX)  # a single-file save: the old index would still name the old shards
+    done: list[tuple[str, bool]] = []  # (name, whether the old file of that name waits in backup)
+    try:
+        for name in incoming:
+            had_old = os.path.lexists(path / name)
+            if had_old:
+                try:
+                    os.link(path / name, backup / name, follow_symlinks=False)
+                except OSError:
+                    os.replace(path / name, backup / name)
+            try:
+                os.replace(new / name, path / name)
+            except BaseException:
+                if had_old and not os.path.lexists(path / name):
+                    os.replace(backup / name, path / name)  # it was moved, not linked
+                raise
+            done.append((name, had_old))
+        for name in stale:
+            os.replace(path / name, backup / name)
+            done.append((name, True))
+    except BaseException:
+        for name, had_old in reversed(done):
+            if had_old:
+                os.replace(backup / name, path / name)
+            else:
+                os.unlink(path / name)
+        raise
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Run write(folder) on a fresh temporary folder beside `path`, then _move_into_place; the temporary
+    folder is gone afterwards, whatever happens."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_quantized: path {str(path)!r} is a file; pass a folder (created when missing)")
+    target = path.absolute()  # "." has no name of its own
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.fp8linear-save-", dir=target.parent))
+    created = False
+    try:
+        (work / "new").mkdir()
+        (work / "old").mkdir()
+        write(work / "new")
+        created = not path.exists()
+        path.mkdir(exist_ok=True)
+        _move_into_place(work / "new", path, work / "old")
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def save_quantized(model: nn.Module, path: "str | os.PathLike", *, max_shard_size: "int | str" = "5GB",
-                   tokenizer: Any = None) -> Path:
+                   tokenizer: Any = None, format: str = "fp8") -> Path:
     """Write `model` (after fp8linear.quantize_model) as an FP8 checkpoint folder (module docstring).
 
     Args:
         model: holds FP8Linear layers; a Hugging Face model also gets its config.json (plus
             quantization_config) and generation_config.json; a bare nn.Module gets a config.json holding
             only quantization_config.
-        path: output folder (created; existing files of the same names are replaced).
+        path: output folder (created; existing files of the same names are replaced, old shards removed).
         max_shard_size: bytes per safetensors file (int, or "5GB", "500MiB"); one file when it all fits.
         tokenizer: saved alongside when given; otherwise tokenizer files are copied from the local folder
             the model came from (model.name_or_path), when there is one.
+        format: "fp8" (default: DeepSeek-V3's names and quantization_config) or "compressed-tensors"
+            (llm-compressor's FP8_BLOCK scheme; fp8 e4m3 models with exact scales only).
 
-    Returns the folder's Path. Tensors are moved to CPU one shard at a time.
+    Returns the folder's Path. Tensors are moved to CPU one shard at a time. Nothing in `path` changes
+    until every file is written, and a failure leaves the previous checkpoint there as it was.
     """
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}; got {format!r}")
     max_bytes = _parse_size(max_shard_size)
-    qc = _quantization_config(model)
-    state = _state_to_save(model)
+    qc = _quantization_config(model, format)
+    state = _state_to_save(model, FORMATS[format])
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for old in list(path.glob("model*.safetensors")) + [path / _INDEX]:
-        old.unlink(missing_ok=True)  # stale shards of an earlier save would shadow the index
-
     shards = _shards(state, max_bytes)
     n = len(shards)
-    weight_map: dict[str, str] = {}
     total = 0
-    for i, names in enumerate(shards, start=1):
-        filename = _SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {name: state[name].detach().contiguous().cpu() for name in names}
-        save_file(tensors, str(path / filename), metadata={"format": "pt"})
-        for name, t in tensors.items():
-            weight_map[name] = filename
-            total += t.numel() * t.element_size()
-        del tensors
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (path / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config = copy.deepcopy(config)
-        config.quantization_config = qc
-        config.save_pretrained(str(path))
-    else:
-        (path / "config.json").write_text(json.dumps({"quantization_config": qc}, indent=2) + "\n")
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-        generation_config.save_pretrained(str(path))
-    _copy_tokenizer(model, tokenizer, path)
-    log.info("save_quantized: %d tensors, %.1f MB in %d file(s) -> %s", len(state), total / 1e6, n, path)
+    def write(folder: Path) -> None:
+        nonlocal total
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(shards, start=1):
+            filename = _SINGLE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            tensors = {name: state[name].detach().contiguous().cpu() for name in names}
+            save_file(tensors, str(folder / filename), metadata={"format": "pt"})
+            for name, t in tensors.items():
+                weight_map[name] = filename
+                total += t.numel() * t.element_size()
+            del tensors
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (folder / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config = copy.deepcopy(config)
+            config.quantization_config = qc
+            config.save_pretrained(str(folder))
+        else:
+            (folder / "config.json").write_text(json.dumps({"quantization_config": qc}, indent=2) + "\n")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(str(folder))
+        _copy_tokenizer(model, tokenizer, folder, path)
+
+    _write_atomically(path, write)
+    log.info("save_quantized: %d tensors, %.1f MB in %d file(s), format %s -> %s", len(state), total / 1e6, n,
+             format, path)
     return path
 
 
 # -- loading ----------------------------------------------------------------------------------------------
 
-def _shard_files(path: Path) -> list[Path]:
+def _read_index(path: Path) -> dict[str, str]:
+    """The weight_map of `path`'s index: checkpoint key -> shard file name."""
     index = path / _INDEX
-    if index.is_file():
+    try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{index}: not a readable safetensors index ({type(e).__name__}: {e}); it must be JSON with a "
+            "'weight_map' of tensor name -> file: save the checkpoint again"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: 'weight_map' must map tensor names to file names; save the checkpoint again")
+    return weight_map
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if (path / _INDEX).is_file():
+        files = sorted(set(_read_index(path).values()))
     elif (path / _SINGLE).is_file():
         files = [_SINGLE]
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no safetensors weights in {str(path)!r} (looked for {_INDEX}, {_SINGLE}, *.safetensors)")
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        raise FileNotFoundError(
+            f"{str(path)!r} has config.json but no weights: no {_INDEX}, {_SINGLE} or *.safetensors"
+            + (f" (it holds {others}: fp8linear reads safetensors only)" if others else "")
+        )
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{_INDEX} in {str(path)!r} names shard(s) that are missing: {missing}")
     return [path / f for f in files]
+
+
+@contextlib.contextmanager
+def _open_shard(f: Path) -> Iterator[Any]:
+    """safe_open(f) on CPU, with a truncated or corrupted file reported by name (safetensors' own error,
+    "incomplete metadata" and the like, names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{f}: not a readable safetensors file ({e}): it is truncated or corrupted; copy or save it again"
+        ) from None
+    with handle as sf:
+        yield sf
 
 
 def _keep_fp32(model: nn.Module, name: str) -> bool:
@@ -278,8 +415,10 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     """Build the Hugging Face model of an FP8 checkpoint folder with FP8Linear in place, offline.
 
     Args:
-        path: a local folder written by save_quantized, or a DeepSeek-V3 / Qwen3-FP8-style block-FP8
-            checkpoint (weight_scale_inv stored fp32, bf16 or fp16; also named weight_scale).
+        path: a local folder written by save_quantized, a DeepSeek-V3 / Qwen3-FP8-style block-FP8
+            checkpoint (weight_scale_inv stored fp32, bf16 or fp16; also named weight_scale), or a
+            compressed-tensors FP8_BLOCK checkpoint (its `ignore` and `targets` checked against the tensors;
+            other compressed-tensors schemes are refused by name).
         device: where every tensor goes; None means "cuda" when a GPU is present, else "cpu".
         dtype: the dtype of every non-quantized floating tensor (embeddings, norms, lm_head, biases);
             modules the model keeps in fp32 (`_keep_in_fp32_modules`) stay fp32. Quantized weights stay
@@ -292,11 +431,9 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     transformers' own FP8 quantizer stays out), layers with scales in the checkpoint become
     FP8Linear, and tensors are read shard by shard with safetensors (one tensor in host memory at a
     time), then tied weights are re-tied. Raises if a checkpoint tensor has no place in the model, a
-    quantized layer misses a tensor, or anything is left on the meta device.
+    quantized layer misses a tensor, anything is left on the meta device, or a file is unreadable (named).
     """
-    from safetensors import safe_open
-
-    from . import hf
+    from . import compressed_tensors, hf
     from .config import FP8Config
     from .convert import QuantizeSummary
     from .linear import FP8Linear
@@ -316,20 +453,24 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         )
     if not isinstance(qc, dict):
         qc = qc.to_dict()
-    fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
+    scheme = None  # compressed-tensors' targets and ignore, to check the tensors against
+    if compressed_tensors.is_compressed_tensors(qc):
+        scheme = compressed_tensors.parse(qc, backend=backend)
+        fp8_config = scheme.config
+    else:
+        fp8_config = FP8Config.from_quantization_config(qc, backend=backend)
     options = fp8_config.module_kwargs()
-    del config.quantization_config  # else transformers' own FP8 quantizer would rebuild the layers
-    model = hf.build_model(config, dtype, params_on_meta=True)
-
     files = _shard_files(folder)
     keys: dict[str, Path] = {}  # checkpoint key -> the shard it is read from
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with _open_shard(f) as sf:
             for k in sf.keys():
                 keys.setdefault(k, f)
     if (folder / _INDEX).is_file():  # a key in two shards: the index decides
-        weight_map = json.loads((folder / _INDEX).read_text())["weight_map"]
-        keys.update({k: folder / v for k, v in weight_map.items() if k in keys})
+        keys.update({k: folder / v for k, v in _read_index(folder).items() if k in keys})
+
+    del config.quantization_config  # else transformers' own quantizers would rebuild the layers
+    model = hf.build_model(config, dtype, params_on_meta=True)
 
     modules = dict(model.named_modules())
     targets = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
@@ -339,6 +480,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
 
     # The quantized layers: every module with a block scale in the checkpoint.
     quantized: dict[str, dict[str, str]] = {}  # model module name -> {tensor name: checkpoint key}
+    checkpoint_names: dict[str, str] = {}  # model module name -> its name in the checkpoint
     for key in keys:
         module_key, _, leaf = key.rpartition(".")
         if leaf not in SCALE_ALIASES:
@@ -356,6 +498,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         if "weight_scale_inv" in entry:
             raise ValueError(f"checkpoint has two scales for {name!r}: {entry['weight_scale_inv']!r} and {key!r}")
         entry["weight_scale_inv"] = key
+        checkpoint_names[name] = module_key
     by_target = {}
     for key in keys:
         target = resolve(key)
@@ -370,6 +513,14 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         if modules[name].bias is not None and "bias" not in entry:
             raise ValueError(f"checkpoint misses {name}.bias (the model's layer has a bias)")
     key_to_quantized = {key: (name, leaf) for name, entry in quantized.items() for leaf, key in entry.items()}
+    unquantized: dict[str, str] = {}  # nn.Linear layers stored unquantized: model name -> checkpoint name
+    for target, key in by_target.items():
+        name = target.rpartition(".")[0]
+        if target.endswith(".weight") and name not in quantized and type(modules.get(name)) is nn.Linear:
+            unquantized[name] = key.rpartition(".")[0]
+    if scheme is not None:
+        scheme.check_layers({checkpoint_names[n]: modules[n] for n in quantized},
+                            {key: modules[n] for n, key in unquantized.items()})
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     loaded: set[str] = set()
@@ -412,7 +563,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
             module._buffers[leaf] = tensor
 
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with _open_shard(f) as sf:
             for key in sf.keys():
                 if keys[key] != f:
                     continue  # listed in another shard too: the index decides
@@ -459,7 +610,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     hf.load_generation_config(model, folder)
     summary = QuantizeSummary(dtype=fp8_config.dtype)
     summary.swapped = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
-    summary.skipped = {n: "not quantized in the checkpoint" for n in qc.get("modules_to_not_convert") or []}
+    skipped = sorted(unquantized) if scheme is not None else qc.get("modules_to_not_convert") or []
+    summary.skipped = {n: "not quantized in the checkpoint" for n in skipped}
     model.fp8linear_summary = summary
     model.fp8linear_quantization_config = qc
     if fuse_mlp:

@@ -1,9 +1,13 @@
-"""save_quantized / load_quantized: byte-exact round trips, the on-disk format, DeepSeek-V3-style input."""
+"""save_quantized / load_quantized: byte-exact round trips, the on-disk format, DeepSeek-V3-style input,
+saves that never half-write, and unreadable files named in one line."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
+import re
 import struct
 from pathlib import Path
 
@@ -301,3 +305,137 @@ def test_minilm_encoder_round_trip_with_tokenizer(tmp_path):
     batch = accuracy.calibration_batch("encoder", hf.load_tokenizer(tmp_path))
     with torch.no_grad():
         assert_bitwise_equal(loaded(**batch).last_hidden_state, q(**batch).last_hidden_state, "last_hidden_state")
+
+
+# -- saves that never half-write ---------------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """File name -> sha256 of its bytes, for every file in folder."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def other_llama():
+    """A second quantized model of the same architecture, different weights: what a new save writes."""
+    return fp8linear.quantize_model(tiny_model("llama_odd", torch.bfloat16, seed=1), progress=False)
+
+
+@pytest.mark.parametrize("old_shard", [None, 60_000])
+def test_write_failure_leaves_the_old_checkpoint(tmp_path, quantized_llama, other_llama, monkeypatch, old_shard):
+    import safetensors.torch
+
+    _, q = quantized_llama
+    folder = tmp_path / "ckpt"
+    fp8linear.save_quantized(q, folder, **({} if old_shard is None else {"max_shard_size": old_shard}))
+    (folder / "README.md").write_text("notes the save does not own")
+    before = _snapshot(folder)
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full_disk_at_the_second_shard(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"half a shard")
+            raise OSError(28, "No space left on device")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_at_the_second_shard)
+    with pytest.raises(OSError, match="No space left on device"):
+        fp8linear.save_quantized(other_llama, folder, max_shard_size=60_000)
+    assert len(calls) == 2
+    assert _snapshot(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left beside it
+    _assert_same_state(q, fp8linear.load_quantized(folder, device="cpu"))
+
+
+@pytest.mark.parametrize("fail_at", ["install config.json", "remove model-00003-of-00007.safetensors"])
+def test_failure_while_moving_into_place_is_undone(tmp_path, quantized_llama, other_llama, monkeypatch, fail_at):
+    """The new save is one file, so the move replaces model.safetensors' neighbours and removes the old
+    shards and index; a rename failing at either stage puts back what was moved."""
+    _, q = quantized_llama
+    folder = tmp_path / "ckpt"
+    fp8linear.save_quantized(q, folder, max_shard_size=60_000)
+    assert (folder / "model-00003-of-00007.safetensors").is_file()
+    before = _snapshot(folder)
+
+    action, name = fail_at.split()
+    real, failed = os.replace, []
+
+    def failing_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        moving = (src.parent.name == "new" and dst == folder / name) if action == "install" else \
+            (src == folder / name and dst.parent.name == "old")
+        if moving and not failed:
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        fp8linear.save_quantized(other_llama, folder)
+    monkeypatch.undo()
+    assert failed
+    assert _snapshot(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    _assert_same_state(q, fp8linear.load_quantized(folder, device="cpu"))
+
+
+def test_saving_over_a_checkpoint_replaces_it(tmp_path, quantized_llama, other_llama):
+    _, q = quantized_llama
+    folder = tmp_path / "ckpt"
+    fp8linear.save_quantized(q, folder, max_shard_size=60_000)
+    (folder / "README.md").write_text("notes the save does not own")
+    fp8linear.save_quantized(other_llama, folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    _assert_same_state(other_llama, fp8linear.load_quantized(folder, device="cpu"))
+    fp8linear.save_quantized(q, folder, max_shard_size=60_000)
+    names = sorted(p.name for p in folder.iterdir())
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names and "README.md" in names
+    _assert_same_state(q, fp8linear.load_quantized(folder, device="cpu"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_save_to_a_file_path_is_refused(tmp_path, quantized_llama):
+    _, q = quantized_llama
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(FileExistsError, match=r"path '.*taken' is a file; pass a folder"):
+        fp8linear.save_quantized(q, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
+# -- unreadable files get one line naming them --------------------------------------------------------------
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda data: data[: len(data) // 2], "incomplete metadata"),           # a copy cut short
+    (lambda data: data[:5], "header too small"),
+    (lambda data: struct.pack("<Q", 12) + b"{not json!!}" + data[20:], "invalid JSON"),
+])
+def test_truncated_or_corrupted_shard_is_named(tmp_path, quantized_llama, damage, what):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path, max_shard_size=60_000)
+    shard = tmp_path / "model-00002-of-00007.safetensors"
+    shard.write_bytes(damage(shard.read_bytes()))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(shard))}: not a readable safetensors file \(.*{what}.*\): "
+                                         "it is truncated or corrupted; copy or save it again$"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+
+
+def test_broken_index_is_named(tmp_path, quantized_llama):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path, max_shard_size=60_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": ')
+    with pytest.raises(ValueError, match=r"index.json: not a readable safetensors index \(JSONDecodeError"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+
+
+def test_folder_without_weights(tmp_path, quantized_llama):
+    _, q = quantized_llama
+    fp8linear.save_quantized(q, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has config.json but no weights: no model.safetensors.index.json, "
+                                                r"model.safetensors or \*.safetensors$"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"\(it holds \['pytorch_model.bin'\]: fp8linear reads safetensors only"):
+        fp8linear.load_quantized(tmp_path, device="cpu")
