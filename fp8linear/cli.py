@@ -407,7 +407,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                            progress=not args.no_progress)
     say(_quant_line(model.fp8linear_summary, dtype))
-    path = save_quantized(model, out, max_shard_size=args.max_shard_size)
+    path = save_quantized(model, out, max_shard_size=args.max_shard_size, format=args.format)
     say(f"wrote {path}")
     return 0
 
@@ -552,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-file", type=_skip_file, help=skip_file_help)
     p.add_argument("--max-shard-size", type=_shard_size, default="5GB",
                    help="largest safetensors file; a bigger checkpoint is split, with an index (5GB, 500MB, 2GiB)")
+    p.add_argument("--format", choices=["fp8", "compressed-tensors"], default="fp8",
+                   help="checkpoint format: fp8 (DeepSeek-V3's weight_scale_inv and quant_method 'fp8') or "
+                        "compressed-tensors (llm-compressor's FP8_BLOCK: weight_scale, config_groups; fp8 with exact "
+                        "scales only)")
     p.set_defaults(func=cmd_quantize)
     return parser
 

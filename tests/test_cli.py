@@ -334,3 +334,28 @@ def test_demo_and_generate_with_fusion(tmp_path, plain_folder, capsys):
                  "--fuse"]) == 0
     text = capsys.readouterr().out
     assert "fused: " in text and "RMSNorms" in text and "tokens/s" in text
+
+
+def test_quantize_writes_compressed_tensors_and_generate_reads_it(tmp_path, plain_folder, capsys):
+    out_dir = tmp_path / "ct"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(out_dir), "--format", "compressed-tensors",
+                 "--no-progress"]) == 0
+    qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out_dir), "--max-new-tokens", "2", "--prompt", "hi", "--device", "cpu"]) == 0
+    assert "FP8 checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the refusal is for a device without CUDA")
+def test_generate_refuses_a_backend_the_device_cannot_run_before_loading(plain_folder, capsys, monkeypatch):
+    from fp8linear import hf
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the backend check")
+
+    monkeypatch.setattr(hf, "load_pretrained", no_loading)
+    rc = main(["generate", "--model", str(plain_folder), "--backend", "deepgemm", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("fp8linear: error: --backend deepgemm cannot run on cpu: needs a CUDA device")
