@@ -78,17 +78,20 @@ _TOKENIZER_FILES = (
 # -- saving -----------------------------------------------------------------------------------------------
 
 def _parse_size(size: "int | str") -> int:
+    nbytes = None
     if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive; got {size}")
-        return size
-    if isinstance(size, str):
+        nbytes = size
+    elif isinstance(size, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size, flags=re.IGNORECASE)
         if m:
             unit = m.group(2).upper()
             base = 1024 if "I" in unit else 1000
             power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-            return int(float(m.group(1)) * base**power)
+            nbytes = int(float(m.group(1)) * base**power)
+    if nbytes is not None:
+        if nbytes <= 0:
+            raise ValueError(f"max_shard_size must be at least one byte; got {size!r}")
+        return nbytes
     raise ValueError(f"max_shard_size must be an int (bytes) or a string like '5GB' / '500MiB'; got {size!r}")
 
 

@@ -468,12 +468,10 @@ def _shard_size(text: str) -> int:
     from .checkpoint import _parse_size
 
     try:
-        size = _parse_size(text)
+        return _parse_size(text)
     except ValueError:
-        size = 0
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}")
-    return size
+        raise argparse.ArgumentTypeError(
+            f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

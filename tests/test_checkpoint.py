@@ -268,6 +268,9 @@ def test_save_errors(tmp_path):
     q = fp8linear.quantize_model(copy.deepcopy(ref), progress=False)
     with pytest.raises(ValueError, match="max_shard_size must be"):
         fp8linear.save_quantized(q, tmp_path, max_shard_size="lots")
+    for zero in ("0GB", "0.5B", 0):  # sizes that parse but round to no bytes
+        with pytest.raises(ValueError, match=f"max_shard_size must be at least one byte; got {zero!r}"):
+            fp8linear.save_quantized(q, tmp_path, max_shard_size=zero)
     q.model.layers[0].mlp.up_proj = FP8Linear.from_linear(ref.model.layers[0].mlp.up_proj, dtype=torch.int8)
     with pytest.raises(ValueError, match="must share dtype"):
         fp8linear.save_quantized(q, tmp_path)
