@@ -187,7 +187,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 # -- generate ---------------------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
-    from . import hf
+    from . import decode, hf
     from .checkpoint import load_quantized
     from .convert import dequantize_model, quantize_model
 
@@ -231,15 +231,23 @@ def cmd_generate(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     say(f"prompt: {args.prompt!r} ({ids.shape[1]} tokens), greedy, {args.max_new_tokens} new tokens")
     runs = ([(base_label, base)] if base is not None else []) + [("fp8", fp8)]
     results = {}
+    graphs = device.type == "cuda" and not args.eager
+    if graphs:
+        say("decode: one step captured as a CUDA graph and replayed per token (--eager: transformers' generate)")
     for label, model in runs:
-        res = hf.generate(model, ids, args.max_new_tokens)
-        results[label] = res
-        say(f"[{label}] {res.tokens_per_s:.1f} tokens/s ({res.seconds:.2f} s)")
-        say(hf.decode_tokens(tok, res.tokens))
+        if graphs:
+            res = decode.graph_generate(model, ids, args.max_new_tokens)
+            tokens, speed = res.tokens, res.decode_tokens_per_s
+            say(f"[{label}] {speed:.1f} tokens/s decode, prefill {res.prefill_s * 1e3:.1f} ms")
+        else:
+            res = hf.generate(model, ids, args.max_new_tokens)
+            tokens, speed = res.tokens, res.tokens_per_s
+            say(f"[{label}] {speed:.1f} tokens/s ({res.seconds:.2f} s)")
+        results[label] = (tokens, speed)
+        say(hf.decode_tokens(tok, tokens))
     if base is not None:
-        a, b = results[base_label].tokens, results["fp8"].tokens
-        say(f"fp8 vs {base_label}: {int((a == b).sum())}/{a.numel()} tokens equal, speed "
-            f"{results['fp8'].tokens_per_s / results[base_label].tokens_per_s:.2f}x")
+        (a, speed_a), (b, speed_b) = results[base_label], results["fp8"]
+        say(f"fp8 vs {base_label}: {int((a == b).sum())}/{a.numel()} tokens equal, speed {speed_b / speed_a:.2f}x")
     return 0
 
 
@@ -523,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32,
                    help="tokens each model generates, greedily (EOS does not stop it, so both time the same count)")
     p.add_argument("--no-baseline", action="store_true", help="run the FP8 model only (saves memory and time)")
+    p.add_argument("--eager", action="store_true",
+                   help="on a GPU, decode with transformers' eager generate instead of replaying one decode step "
+                        "captured as a CUDA graph (fp8linear.decode: what serving engines do; eager decode at batch "
+                        "1 measures the host)")
     p.add_argument("--fuse", action="store_true", help=_FUSE_HELP)
     p.set_defaults(func=cmd_generate)
 

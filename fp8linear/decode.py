@@ -15,7 +15,8 @@ a device int64 scalar that the step itself advances, so a replayed step needs no
                                     greedy argmax on device, as gpt-fast does); no compile, one capture.
 
 fp8linear's FP8Linear works in both after one eager forward per M (its backend choice per M is cached
-then; fp8linear.linear), so run a short eager generate first (hf.generate does).
+then; fp8linear.linear), so run a short eager generate first (hf.generate does). `graph_generate` does all
+of it in one call: the warm-up, the capture, the decode; `fp8linear generate` uses it on a GPU.
 
 Tested with transformers 5.17 and 5.24, where the cache keyword of forward is `past_key_values` and `cache`
 respectively (`cache_kwarg` picks it from the signature).
@@ -39,6 +40,8 @@ __all__ = [
     "disable_compiled_decode",
     "GraphDecodeResult",
     "GraphDecoder",
+    "eos_ids",
+    "graph_generate",
 ]
 
 
@@ -302,3 +305,28 @@ class GraphDecoder:
         """Drop the graph (and with it its memory pool) and the cache tensors."""
         self._graph = None
         self.cache = None
+
+
+def eos_ids(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence token ids (generation_config), as GraphDecoder's suppress_ids takes them."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def graph_generate(model: nn.Module, input_ids: torch.Tensor, n: int, *, use_graph: bool = True) -> GraphDecodeResult:
+    """n greedy new tokens after input_ids [1, T], decoded as a serving engine decodes: an eager warm-up
+    (backend choice per M, JIT builds), then GraphDecoder's captured step replayed per token, EOS suppressed
+    as hf.generate's min_new_tokens does. The same tokens as transformers' greedy generate, up to rounding
+    of near-ties (the static cache's masked attention; tests/test_decode.py)."""
+    from .hf import generate
+
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    generate(model, input_ids, 2, warmup=False)
+    decoder = GraphDecoder(model, input_ids.shape[1] + n + 1, use_graph=use_graph, suppress_ids=eos_ids(model))
+    try:
+        return decoder.generate(input_ids, n)
+    finally:
+        decoder.close()

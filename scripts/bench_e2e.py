@@ -104,13 +104,6 @@ def _weight_read_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
 
 
-def _eos_ids(model) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
 def _decode_entry(model, per_token_s: float, tokens: torch.Tensor, **extra) -> dict:
     per_token_s = max(per_token_s, 1e-9)
     return {"tok_s": 1.0 / per_token_s, "gb_s": _weight_read_bytes(model) / per_token_s / 1e9,
@@ -219,7 +212,7 @@ def decode_manual(model, args, prompt: torch.Tensor, label: str, log) -> dict:
     from fp8linear import decode
 
     n = args.decode + 1
-    decoder = decode.GraphDecoder(model, prompt.shape[1] + n, use_graph=CAPTURE, suppress_ids=_eos_ids(model))
+    decoder = decode.GraphDecoder(model, prompt.shape[1] + n, use_graph=CAPTURE, suppress_ids=decode.eos_ids(model))
     try:
         setup_s = decoder.capture(prompt.to(DEVICE))
         log(f"[{label}] graphs (manual): capture {setup_s:.2f}s")
