@@ -2,8 +2,8 @@
 
 Every gated MLP runs `down_proj(silu(gate) * up)` and every decoder layer normalizes before its
 projections; quantizing after those ops costs a full bf16 write and read of the intermediate. Here the
-activation (or the normalized row) is computed in registers and quantized per token group at once
-(issue 5). Two out-variant ops in the `fp8linear` namespace, defined beside `fp8linear.ops`' own:
+activation (or the normalized row) is computed in registers and quantized per token group at once. Two
+out-variant ops in the `fp8linear` namespace, defined beside `fp8linear.ops`' own:
 
     silu_and_mul_quant_(Tensor x, Tensor(a!) q, Tensor(b!) s, int group_size, bool scale_ue8m0,
                         float eps, str layout) -> ()

@@ -2,7 +2,7 @@
 
     down_proj(silu(gate_proj(x)) * up_proj(x))          Hugging Face's LlamaMLP and its kin
 
-becomes (issue 5)
+becomes
 
     h    = gate_up_proj(x)                               one FP8Linear, N = 2I: [gate; up] along N
     q, s = silu_and_mul_quant(h, 128, scale_layout=<down_proj's backend's>)   fp8linear.fused

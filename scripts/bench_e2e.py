@@ -69,7 +69,7 @@ DEVICE = "cuda"  # a module constant so a CPU dry run of the logic can swap it (
 COMPILE_BACKEND, COMPILE_MODE, COMPILE_ALL_DEVICES, CAPTURE = "inductor", "reduce-overhead", False, True
 DECODE_MODES = ("eager", "graphs-manual", "graphs-compile")  # result keys, in table order
 WARM_TOKENS = 4  # compile route: tokens before the timed span (cudagraph warm-up / re-record per call)
-TARGETS = {"decode": 1.3, "prefill": 1.4, "weights": 0.5}  # issue 4: fp8 / bf16
+TARGETS = {"decode": 1.3, "prefill": 1.4, "weights": 0.5}  # the end-to-end goals: fp8 / bf16
 
 
 def header() -> str:
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="auto", help="FP8Linear backend (default auto)")
     p.add_argument("--fuse-mlp", action="store_true",
-                   help="quantize_model(fuse_mlp=True): gate_up GEMM + fused SiLU-and-mul quant + down GEMM (issue 5)")
+                   help="quantize_model(fuse_mlp=True): gate_up GEMM + fused SiLU-and-mul quant + down GEMM")
     p.add_argument("--fuse-norm", action="store_true",
                    help="quantize_model(fuse_norm=True): RMSNorm and the next layers' quantization in one kernel")
     p.add_argument("--mode", choices=("eager", "graphs", "both"), default="both",

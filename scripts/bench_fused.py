@@ -16,7 +16,7 @@ Rows (bf16 input, fp8 e4m3 output, group 128, `col` scales: what DeepGEMM and cu
 Columns: `us` median kernel time (triton.testing.do_bench, which flushes the 50 MB L2 before each rep;
 CUDA events with a flush when triton is missing); TB/s = bytes / time; %copy = time of a device copy of
 the same traffic (bytes/2 read + bytes/2 written; the median of three timings) / our time; `x unfused` = unfused time / fused time.
-Targets (issue 5, H100): silu_and_mul >= 85 %copy and >= 1.5x unfused at M >= 1024; MLP >= 1.1x at
+Targets (H100): silu_and_mul >= 85 %copy and >= 1.5x unfused at M >= 1024; MLP >= 1.1x at
 M = 4096. Each shape's fused output is checked bit for bit against the CPU reference on its first rows
 before timing. Under torch.inference_mode(). Full run about 2 minutes on an H100, --quick under one.
 """

@@ -1,4 +1,4 @@
-"""Benchmark FP8Linear per backend and `auto` against bf16 nn.Linear on the GPU (issue 3's grid).
+"""Benchmark FP8Linear per backend and `auto` against bf16 nn.Linear on the GPU.
 
 Per (N, K, M): median time of one layer forward, quantization included (triton.testing.do_bench: L2
 flushed before each call, warm-up first), in TFLOP/s (2*M*N*K / t) and as a speedup over bf16
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_
 import model_shapes  # noqa: E402
 import run_commit  # noqa: E402
 
-# (N, K) from issue 3: Llama-3-8B, Llama-3-70B, DeepSeek-V3.
+# (N, K) of real layers: Llama-3-8B, Llama-3-70B, DeepSeek-V3.
 SHAPES = [
     (4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336),
     (10240, 8192), (57344, 8192), (8192, 28672),

@@ -10,7 +10,7 @@ Per (N, K, M), median microseconds (triton.testing.do_bench, L2 flushed) of:
   lBcC       sm90_linear, quantization inside the kernel, same variants; `l-auto` the shape's default
 and auto's speedups over bf16 for the fastest sm90 variant and for DeepGEMM.
 
-    python scripts/bench_sm90.py                          # issue 3's narrow and wide shapes, M 512 2048 4096
+    python scripts/bench_sm90.py                          # bench_linear's narrow and wide shapes, M 512 2048 4096
     python scripts/bench_sm90.py --N 4096 --K 4096 --M 4096
 """
 

@@ -14,7 +14,7 @@ Providers: bf16 (F.linear on bf16 weights), auto and any --backends (FP8Linear, 
 dg-gemm (DeepGEMM's GEMM alone on pre-quantized operands, where DeepGEMM is importable) and quant
 (per_token_group_quant alone).
 
-    python scripts/bench_sustained.py                         # issue 3's shapes at M = 4096
+    python scripts/bench_sustained.py                         # bench_linear's layer shapes at M = 4096
     python scripts/bench_sustained.py --N 4096 --K 4096 --M 2048 4096 --seconds 2
     python scripts/bench_sustained.py --model /path/to/model --M 4096   # every layer shape of a model
 """

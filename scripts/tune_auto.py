@@ -7,7 +7,7 @@ For each layer shape and each M in fp8linear.backends.auto.M_BUCKETS, times FP8L
 "never slower than bf16" target: FP8Linear has no bf16 fallback, so such rows are reported, not fixed).
 Rows of other cards in the file are kept. fp8 only: int8 has a single GEMM (triton).
 
-    python scripts/tune_auto.py                  # issue 3's shapes (~4 min on an H100)
+    python scripts/tune_auto.py                  # bench_linear's layer shapes (~4 min on an H100)
     python scripts/tune_auto.py --quick          # 3 shapes
     python scripts/tune_auto.py --N 5120 --K 5120 --out /tmp/table.json
     python scripts/tune_auto.py --N 2112 --K 7168 --M 8 16   # re-measure two buckets; the others stay

@@ -10,7 +10,7 @@ DeepGEMM's pick in a single bit is refused. The fastest is timed again beside De
 rounds, the later two in shuffled order, medians) and kept when it wins by --min-gain; otherwise the row says to keep
 DeepGEMM's pick. Rows of other cards and other shapes are kept.
 
-    python scripts/tune_deepgemm.py                        # issue 3's 11 shapes, M 64 .. 16384
+    python scripts/tune_deepgemm.py                        # bench_linear's 11 shapes, M 64 .. 16384
     python scripts/tune_deepgemm.py --N 2112 --K 7168 --M 4096 --out /tmp/tiles.json
     python scripts/tune_deepgemm.py --model /path/to/model --fuse-mlp    # every layer shape of a model
 """
