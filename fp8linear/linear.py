@@ -254,9 +254,12 @@ class FP8Linear(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # -- the hot path ----------------------------------------------------------------------------------
-    def backend_for(self, M: int, device: torch.device) -> types.ModuleType:
+    def backend_for(self, M: int, device: "torch.device | str") -> types.ModuleType:
+        """The backend (a module of fp8linear.backends) that serves M rows on `device`: chosen on first
+        sight of M (the named backend, or auto's pick, logged at DEBUG) and cached until .to()/.cuda()."""
         backend = self._choice.get(M)
         if backend is None:
+            device = torch.device(device)
             backend = backends.select(self.backend, M, self.out_features, self.in_features, self.dtype, device)
             log.debug(
                 "FP8Linear(N=%d, K=%d, %s) M=%d on %s: %s (backend=%s)",
@@ -343,7 +346,7 @@ class FP8Linear(nn.Module):
     def input_layout(self, M: int, device: "torch.device | str") -> "InputLayout | None":
         """How the backend serving M rows on `device` reads its quantized input, or None when that backend
         quantizes inside its own kernel (then call the layer on the unquantized input instead)."""
-        backend = self._choice.get(M) or self.backend_for(M, torch.device(device))
+        backend = self._choice.get(M) or self.backend_for(M, device)
         if backend.NAME not in self._layouts:
             self._layouts[backend.NAME] = None if backend.SCALE_LAYOUT is None else InputLayout(
                 self.dtype, padded_k(self.in_features), backend.SCALE_LAYOUT, backend.ROW_ALIGN, self.scale_ue8m0,
