@@ -99,34 +99,17 @@ def test_one_op_path_waits_for_a_plan(fake_dg, monkeypatch):
     assert len(calls) == 1 and len(two_ops) == 3
 
 
-def test_legacy_plan_reads_the_tuners_entry(monkeypatch):
-    """The plan is read from DeepGEMM's tuner under the key gemm_fp8_fp8_bf16_nt builds, and refused for a
-    kernel whose launch arguments are not the ones kernels/deepgemm_launch.cu passes."""
-    config = (132, 128, 144, 5, (2, True), (200000, 0, 8))
-
-    class Runtime:
-        args = list(deepgemm._LEGACY_LAUNCH_ARGS)
-        kernel = 0xABC000
-
-    keys = {"N": 4096, "K": 7168, "BLOCK_M": 128, "BLOCK_N": 144, "SWIZZLE_D_MODE": 0, "BLOCK_N_PADDING": 8,
-            "NUM_STAGES": 5, "NUM_TMA_MULTICAST": 2, "IS_TMA_MULTICAST_ON_A": True}
-    tuner = types.SimpleNamespace(tuned={("gemm_fp8_fp8_bf16_nt", f"{dict(sorted(keys.items()))}"): (Runtime, {})})
-    mods = {
-        "deep_gemm": types.ModuleType("deep_gemm"),
-        "deep_gemm.jit_kernels": types.ModuleType("deep_gemm.jit_kernels"),
-        "deep_gemm.jit_kernels.gemm": types.SimpleNamespace(get_best_configs=lambda m, n, k, g, sms: config),
-        "deep_gemm.jit_kernels.tuner": types.SimpleNamespace(jit_tuner=tuner),
-        "deep_gemm.jit_kernels.utils": types.SimpleNamespace(get_num_sms=lambda: 132),
-    }
-    mods["deep_gemm"].jit_kernels = mods["deep_gemm.jit_kernels"]
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    for name in ("gemm", "tuner", "utils"):
-        setattr(mods["deep_gemm.jit_kernels"], name, mods[f"deep_gemm.jit_kernels.{name}"])
-    assert deepgemm._legacy_plan(4096, 4096, 7168) == (0xABC000, 132, 128, 144, 200000, 0, 2)
-    Runtime.args = Runtime.args[:-1]
-    assert "other launch arguments" in deepgemm._legacy_plan(4096, 4096, 7168)
-    Runtime.args = list(deepgemm._LEGACY_LAUNCH_ARGS)
-    Runtime.kernel = None
-    assert "not loaded" in deepgemm._legacy_plan(4096, 4096, 7168)
-    assert "no kernel under the key" in deepgemm._legacy_plan(4096, 2048, 7168)
+def test_a_kernel_the_cpp_launch_cannot_run_gives_a_reason_not_a_plan():
+    """The C++ launch passes the arguments kernels/deepgemm_launch.cu passes: a DeepGEMM runtime whose kernel
+    takes other arguments, or has not been loaded, yields the reason (that shape keeps DeepGEMM's launch).
+    Which tuner entry DeepGEMM's own call fills, and that the plan read from it runs the same kernel, is
+    checked against the real DeepGEMM on the GPU (test_deepgemm_launch_gpu.py)."""
+    runtime = types.SimpleNamespace(args=list(deepgemm._LEGACY_LAUNCH_ARGS), kernel=0xABC000)
+    tiles = (132, 128, 144, 200000, 0, 2)  # num_sms, block_m, block_n, smem, swizzle_d, multicast
+    assert deepgemm._launch_args(runtime, *tiles) == (0xABC000, *tiles)
+    runtime.args = runtime.args[:-1]
+    assert "other launch arguments" in deepgemm._launch_args(runtime, *tiles)
+    runtime.args = list(reversed(deepgemm._LEGACY_LAUNCH_ARGS))
+    assert "other launch arguments" in deepgemm._launch_args(runtime, *tiles)
+    runtime.args, runtime.kernel = list(deepgemm._LEGACY_LAUNCH_ARGS), None
+    assert "not loaded" in deepgemm._launch_args(runtime, *tiles)
