@@ -134,7 +134,7 @@ def enumerate_small_shapes(group_size: int) -> list[tuple[int, int]]:
     ]
 
 
-#: The issue's GPU grid (issue 2, "Tests").
+#: The quant kernel's GPU grid (tests/test_quant_gpu.py).
 GPU_MS = (
     0,  # empty input: nothing launched, empty outputs
     1, 3, 4, 5,  # around the padding of M to 4 (decode sizes)
@@ -154,7 +154,7 @@ GPU_KS = (
 
 
 def enumerate_quant_cases_gpu(seed: int = 0, per_shape: int = 2) -> list[QuantCase]:
-    """The GPU grid of issue 2, about 600 cases: every config on small shapes, every grid shape with
+    """The quant kernel's GPU grid, about 600 cases: every config on small shapes, every grid shape with
     `per_shape` configs drawn (seeded) from all valid ones, plus strided and 3-D variants.
 
     Deterministic for a given seed, so a failure names a case that reruns.

@@ -1,24 +1,20 @@
 """DeepGEMM tile configurations measured per card (fp8linear.backends.deepgemm_tiles) and their use by the
-deepgemm backend: the first call of a shape runs DeepGEMM with the table's tiles, and the kernel it
-compiles is the one the C++ launch runs after. Tiles change the speed only: the GPU half checks the
-outputs bit for bit against DeepGEMM's own pick; the CPU half checks the table and the override with a
-stand-in for DeepGEMM's internals.
+deepgemm backend, on CPU: the table, and the first call's choice between the table's tiles and DeepGEMM's
+own pick. What the tiles build and launch inside DeepGEMM is checked on the GPU only, against DeepGEMM's
+own pick bit for bit (test_deepgemm_tiles_gpu.py): a CPU stand-in for its internals would restate them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
-import types
 
 import pytest
 import torch
 
-from conftest import assert_bitwise_equal, poison_allocator
+from fp8linear import per_token_group_quant
 from fp8linear.backends import deepgemm, deepgemm_tiles
 from fp8linear.backends.deepgemm_tiles import Tiles
-from test_deepgemm_launch import _operands, needs_legacy
 
 FP8 = torch.float8_e4m3fn
 
@@ -106,164 +102,47 @@ def test_committed_table_rows_are_valid():
                 assert row["dg_pick_us"] > row["us"]  # kept only where it measured faster
 
 
-# -- CPU: the tiles path, with stand-ins for DeepGEMM's internals ------------------------------------------
-@pytest.fixture
-def fake_legacy(monkeypatch):
-    """deep_gemm's legacy modules as stand-ins: the tuner records the keys and launch arguments it is handed
-    and returns a runtime whose kernel loads on its first call; `get_best_configs` answers DeepGEMM's pick
-    (used by the fallback's `_legacy_plan`), and the plain GEMM records its calls."""
-    state = types.SimpleNamespace(tuned=[], launched=[], plain=[], fail_block_n=None)
-    own = (132, 256, 88, 4, (2, True), (225792, 0, 0))
+# -- CPU: the first call of a shape, with stand-ins for run_with_tiles and DeepGEMM's own call ------------
+def test_first_call_uses_the_tables_tiles_and_falls_back_with_a_warning(monkeypatch, caplog):
+    """The first call runs the table's tiles where the card has a row for the shape and s is in the `col`
+    layout; where DeepGEMM cannot build them it warns, naming the tiles and DeepGEMM's error, and runs its own
+    pick through its own launch, as it does without a row or with s in another layout."""
+    own_plan, tiles_plan = (0xD6, 132, 256, 88, 225792, 0, 2), (0xC0DE, 118, 128, 192, 4192, 128, 2)
+    plain, tiled = [], []
 
-    class Runtime:
-        args = list(deepgemm._LEGACY_LAUNCH_ARGS)
-
-        def __init__(self):
-            self.kernel = None
-
-        def __call__(self, **kwargs):
-            self.kernel = 0xC0DE
-            state.launched.append(kwargs)
-            kwargs["GMEM_D"].fill_(2.0)
-            return (0,)  # as cuda-python returns cuLaunchKernelEx's status
-
-    def compile_and_tune(name, keys, space, kwargs, runtime_cls):
-        if keys["BLOCK_N"] == state.fail_block_n:
-            raise AssertionError("Failed to compile")
-        state.tuned.append((name, dict(keys)))
-        return Runtime(), dict(keys)
-
-    def plain(lhs, rhs, out):
-        state.plain.append(out.shape)
+    def deepgemm_call(lhs, rhs, out):
+        plain.append(out.shape)
         out.fill_(1.0)
 
-    tuner = types.SimpleNamespace(compile_and_tune=compile_and_tune, tuned={})
-    runtime = types.SimpleNamespace(GemmType=types.SimpleNamespace(Normal="Normal"), FP8GemmRuntime=Runtime,
-                                    make_2d_tma_a_desc=lambda *a: ("A", a[2:]), make_2d_tma_b_desc=lambda *a: ("B", a[2:]),
-                                    make_2d_tma_d_desc=lambda *a: ("D", a[2:]),
-                                    make_2d_tma_scales_a_desc=lambda *a: ("SA", a[2:]))
-    mods = {"cuda": types.ModuleType("cuda"), "cuda.bindings": types.ModuleType("cuda.bindings"),
-            "cuda.bindings.driver": types.SimpleNamespace(CUresult=types.SimpleNamespace(CUDA_SUCCESS=0)),
-            "deep_gemm": types.ModuleType("deep_gemm"), "deep_gemm.jit_kernels": types.ModuleType("jk"),
-            "deep_gemm.jit_kernels.gemm": types.SimpleNamespace(
-                get_best_configs=lambda m, n, k, g, sms: own,
-                get_smem_config=lambda stages, k, bm, bn: (1000 * stages + bn, 128, 0)),
-            "deep_gemm.jit_kernels.runtime": runtime,
-            "deep_gemm.jit_kernels.tuner": types.SimpleNamespace(jit_tuner=tuner),
-            "deep_gemm.jit_kernels.utils": types.SimpleNamespace(get_num_sms=lambda: 132)}
-    mods["cuda"].bindings = mods["cuda.bindings"]
-    mods["cuda.bindings"].driver = mods["cuda.bindings.driver"]
-    for name in ("gemm", "runtime", "tuner", "utils"):
-        setattr(mods["deep_gemm.jit_kernels"], name, mods[f"deep_gemm.jit_kernels.{name}"])
-    for name, mod in mods.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(deepgemm, "_api", lambda: (plain, "legacy"))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
-    # DeepGEMM's pick as its tuner would hold it after the plain call (the fallback reads it there).
-    pick_keys = deepgemm._tuner_keys(2112, 256, 256, 88, 4, 2, True, 0, 0)
-    pick_runtime = Runtime()
-    pick_runtime.kernel = 0xD6
-    tuner.tuned[("gemm_fp8_fp8_bf16_nt", str(dict(sorted(pick_keys.items()))))] = (pick_runtime, {})
-    return state
+    def run_with_tiles(tiles, q, s, weight, weight_scale_inv, y):
+        if tiles.block_n == 104:
+            raise AssertionError("Failed to compile")
+        tiled.append(tiles)
+        y.fill_(2.0)
+        return tiles_plan
 
+    row = {"tiles": Tiles(128, 192, 4, 2, True, "fewest")}
+    monkeypatch.setattr(deepgemm, "_api", lambda: (deepgemm_call, "legacy"))
+    monkeypatch.setattr(deepgemm, "_legacy_plan", lambda M, N, K: own_plan)
+    monkeypatch.setattr(deepgemm, "run_with_tiles", run_with_tiles)
+    monkeypatch.setattr(deepgemm_tiles, "lookup_for_device", lambda M, N, K, device: row["tiles"])
+    M, N, K = 301, 2112, 256  # M_pad = 304: the `col` scales' column stride is not M
+    q, s = per_token_group_quant(torch.randn(M, K), 128, FP8, scale_layout="col")
+    w, ws = torch.randn(N, K).to(FP8), torch.rand(17, 2)
+    y = torch.empty(M, N, dtype=torch.bfloat16)
 
-def _cpu_operands(M=4096, N=2112, K=256):
-    s = torch.ones(K // 128, M).t()  # the `col` layout: strides (1, M)
-    return torch.zeros(M, K, dtype=FP8), s, torch.zeros(N, K, dtype=FP8), torch.ones(17, 2)
+    assert deepgemm._first_call(q, s, w, ws, y) == tiles_plan
+    assert tiled == [row["tiles"]] and not plain and torch.equal(y, torch.full_like(y, 2.0))
 
-
-def test_run_with_tiles_builds_and_launches_that_configuration(fake_legacy):
-    q, s, w, ws = _cpu_operands()
-    y = torch.empty(4096, 2112, dtype=torch.bfloat16)
-    plan = deepgemm.run_with_tiles(Tiles(128, 192, 4, 2, False, "fewest"), q, s, w, ws, y)
-    # 32 x 11 tiles in three waves of 132: 118 SMs (two per cluster) run them in three as well.
-    assert plan == (0xC0DE, 118, 128, 192, 4192, 128, 2)
-    ((name, keys),) = fake_legacy.tuned
-    assert name == "gemm_fp8_fp8_bf16_nt" and keys == {
-        "N": 2112, "K": 256, "BLOCK_M": 128, "BLOCK_N": 192, "SWIZZLE_D_MODE": 128, "BLOCK_N_PADDING": 0,
-        "NUM_STAGES": 4, "NUM_TMA_MULTICAST": 2, "IS_TMA_MULTICAST_ON_A": False}
-    (launch,) = fake_legacy.launched
-    assert launch["NUM_SMS"] == 118 and launch["SMEM_SIZE"] == 4192 and launch["M"] == 4096
-    assert launch["GMEM_D"] is y and launch["SCALES_B"] is ws and launch["STREAM"] == 7
-    assert launch["TENSOR_MAP_A"] == ("A", (4096, 256, 128, 128, 1))
-    assert launch["TENSOR_MAP_D"] == ("D", (4096, 2112, 128, 192, 1, 128))
-    assert torch.equal(y, torch.full_like(y, 2.0)) and not fake_legacy.plain
-
-
-def test_first_call_uses_the_tables_tiles_and_falls_back_with_a_warning(fake_legacy, monkeypatch, caplog):
-    q, s, w, ws = _cpu_operands()
-    y = torch.empty(4096, 2112, dtype=torch.bfloat16)
-    rows = {"tiles": Tiles(128, 192, 4, 2, True, "all")}
-    monkeypatch.setattr(deepgemm_tiles, "lookup_for_device", lambda M, N, K, device: rows["tiles"])
-    assert deepgemm._first_call(q, s, w, ws, y) == (0xC0DE, 132, 128, 192, 4192, 128, 2)
-    assert not fake_legacy.plain
-    fake_legacy.fail_block_n = 104
-    rows["tiles"] = Tiles(128, 104, 4, 2, True)
+    row["tiles"] = Tiles(128, 104, 4, 2, True)
     with caplog.at_level(logging.WARNING, logger=deepgemm.__name__):
-        plan = deepgemm._first_call(q, s, w, ws, y)
-    assert plan == (0xD6, 132, 256, 88, 225792, 0, 2)  # DeepGEMM's own pick, run by its own launch
-    assert fake_legacy.plain == [(4096, 2112)] and torch.equal(y, torch.ones_like(y))
+        assert deepgemm._first_call(q, s, w, ws, y) == own_plan  # DeepGEMM's own pick, by its own launch
+    assert plain == [(M, N)] and torch.equal(y, torch.ones_like(y))
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "128x104 s4 mc2 on A, fewest SMs" in record.getMessage() and "Failed to compile" in record.getMessage()
-    rows["tiles"] = None
-    assert deepgemm._first_call(q, s, w, ws, y) == (0xD6, 132, 256, 88, 225792, 0, 2)
-    rows["tiles"] = Tiles(128, 192, 4, 2, True, "all")  # s in another layout: DeepGEMM's own call re-lays it
-    assert deepgemm._first_call(q, s.contiguous(), w, ws, y) == (0xD6, 132, 256, 88, 225792, 0, 2)
 
-
-# -- GPU: tiles change the speed, not the bits ------------------------------------------------------------
-@pytest.mark.gpu
-@needs_legacy
-@pytest.mark.parametrize("M,N,K,tiles", [
-    (4096, 2112, 7168, Tiles(128, 192, 4, 2, True, "fewest")),  # N % 192 == 0, three waves
-    (3001, 2112, 7168, Tiles(128, 192, 4, 2, False, "all")),  # partial last M tile, M % 4 != 0
-    (2048, 7168, 7168, Tiles(128, 192, 4, 2, False, "all")),  # N % 192 != 0: partial last N tile
-    (300, 6144, 4096, Tiles(128, 160, 4, 2, False, "fewest")),  # multicast on B with three M tiles
-    (1000, 4096, 4096, Tiles(256, 64, 4, 2, True, "fewest")),
-    (513, 7168, 1664, Tiles(128, 144, 5, 1, True, "all")),  # ceil(K/128) = 13, no multicast
-])
-def test_tiles_give_deepgemms_bits(M, N, K, tiles):
-    q, s, weight, wsi = _operands(M, N, K)
-    own = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    deepgemm._api()[0]((q, s), (weight, wsi), own)  # DeepGEMM's pick, its own launch
-    poison_allocator(q.device)
-    first = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    plan = deepgemm.run_with_tiles(tiles, q, s, weight, wsi, first)
-    assert isinstance(plan, tuple), plan
-    assert plan[2:4] == (tiles.block_m, tiles.block_n) and plan[6] == tiles.multicast
-    assert plan[1] == deepgemm_tiles.num_sms_for(tiles, M, N, torch.cuda.get_device_properties(0).multi_processor_count)
-    poison_allocator(q.device)
-    ours = torch.ops.fp8linear.deepgemm_gemm(q, s, weight, wsi, *plan)  # the C++ launch of that kernel
-    torch.cuda.synchronize()
-    assert torch.isfinite(own).all()
-    assert_bitwise_equal(first, own, "DeepGEMM's launch with the tiles")
-    assert_bitwise_equal(ours, own, "the C++ launch with the tiles")
-
-
-def _table_rows_with_tiles():
-    if not torch.cuda.is_available():
-        return []
-    rows = [r for r in deepgemm_tiles.load_rows(torch.cuda.get_device_name()) if r["tiles"]]
-    return sorted(rows, key=lambda r: r["N"] * r["K"] * r["M_max"])[:3]  # the cheapest three
-
-
-@pytest.mark.gpu
-@needs_legacy
-def test_the_backend_runs_the_tables_tiles():
-    rows = _table_rows_with_tiles()
-    if not rows:
-        pytest.skip("the tile table has no row with other tiles for this card")
-    for row in rows:
-        N, K = row["N"], row["K"]
-        lower = max(b for b in (0, *deepgemm_tiles.M_BUCKETS) if b < row["M_max"])
-        for M in (row["M_max"], lower + 1):  # both ends of the bucket
-            q, s, weight, wsi = _operands(M, N, K)
-            deepgemm._plans.pop((M, N, K, q.device.index), None)
-            first = deepgemm._gemm_impl(q, s, weight, wsi)
-            plan = deepgemm._plans[(M, N, K, q.device.index)]
-            tiles = Tiles.from_row(row["tiles"])
-            assert plan and plan[2:4] == (tiles.block_m, tiles.block_n), (row, plan)
-            own = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            deepgemm._api()[0]((q, s), (weight, wsi), own)
-            assert_bitwise_equal(first, own, f"{M}x{N}x{K} with the table's tiles")
-            assert_bitwise_equal(deepgemm._gemm_impl(q, s, weight, wsi), own, f"{M}x{N}x{K}, C++ launch")
+    row["tiles"] = None  # no row for this shape
+    assert deepgemm._first_call(q, s, w, ws, y) == own_plan and len(plain) == 2
+    row["tiles"] = Tiles(128, 192, 4, 2, True, "all")  # s in another layout: DeepGEMM's own call re-lays it
+    assert deepgemm._first_call(q, s.contiguous(), w, ws, y) == own_plan and len(plain) == 3
+    assert len(tiled) == 1

@@ -1,6 +1,6 @@
 """The fused CUDA kernels (kernels/fused_quant.cu) against fp8linear.fused's CPU references, bit for bit.
 
-Grids (issue 5): SiLU-and-mul M in {0, 1, 3, 17, 128, 1000, 4096} x I in {128, 1408, 14336}; RMSNorm
+Grids: SiLU-and-mul M in {0, 1, 3, 17, 128, 1000, 4096} x I in {128, 1408, 14336}; RMSNorm
 M in the same x H in {128, 144, 2064, 4096, 7168, 16384}; every scale layout, fp8 and int8, bf16 input
 everywhere and fp16/fp32 on the smaller shapes, extra group sizes, strided rows (16-byte aligned and
 not), outputs poisoned and surrounded by guard bytes. Rows are independent, so for M >= 1000 the CPU

@@ -335,18 +335,62 @@ def test_auto_table_lookup():
     assert auto.lookup(rows, 8, 4096, 7168, FP8) is None
 
 
-def test_auto_heuristic_and_cpu_choice():
-    assert auto.heuristic(1, 4096, 4096, INT8) == "fused_mma"
-    assert auto.heuristic(8, 4096, 4096, FP8) == "fused_mma"
-    assert auto.heuristic(9, 4096, 4096, INT8) == "triton"
-    assert auto.heuristic(1023, 4096, 4096, INT8) == "triton"
-    assert auto.heuristic(1024, 4096, 4096, INT8) == "fused_wgmma"
-    assert auto.heuristic(4096, 1024, 4096, INT8) == "triton"  # narrow layers: the Triton GEMM
-    for M in (9, 256, 512, 2048):  # never triton for fp8: slower than bf16 at most measured points
-        assert auto.heuristic(M, 4096, 4096, FP8) == "deepgemm"
+def test_auto_on_a_cpu_device_is_the_reference():
     assert auto.choose(5, 200, 300, FP8, torch.device("cpu")) == "reference"
     assert auto.describe(200, 300, FP8, torch.device("cpu")) == "all M: reference"
     assert backends.select("auto", 5, 200, 300, FP8, "cpu").NAME == "reference"
+
+
+#: Every edge of auto's M buckets, and layers from narrow to wide (the K of a GQA k/v projection, DeepSeek-V3's
+#: q_a/kv_a projection and an MoE up projection among them).
+_HEURISTIC_MS = sorted({M + d for M in auto.M_BUCKETS for d in (-1, 0, 1) if M + d >= 1})
+_HEURISTIC_NK = [(128, 128), (256, 7168), (1024, 4096), (2048, 2048), (2112, 7168), (4096, 4096), (57344, 7168)]
+
+
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_auto_heuristic_names_a_gemm_backend_that_takes_the_shape(dtype):
+    """What heuristic()'s docstring promises, as properties rather than its thresholds: it names a GEMM
+    backend (never `auto` itself, never the slow reference on a GPU) whose declared element types hold the
+    dtype and whose M range holds M (fused_mma, the M <= 16 kernel, nowhere above its MAX_M), and for fp8
+    above M = 8 never the Triton GEMM. Where the named backend still refuses the shape, `choose` falls
+    back (next test)."""
+    for M in _HEURISTIC_MS:
+        for N, K in _HEURISTIC_NK:
+            name = auto.heuristic(M, N, K, dtype)
+            where = f"heuristic({M}, {N}, {K}, {dtype}) = {name!r}"
+            assert name in backends.NAMES and name not in ("auto", "reference"), where
+            module = backends.get(name)
+            assert dtype in module.DTYPES, where
+            assert module.MAX_M is None or M <= module.MAX_M, where
+            if dtype == FP8 and M > 8:
+                assert name != "triton", where
+
+
+def test_auto_falls_back_in_order_when_the_named_backend_refuses(monkeypatch):
+    """On a card its table does not know, `choose` takes heuristic()'s pick where that backend serves the
+    shape; else the first backend of FALLBACK_ORDER that does (the reference last, which serves
+    everything); and with none it raises naming every refusal."""
+    from fp8linear.backends import card_tables
+
+    monkeypatch.setattr(card_tables, "device_name", lambda device: "a card no table knows")
+    refused: set = set()
+    monkeypatch.setattr(auto, "unsupported_reason",
+                        lambda name, M, N, K, dtype, device: f"{name} refused here" if name in refused else None)
+    cuda = torch.device("cuda", 0)
+    for M, N, K, dtype in ((1, 4096, 4096, FP8), (300, 2112, 7168, FP8), (4096, 4096, 4096, INT8)):
+        refused.clear()
+        pick = auto.heuristic(M, N, K, dtype)
+        assert auto.choose(M, N, K, dtype, cuda) == pick
+        refused.add(pick)
+        first, second = [b for b in backends.FALLBACK_ORDER if b != pick][:2]
+        assert auto.choose(M, N, K, dtype, cuda) == first
+        refused.add(first)
+        assert auto.choose(M, N, K, dtype, cuda) == second
+        refused.update(b for b in backends.FALLBACK_ORDER if b != "reference")
+        assert auto.choose(M, N, K, dtype, cuda) == "reference"
+        refused.add("reference")
+        with pytest.raises(RuntimeError, match=rf"no backend can serve M={M}.*{pick} refused here.*reference refused"):
+            auto.choose(M, N, K, dtype, cuda)
 
 
 def test_shipped_auto_table_is_valid_json():

@@ -3,7 +3,7 @@
 The contract (fp8linear.norm): a consumer that receives the handoff computes bit for bit what it computes
 by quantizing the norm's output itself; the swap changes only the norm (rmsnorm_reference's formula).
 So the tests compare a fused model with the same model whose norms hand nothing over, bit for bit, and
-count the quantizations that no longer run. CPU tests run the CPU op implementations; the GPU tests the
+count the quantizations that no longer run. These run the CPU op implementations; test_norm_gpu.py the
 kernels, with the backends auto picks (cuBLASLt / DeepGEMM at prefill sizes, small_m at decode).
 """
 
@@ -125,53 +125,6 @@ def test_state_dict_keys_unchanged_and_unsupported_norms_reported():
 def test_from_norm_rejects_other_norms():
     with pytest.raises(TypeError, match="LayerNorm"):
         FP8RMSNorm.from_norm(torch.nn.LayerNorm(128))
-
-
-# -- GPU ------------------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.usefixtures("kernels_built")
-@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
-def test_fused_norms_on_gpu_match_the_unfused_model(monkeypatch, tokens):
-    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16).cuda(), progress=False,
-                                     fuse_mlp=True, fuse_norm=True)
-    plain = _without_handoff(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(tokens))
-    with torch.inference_mode():
-        ref = plain(ids).logits
-        calls = _count_quantizations(monkeypatch)
-        got = model(ids).logits
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    assert torch.isfinite(got).all()
-    if tokens > 16:  # prefill sizes: only o_proj quantizes (small_m serves M <= 16 itself)
-        assert len(calls) == model.config.num_hidden_layers
-
-
-@pytest.mark.gpu
-@pytest.mark.usefixtures("kernels_built")
-def test_fused_norms_under_cuda_graph_replay():
-    model = fp8linear.quantize_model(tiny_model("llama", dtype=torch.bfloat16).cuda(), progress=False,
-                                     fuse_norm=True)
-    x = torch.randn(1, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-    layer = model.model.layers[0]
-    with torch.inference_mode():
-        pos = torch.arange(64, device="cuda")[None]
-        emb = model.model.rotary_emb(x, pos)
-        eager = layer(x, position_embeddings=emb)
-        eager = eager[0] if isinstance(eager, tuple) else eager
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x, position_embeddings=emb)  # warm-up on the capture stream
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x, position_embeddings=emb)
-        out = out[0] if isinstance(out, tuple) else out
-        graph.replay()
-        torch.cuda.synchronize()
-    torch.testing.assert_close(out, eager, rtol=0, atol=0)
 
 
 def test_save_and_load_with_fused_norms(tmp_path):
