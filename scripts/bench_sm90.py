@@ -3,7 +3,7 @@
 Per (N, K, M), median microseconds (triton.testing.do_bench, L2 flushed) of:
   bf16       F.linear on bf16 weights (the baseline of every speedup)
   deepgemm   FP8Linear(backend="deepgemm"), quantization included (its one-op C++ launch), if importable
-  cublas     FP8Linear(backend="cublas"), quantization included
+  cublaslt   FP8Linear(backend="cublaslt"), quantization included
   quant      per_token_group_quant alone (`col` scales), and `copy`, a device-to-device copy moving the
              quantization's bytes (3 per element of x), timed in the same run: the quant pass's ceiling
   gBcC       sm90_gemm on pre-quantized (q, s), tile height B, cluster C: the GEMM without quantization
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     print(f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
           f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {run_commit.commit()}")
-    cols = ["bf16", "deepgemm", "cublas", "quant", "copy"] + [f"g{b}c{c}" for b, c in VARIANTS] + \
+    cols = ["bf16", "deepgemm", "cublaslt", "quant", "copy"] + [f"g{b}c{c}" for b, c in VARIANTS] + \
         [f"l{b}c{c}" for b, c in VARIANTS] + ["l-auto"]
     print("| N x K | M | " + " | ".join(cols) + " | best sm90 x bf16 | deepgemm x bf16 |")
     print("|" + " --- |" * (len(cols) + 4))
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         lin = torch.nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
-        peers = {name: FP8Linear.from_linear(lin, backend=name) for name in ("deepgemm", "cublas")
+        peers = {name: FP8Linear.from_linear(lin, backend=name) for name in ("deepgemm", "cublaslt")
                  if unsupported_reason(name, 4096, N, K, fp8, dev) is None}
         mine = FP8Linear.from_linear(lin, backend="sm90")
         w, ws = mine.weight, mine.weight_scale_inv

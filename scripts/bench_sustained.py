@@ -146,7 +146,7 @@ def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_shapes.add_shape_arguments(ap)
     ap.add_argument("--M", type=int, nargs="+", default=[4096], help="token counts")
-    ap.add_argument("--backends", nargs="*", default=[], choices=["deepgemm", "cublas", "triton"],
+    ap.add_argument("--backends", nargs="*", default=[], choices=["deepgemm", "cublaslt", "triton"],
                     help="FP8Linear backends timed beside auto (none by default)")
     ap.add_argument("--seconds", type=float, default=1.5, help="back-to-back running time per provider and pass")
     ap.add_argument("--settle-s", type=float, default=0.6, help="the first part of each run, not measured")

@@ -8,8 +8,8 @@ and is a module satisfying `Backend` below (STYLE.md 11). What differs between b
 discovered at call sites: the scale layout it reads (or None when it quantizes inside its own kernel and
 cannot take q/s from outside), the row alignment of q and s, the element types, the largest M it serves.
 `FP8Linear` is the one caller that reads those declarations (fp8linear.linear); modules built on it
-(FP8GatedMLP, FP8RMSNorm) go through FP8Linear's public `input_layout` / `quantize_input` /
-`forward_quantized`, never through a backend.
+(FP8GatedMLP, FP8RMSNorm) go through FP8Linear's public `input_layout` / `forward_quantized` /
+`offer_quantized`, never through a backend.
 
 The names (each a `fp8linear.config.Backend` value; old names are accepted as aliases, see there):
 
