@@ -57,7 +57,7 @@ def header() -> str:
     return (
         f"card: {torch.cuda.get_device_name()} | date: {datetime.datetime.now().isoformat(timespec='seconds')} | "
         f"torch {torch.__version__} CUDA {torch.version.cuda} | commit {commit} | "
-        f"deepgemm: {deepgemm.api_name()}{'' if deepgemm.OWN_LAUNCH else ', its own launch'}, "
+        f"deepgemm: {deepgemm.api_name()}, "
         f"{tiled} buckets with measured tiles"
     )
 

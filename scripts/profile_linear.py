@@ -45,16 +45,15 @@ def kernels(fn) -> str:
 
 
 def their_launch(mod, x, backend: str):
-    """mod(x) with the backend's OWN_LAUNCH off: every DeepGEMM call through DeepGEMM's own Python launch
+    """mod(x) with fp8linear's C++ relaunch of DeepGEMM off: every call through DeepGEMM's own Python launch
     (the same kernel, for comparison)."""
-    from fp8linear import backends
+    from fp8linear.backends import deepgemm_relaunch
 
-    module = backends.get(backend)
-    module.OWN_LAUNCH = False
+    deepgemm_relaunch.ENABLED = False
     try:
         return mod(x)
     finally:
-        module.OWN_LAUNCH = True
+        deepgemm_relaunch.ENABLED = True
 
 
 def host_profile(fn, n: int = 100) -> None:

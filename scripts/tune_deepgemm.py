@@ -115,7 +115,7 @@ def prebuild(N: int, K: int, tiles_list, jobs: int) -> dict:
     def one(key):
         bm, bn, stages, mc, on_a = key
         smem, swizzle, pad = dg_gemm.get_smem_config(stages, K, bm, bn)
-        # The keys deepgemm.run_with_tiles hands DeepGEMM's tuner (as gemm_fp8_fp8_bf16_nt does for its
+        # The keys deepgemm_relaunch.run_with_tiles hands DeepGEMM's tuner (as gemm_fp8_fp8_bf16_nt does for its
         # pick), so the code, and with it the cache entry, is the one the timed runs then find.
         code = FP8GemmRuntime.generate(
             N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, BLOCK_N_PADDING=pad, SWIZZLE_D_MODE=swizzle,
@@ -133,7 +133,7 @@ def prebuild(N: int, K: int, tiles_list, jobs: int) -> dict:
 
 def tune_bucket(M: int, N: int, K: int, tiles_list, weight, wsi, rep_ms: float, min_gain: float) -> dict:
     from fp8linear import per_token_group_quant
-    from fp8linear.backends import deepgemm
+    from fp8linear.backends import deepgemm_relaunch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -142,7 +142,7 @@ def tune_bucket(M: int, N: int, K: int, tiles_list, weight, wsi, rep_ms: float, 
 
     def plan_of(tiles):
         y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        plan = deepgemm.run_with_tiles(tiles, q, s, weight, wsi, y)
+        plan = deepgemm_relaunch.run_with_tiles(tiles, q, s, weight, wsi, y)
         if isinstance(plan, str):
             raise RuntimeError(plan)
         return plan

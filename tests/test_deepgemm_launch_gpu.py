@@ -14,7 +14,7 @@ import torch
 
 from conftest import assert_rejected_in_child, poison_allocator
 from fp8linear import per_token_group_quant
-from fp8linear.backends import deepgemm
+from fp8linear.backends import deepgemm, deepgemm_relaunch as relaunch
 from fp8linear.weights import quantize_weight_blockwise
 
 FP8 = torch.float8_e4m3fn
@@ -57,9 +57,9 @@ def _operands(M: int, N: int, K: int):
 def test_cpp_launch_equals_deepgemm_launch(monkeypatch, M, N, K):
     q, s, weight, wsi = _operands(M, N, K)
     key = (M, N, K, q.device.index)
-    deepgemm._plans.pop(key, None)
+    relaunch.plans.pop(key, None)
     first = deepgemm._gemm_impl(q, s, weight, wsi)  # DeepGEMM's own launch; records the plan
-    plan = deepgemm._plans[key]
+    plan = relaunch.plans[key]
     assert plan, "the plan of a legacy kernel should be readable (see the INFO log for why not)"
     kernel, num_sms, block_m, block_n, smem, swizzle_d, multicast = plan
     assert kernel != 0 and block_m in (64, 128, 256) and multicast in (1, 2)
@@ -91,7 +91,7 @@ def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
     first = layer(x)  # DeepGEMM's own launch; records the plan
     prepared = layer._prepared["deepgemm"][1]
     x2d = x.reshape(-1, K)
-    assert deepgemm._plans.get((2 * M, N, K, x.device.index)), "the one-op path should serve"
+    assert relaunch.plans.get((2 * M, N, K, x.device.index)), "the one-op path should serve"
     poison_allocator(x.device)
     second = layer(x)  # the one-op path
     q, s = per_token_group_quant(x2d, 128, FP8, scale_layout="col", scale_ue8m0=pow2)
@@ -106,7 +106,7 @@ def test_one_op_forward_equals_quantize_then_gemm(M, N, K, bias, pow2, x_dtype):
 _BAD_ARGUMENTS = r"""
 import sys, torch
 from fp8linear import per_token_group_quant
-from fp8linear.backends import deepgemm
+from fp8linear.backends import deepgemm, deepgemm_relaunch as relaunch
 from fp8linear.weights import quantize_weight_blockwise
 FP8 = torch.float8_e4m3fn
 M, N, K = 64, 256, 512
@@ -115,7 +115,7 @@ q, s = per_token_group_quant(x, 128, FP8, scale_layout="col")
 weight, wsi = quantize_weight_blockwise(torch.randn(N, K, device="cuda"), FP8)
 if sys.argv[1] != "control":
     deepgemm._gemm_impl(q, s, weight, wsi)
-    plan = deepgemm._plans[(M, N, K, q.device.index)]
+    plan = relaunch.plans[(M, N, K, q.device.index)]
     assert plan, "no plan recorded"
     op = torch.ops.fp8linear.deepgemm_gemm
     cases = {

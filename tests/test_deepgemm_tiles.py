@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fp8linear import per_token_group_quant
-from fp8linear.backends import deepgemm, deepgemm_tiles
+from fp8linear.backends import deepgemm, deepgemm_relaunch as relaunch, deepgemm_tiles
 from fp8linear.backends.deepgemm_tiles import Tiles
 
 FP8 = torch.float8_e4m3fn
@@ -122,27 +122,27 @@ def test_first_call_uses_the_tables_tiles_and_falls_back_with_a_warning(monkeypa
         return tiles_plan
 
     row = {"tiles": Tiles(128, 192, 4, 2, True, "fewest")}
-    monkeypatch.setattr(deepgemm, "_api", lambda: (deepgemm_call, "legacy"))
-    monkeypatch.setattr(deepgemm, "_legacy_plan", lambda M, N, K: own_plan)
-    monkeypatch.setattr(deepgemm, "run_with_tiles", run_with_tiles)
+    monkeypatch.setattr(relaunch, "written_for", lambda: None)
+    monkeypatch.setattr(relaunch, "legacy_plan", lambda M, N, K: own_plan)
+    monkeypatch.setattr(relaunch, "run_with_tiles", run_with_tiles)
     monkeypatch.setattr(deepgemm_tiles, "lookup_for_device", lambda M, N, K, device: row["tiles"])
     M, N, K = 301, 2112, 256  # M_pad = 304: the `col` scales' column stride is not M
     q, s = per_token_group_quant(torch.randn(M, K), 128, FP8, scale_layout="col")
     w, ws = torch.randn(N, K).to(FP8), torch.rand(17, 2)
     y = torch.empty(M, N, dtype=torch.bfloat16)
 
-    assert deepgemm._first_call(q, s, w, ws, y) == tiles_plan
+    assert relaunch.first_call(deepgemm_call, q, s, w, ws, y) == tiles_plan
     assert tiled == [row["tiles"]] and not plain and torch.equal(y, torch.full_like(y, 2.0))
 
     row["tiles"] = Tiles(128, 104, 4, 2, True)
-    with caplog.at_level(logging.WARNING, logger=deepgemm.__name__):
-        assert deepgemm._first_call(q, s, w, ws, y) == own_plan  # DeepGEMM's own pick, by its own launch
+    with caplog.at_level(logging.WARNING, logger=relaunch.__name__):
+        assert relaunch.first_call(deepgemm_call, q, s, w, ws, y) == own_plan  # DeepGEMM's own pick, by its own launch
     assert plain == [(M, N)] and torch.equal(y, torch.ones_like(y))
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "128x104 s4 mc2 on A, fewest SMs" in record.getMessage() and "Failed to compile" in record.getMessage()
 
     row["tiles"] = None  # no row for this shape
-    assert deepgemm._first_call(q, s, w, ws, y) == own_plan and len(plain) == 2
+    assert relaunch.first_call(deepgemm_call, q, s, w, ws, y) == own_plan and len(plain) == 2
     row["tiles"] = Tiles(128, 192, 4, 2, True, "all")  # s in another layout: DeepGEMM's own call re-lays it
-    assert deepgemm._first_call(q, s.contiguous(), w, ws, y) == own_plan and len(plain) == 3
+    assert relaunch.first_call(deepgemm_call, q, s.contiguous(), w, ws, y) == own_plan and len(plain) == 3
     assert len(tiled) == 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_bitwise_equal, poison_allocator
-from fp8linear.backends import deepgemm, deepgemm_tiles
+from fp8linear.backends import deepgemm, deepgemm_relaunch as relaunch, deepgemm_tiles
 from fp8linear.backends.deepgemm_tiles import Tiles
 from test_deepgemm_launch_gpu import _operands, needs_legacy
 
@@ -31,7 +31,7 @@ def test_tiles_give_deepgemms_bits(M, N, K, tiles):
     deepgemm._api()[0]((q, s), (weight, wsi), own)  # DeepGEMM's pick, its own launch
     poison_allocator(q.device)
     first = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    plan = deepgemm.run_with_tiles(tiles, q, s, weight, wsi, first)
+    plan = relaunch.run_with_tiles(tiles, q, s, weight, wsi, first)
     assert isinstance(plan, tuple), plan
     assert plan[2:4] == (tiles.block_m, tiles.block_n) and plan[6] == tiles.multicast
     assert plan[1] == deepgemm_tiles.num_sms_for(tiles, M, N, torch.cuda.get_device_properties(0).multi_processor_count)
