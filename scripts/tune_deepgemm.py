@@ -185,7 +185,9 @@ def tune_bucket(M: int, N: int, K: int, tiles_list, weight, wsi, rep_ms: float, 
 
 
 def write_rows(path: str, head: str, rows: list, min_gain: float) -> None:
-    """Merge rows into the table at path: rows of other cards, shapes and buckets stay."""
+    """Merge rows into the table at path: rows of other cards, shapes and buckets stay; a bucket measured again
+    replaces its row, and only rows with tiles are written (a bucket without a row keeps DeepGEMM's pick,
+    so a row that kept it would never be read; the run prints every bucket's pick and time)."""
     table = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -196,7 +198,7 @@ def write_rows(path: str, head: str, rows: list, min_gain: float) -> None:
     entry = table.get(card) if isinstance(table.get(card), dict) else {}
     new_keys = {(r["N"], r["K"], r["M_max"]) for r in rows}
     kept = [r for r in entry.get("rows", []) if (r["N"], r["K"], r["M_max"]) not in new_keys]
-    merged = sorted(kept + rows, key=lambda r: (r["N"], r["K"], r["M_max"]))
+    merged = sorted((r for r in kept + rows if r.get("tiles") is not None), key=lambda r: (r["N"], r["K"], r["M_max"]))
     table[card] = {"meta": {"header": head, "date": datetime.date.today().isoformat(), "min_gain": min_gain},
                    "rows": merged}
     with open(path, "w") as f:
