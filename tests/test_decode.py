@@ -25,11 +25,6 @@ def _prompt(vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
 
 
-def _eos(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
 @pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
 def test_manual_decoder_matches_hf_generate(fp8):
     # fp32 activations: the static cache's masked attention over max_cache_len positions and the dynamic
@@ -39,7 +34,7 @@ def test_manual_decoder_matches_hf_generate(fp8):
         model = fp8linear.quantize_model(model, progress=False)
     prompt = _prompt(model.config.vocab_size)
     expected = hf.generate(model, prompt, NEW).tokens
-    decoder = decode.GraphDecoder(model, PROMPT_LEN + NEW + 3, use_graph=False, suppress_ids=_eos(model))
+    decoder = decode.GraphDecoder(model, PROMPT_LEN + NEW + 3, use_graph=False, suppress_ids=decode.eos_ids(model))
     first = decoder.generate(prompt, NEW)
     assert first.tokens.dtype == torch.long and first.tokens.shape == (NEW,)
     assert first.tokens.tolist() == expected.tolist()
@@ -51,6 +46,16 @@ def test_manual_decoder_matches_hf_generate(fp8):
     assert again.tokens.tolist() == expected.tolist()
     # A shorter call is a prefix.
     assert decoder.generate(prompt, 3).tokens.tolist() == expected[:3].tolist()
+
+
+def test_graph_generate_is_hf_generate_token_for_token():
+    """What `fp8linear generate` runs on a GPU (warm-up, capture, replay with EOS suppressed), here without
+    capture: the same tokens as transformers' greedy generate with min_new_tokens."""
+    model = fp8linear.quantize_model(tiny_model("llama", torch.float32), progress=False)
+    prompt = _prompt(model.config.vocab_size, seed=5)
+    got = decode.graph_generate(model, prompt, NEW, use_graph=False)
+    assert got.tokens.tolist() == hf.generate(model, prompt, NEW).tokens.tolist()
+    assert decode.eos_ids(model) == [model.generation_config.eos_token_id]
 
 
 def test_manual_decoder_suppresses_ids():
