@@ -128,16 +128,27 @@ def test_generate_runs_on_tiny_llama():
         hf.generate(q, ids.repeat(2, 1), 3)
 
 
+def _dequantize_block_by_block(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] in fp32, each 128 x 128 block (partial at the edges) times its own scale."""
+    N, K = weight.shape
+    out = torch.empty(N, K)
+    for i in range(0, N, 128):
+        for j in range(0, K, 128):
+            out[i : i + 128, j : j + 128] = weight[i : i + 128, j : j + 128].float() * weight_scale_inv[i // 128, j // 128]
+    return out
+
+
 def test_dequantize_model_inverts_the_swap():
     from fp8linear.convert import dequantize_model
-    from fp8linear.weights import dequantize_weight_blockwise
 
-    q = fp8linear.quantize_model(tiny_model("llama_odd"), progress=False)
-    layer = q.model.layers[0].mlp.down_proj
-    expected = dequantize_weight_blockwise(layer.weight, layer.weight_scale_inv).to(torch.float32)
+    q = fp8linear.quantize_model(tiny_model("llama_odd"), progress=False)  # N = 200 and K = 200: partial blocks
+    expected = {name: _dequantize_block_by_block(m.weight, m.weight_scale_inv)
+                for name, m in q.named_modules() if isinstance(m, FP8Linear)}
     d = dequantize_model(copy.deepcopy(q), torch.float32)
     assert not any(isinstance(m, FP8Linear) for m in d.modules())
-    assert torch.equal(d.model.layers[0].mlp.down_proj.weight, expected)
+    for name, weight in expected.items():
+        layer = d.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, weight), name
 
 
 def test_model_class_errors():
