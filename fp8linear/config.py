@@ -90,7 +90,8 @@ class FP8Config:
 
     Fields:
         dtype: element type of weights and activations: `torch.float8_e4m3fn` (default; what every FP8
-            checkpoint holds) or `torch.int8` (QMAX 127; served by the triton and reference backends).
+            checkpoint holds) or `torch.int8` (QMAX 127; served by the triton, fused_mma, fused_wgmma and
+            reference backends).
         block_size: weight block (rows of N, columns of K); (128, 128) only, the checkpoint convention
             and what DeepGEMM and cuBLASLt read.
         scale_ue8m0: round every scale (weight blocks and activation groups) up to a power of two,
