@@ -3,7 +3,7 @@
 Loading the shared library runs its `TORCH_LIBRARY_IMPL(fp8linear, CUDA, m)` block, which registers the
 CUDA implementation of the ops that `fp8linear.ops` defines. Nothing here runs at import.
 
-Cache: `$FP8LINEAR_CACHE` (default `~/.cache/fp8linear`), one folder per (source hash, arch, torch
+Cache: `$FP8LINEAR_CACHE_DIR` (default `~/.cache/fp8linear`), one folder per (source hash, arch, torch
 version, CUDA version); `torch.utils.cpp_extension` rebuilds there when sources or flags change.
 
 `python -m fp8linear._build --compile-only [--arch 90a]` compiles every `kernels/*.cu` to an object
@@ -53,7 +53,7 @@ def kernel_sources() -> list[pathlib.Path]:
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("FP8LINEAR_CACHE") or pathlib.Path.home() / ".cache" / "fp8linear")
+    return pathlib.Path(os.environ.get("FP8LINEAR_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fp8linear")
 
 
 def cuda_arch(capability: tuple[int, int]) -> str:
@@ -69,15 +69,7 @@ def cuda_arch(capability: tuple[int, int]) -> str:
 
 def nvcc_flags(arch: str) -> list[str]:
     # No --use_fast_math: the quantization must match the CPU reference bit for bit (DESIGN.md).
-    # FP8LINEAR_NVCC_EXTRA (for re-tuning, scripts/tune_quant_kernel.py) appends flags such as -DFP8L_...
-    return [
-        "-O3",
-        "-std=c++17",
-        f"-gencode=arch=compute_{arch},code=sm_{arch}",
-        "--expt-relaxed-constexpr",
-        "-lineinfo",
-        *os.environ.get("FP8LINEAR_NVCC_EXTRA", "").split(),
-    ]
+    return ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def _source_hash() -> str:

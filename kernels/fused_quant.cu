@@ -13,24 +13,23 @@
 // Thread-to-data mapping. A chunk is 8 consecutive elements of T (16 bytes of bf16/fp16, 32 of fp32).
 // rmsnorm: each chunk is owned by one lane; a group of g elements is TPG = g / 8 adjacent lanes (2 .. 32)
 // of one warp, whose amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in
-// the main kernel). silu_and_mul: a lane owns a slot of FP8L_SILU_CHUNKS = 2 consecutive chunks, so a group
-// is g / 16 lanes (1 .. 16), reduced the same way.
+// the main kernel). silu_and_mul: a lane owns a slot of 2 consecutive chunks, so a group is g / 16 lanes
+// (1 .. 16), reduced the same way.
 //
-// silu_and_mul: the slots of q (M * I / 16 of them, in memory order) are spread over 256-thread blocks;
-// each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 1 slot (64 bytes in flight per thread
-// for bf16) before computing. The grid is not capped at a resident wave (FP8L_SILU_MAX_WAVES = 0): every
-// block runs one iteration. The kernel is issue-bound: two chunks per slot (once per slot: indices, the
-// group's shuffles and its scale; one 16-byte store) took 109.7 us at M = 4096, I = 14336 against 121.9
-// for one chunk per slot and two slots per thread. Bytes per output element:
-// 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096,
-// I = 14336 moves 296 MB, about 99 us.
+// silu_and_mul: the slots of q (M * I / 16 of them, in memory order) are spread over 256-thread blocks; each
+// thread loads the gate and up chunks of one slot (64 bytes in flight per thread for bf16) before computing.
+// The grid is not capped at a resident wave: every block runs one iteration. The kernel is issue-bound: two
+// chunks per slot (once per slot: indices, the group's shuffles and its scale; one 16-byte store) took 109.7
+// us at M = 4096, I = 14336 against 121.9 for one chunk per slot and two slots per thread. Bytes per output
+// element: 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M =
+// 4096, I = 14336 moves 296 MB, about 99 us.
 // Arithmetic: the exp (fused_quant.cuh) rounds to an integer with a shifter add and scales by an
 // integer add to the exponent field, not FRND + F2I and two multiplies: the same bits (pinned by
 // tests/test_fused_cpu.py test_kernel_fast_exp_is_exp_fp32), four fewer instructions per element, two
 // of them on the conversion pipe (16 per clock per SM on sm_90, an eighth of the FP32 rate). The IEEE
 // division stays: a reciprocal then a multiply (g * rcp(1 + e)) moves the fp16 silu of a common gate
 // (-2.7246) off torch's CPU silu, and bit-exactness with the unfused Hugging Face activation needs it.
-// For bf16/fp16 inputs the exp's reduction and polynomial run as FMAs (FP8L_SILU_FMA): other fp32 bits
+// For bf16/fp16 inputs the exp's reduction and polynomial run as FMAs (kSiluFma): other fp32 bits
 // at a few hundred of the 65536 inputs, the same silu once rounded to the input dtype at all of them
 // (test_kernel_fma_exp_gives_the_reference_silu_for_every_16_bit_input), nine fewer instructions per
 // element; scripts/kernel_microbench.sh timed 120.5 against 133.2 us at M = 4096, I = 14336 (H100).
@@ -182,15 +181,8 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_quant_kernel(const RmsParams
 
 template <typename T, typename Out, bool kPacked>
 void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
-  const auto kernel = silu_and_mul_quant_kernel<T, Out, kPacked>;
-  static const int blocks_per_sm = [&] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kSiluThreads, 0));
-    return n > 0 ? n : 1;
-  }();
-  const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
-  const uint32_t grid = silu_grid(p.num_slots, wave);
-  kernel<<<grid, kSiluThreads, 0, stream>>>(p);
+  (void)device;  // the grid needs no device property: one slot per thread
+  silu_and_mul_quant_kernel<T, Out, kPacked><<<silu_grid(p.num_slots), kSiluThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

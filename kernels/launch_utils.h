@@ -4,8 +4,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include <utility>
 
@@ -34,15 +32,11 @@ inline int device_attribute(int device) {
 // Multiprocessors of `device` (launchers size their grids by it).
 inline int device_sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
-// Whether launches on `device` use programmatic dependent launch: compute capability >= 9.0, unless the
-// environment says FP8LINEAR_PDL=0 (read once per process).
-inline bool pdl_enabled(int device) {
-  static const bool allowed = [] {
-    const char* v = std::getenv("FP8LINEAR_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return allowed && device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9;
-}
+// Whether launches on `device` use programmatic dependent launch: compute capability >= 9.0. The kernels
+// wait for the grids ahead of them before touching memory (griddep_wait, common.cuh), so the bytes are those
+// of a plain launch; only the launch overlaps the previous kernel's tail (docs/benchmarks.md, "16 elements per
+// lane, PDL").
+inline bool pdl_enabled(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9; }
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...), with the programmatic-stream-serialization attribute
 // when `pdl`: the kernel must then call griddep_wait() (common.cuh) before it reads anything the kernels ahead

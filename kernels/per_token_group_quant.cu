@@ -10,30 +10,29 @@
 //   from the tensor), or for `ue8m0_packed` byte j%4 of int32 word (b, m, j/4), the bytes of groups
 //   >= G in a row's last word written as 0. Padding rows M..M_pad-1 are never touched.
 //
-// Thread-to-data mapping. A chunk is 16 bytes of input (8 bf16/fp16 or 4 fp32). A group of g elements
-// is C = g / chunk chunks, owned by a sub-warp of TPG = min(C / 2, 32) adjacent lanes (at least 1);
-// lane i loads the two adjacent chunks 2i and 2i + 1 (FP8L_CHUNKS_PER_LANE = 2, FP8L_LANE_CONTIGUOUS = 1;
-// g = 256 fp32 too, whose 64 chunks fill a warp), so a lane handles 16 bf16 elements and stores its 16 quantized bytes at
-// once, and a warp's two LDG.128 read 1 KB of contiguous input between them. The group amax is a max
-// over unsigned abs-bit patterns (exact, NaN-ordering; see common.cuh) reduced by log2(TPG) xor-shuffles
-// inside the sub-warp; every lane then computes the same scale and quantizes its own chunks; lane 0 of
-// the sub-warp writes the scale. Against one chunk per lane (the layout before a64c170), the shuffles,
-// the scale and the index math run once per 16 elements instead of 8: 2-4% faster at every shape of
-// scripts/kernel_microbench.sh (H100, docs/runs/2026-11-25-kernel-microbench-5-h100.md).
+// Thread-to-data mapping. A chunk is 16 bytes of input (8 bf16/fp16 or 4 fp32). A group of g elements is C =
+// g / chunk chunks, owned by a sub-warp of TPG = min(C / 2, 32) adjacent lanes (at least 1); lane i loads the
+// two adjacent chunks 2i and 2i + 1 (g = 256 fp32 too, whose 64 chunks fill a warp), so a lane handles 16
+// bf16 elements and stores its 16 quantized bytes at once, and a warp's two LDG.128 read 1 KB of contiguous
+// input between them. The group amax is a max over unsigned abs-bit patterns (exact, NaN-ordering; see
+// common.cuh) reduced by log2(TPG) xor-shuffles inside the sub-warp; every lane then computes the same scale
+// and quantizes its own chunks; lane 0 of the sub-warp writes the scale. Against one chunk per lane (the
+// layout before a64c170), the shuffles, the scale and the index math run once per 16 elements instead of 8:
+// 2-4% faster at every shape of scripts/kernel_microbench.sh (H100,
+// docs/runs/2026-11-25-kernel-microbench-5-h100.md).
 //
-// Work: the flattened groups 0 .. B*M*G-1 (in memory order of q) are cut into tiles of one group per
-// sub-warp of a block (256 threads: 256 / TPG groups per tile). Block b takes tiles b, b + grid,
-// b + 2 grid, ... and handles kLoadsPerThread / (chunks per lane) of them per iteration (one by default:
-// 2 x 16 bytes in flight per thread), loading all of them before reducing any. By default
-// (FP8L_MAX_WAVES 0) the grid gives every block one iteration once the tensor fills a resident wave and
-// one tile each before that, so a decode-sized call (M <= 16) launches a few blocks doing one tile each;
-// with FP8L_MAX_WAVES > 0 the grid is capped at that many waves and blocks loop (persistent).
+// Work: the flattened groups 0 .. B*M*G-1 (in memory order of q) are cut into tiles of one group per sub-warp
+// of a block (256 threads: 256 / TPG groups per tile). Block b takes tiles b, b + grid, b + 2 grid, ... and
+// handles kLoadsPerThread / (chunks per lane) of them per iteration (one: 2 x 16 bytes in flight per thread),
+// loading all of them before reducing any. The grid gives every block one iteration once the tensor fills a
+// resident wave and one tile each before that, so a decode-sized call (M <= 16) launches a few blocks doing
+// one tile each (per_token_group_quant.cuh: the launch shape, and the persistent grid it beat).
 //
-// Launch: with programmatic dependent launch on sm_90+ (launch_utils.h launch_kernel; FP8LINEAR_PDL=0
-// turns it off): the grid may be scheduled while the kernel ahead of it in the stream finishes, and
-// griddep_wait() at the top of the kernel holds every global access until that kernel's memory is
-// visible. SGLang's kernels launch this way too; in CUDA-graph replay at M <= 128 they ran 1.07-1.50 us
-// per launch against our 1.40-2.15 without it (bench_quant, 7f9eb48).
+// Launch: with programmatic dependent launch on sm_90+ (launch_utils.h launch_kernel): the grid may be
+// scheduled while the kernel ahead of it in the stream finishes, and griddep_wait() at the top of the kernel
+// holds every global access until that kernel's memory is visible. SGLang's kernels launch this way too; in
+// CUDA-graph replay at M <= 128 they ran 1.07-1.50 us per launch against our 1.40-2.15 without it
+// (bench_quant, 7f9eb48).
 //
 // Bytes moved per element: sizeof(x) read + 1 written + 4/g for the scale: about 3.03 B for bf16 ->
 // fp8 at g = 128. Floor at the H100's 3.0 TB/s copy bandwidth (read + write): 4096 x 7168 bf16 moves

@@ -12,10 +12,10 @@
 // share of the layer's time (docs/benchmarks.md). Here every block quantizes the few activation rows it
 // needs itself, from L2, with the quant kernel's own device code (common.cuh), so q and s never touch HBM.
 //
-// Mapping ("swap AB"): a block owns 16 weight rows (32 when M > 8 and N / 32 fills the SMs, to spread the
-// quantization's ALU work over more weight bytes), in tiles of 16 = the M dimension of a tensor-core
-// `mma.sync.m16n8k32` (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to 16 tokens as one or two n8 tiles.
-// Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... . Per group a warp
+// Mapping ("swap AB"): a block owns kRT tiles of 16 weight rows (kRT = 1 in every launch: see dispatch_tiles),
+// 16 = the M dimension of a tensor-core `mma.sync.m16n8k32` (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to
+// 16 tokens as one or two n8 tiles. Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... .
+// Per group a warp
 //   1. loads its 16 x 128 weight bytes per row tile: lane (g = lane / 4, t = lane % 4) reads 16 bytes at columns
 //      16t .. 16t+15 of each 64-column span of rows g and g + 8 (a warp-wide load covers 8 rows x 64 bytes);
 //   2. loads the group's 128 activations of every token (a 16-lane sub-warp per bf16 row, as the quant
@@ -35,9 +35,8 @@
 // [splits, M, N] buffer and counts itself in a per-row-block counter; the last split to arrive adds all of
 // them in split order (deterministic), adds the bias, rounds, and clears the counter. (A second kernel did
 // the sum before; dropping its launch saved 1-2 us per call in do_bench, docs/benchmarks.md.)
-// FP8L_SMALLM_SPLIT_K=0 turns this off.
 //
-// Quantized ahead: from M = 9 tokens, and from FP8L_SMALLM_PREQUANT_MIN_M (4) on weights of at least
+// Quantized ahead (quantizes_ahead): from M = 9 tokens, and from M = 4 on weights of at least
 // 2^23 elements, quantizing every token's groups again in every block cost more than the weight stream (each
 // of N / 16 blocks redoes all of x: as many quantized elements as weight bytes at M = 16). The op then runs
 // the quant kernel once (`row` scales, the same bits) and launches this kernel with programmatic dependent
@@ -76,25 +75,20 @@
 namespace fp8linear {
 namespace small_m {
 
-#ifndef FP8L_SMALLM_SPLIT_K
-#define FP8L_SMALLM_SPLIT_K 1  // 0: one block per row block whatever the SM count (for comparison)
-#endif
-#ifndef FP8L_SMALLM_PREQUANT_MIN_M
-#define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M (9 below 2^23 weights), x is quantized ahead (17: never)
-#endif
-#ifndef FP8L_SMALLM_PREQUANT_WIDE
-#define FP8L_SMALLM_PREQUANT_WIDE 7168  // N and K both at least this: x is quantized ahead from M = 1
-#endif
-#ifndef FP8L_SMALLM_UNROLL
-#define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
-#endif
+// x is quantized ahead from this M (9 below 2^23 weight elements), and from M = 1 where N and K are both at
+// least kPrequantWide (the file's head: the measurements).
+constexpr int64_t kPrequantMinM = 4;
+constexpr int64_t kPrequantWide = 7168;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kTileRows = 16;  // weight rows of one mma tile (the mma's M); a block owns kRT of them
 constexpr int kGroup = 128;    // activation group = weight block width
 constexpr int kRowBytes = 192;  // smem stride of one token's 128 quantized bytes: tokens g and g+1 of a
                                 // 16-byte B-fragment load then fall in different banks (192 % 128 == 64)
-constexpr int kUnroll = FP8L_SMALLM_UNROLL;
+// Groups whose weights a warp loads before using any (bytes in flight): 2. Three or four lost at nearly every
+// layer measured, their registers costing blocks per SM (docs/benchmarks.md, "small_m: x quantized ahead from
+// M = 1 on wide layers").
+constexpr int kUnroll = 2;
 constexpr int kMaxM = 16;
 
 enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
@@ -465,7 +459,7 @@ void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor&
   }
   int splits = 1;
   const int resident = per_sm * device_sm_count(device);
-  if (FP8L_SMALLM_SPLIT_K && blocks <= device_sm_count(device)) {
+  if (blocks <= device_sm_count(device)) {
     splits = std::min((resident + blocks - 1) / blocks, std::max(p.G / kWarps, 1));
   }
   p.groups_per_split = (p.G + splits - 1) / splits;
@@ -482,26 +476,26 @@ void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor&
                      p);
 }
 
-template <typename T, typename Out, int kNT, int kRT>
-void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
-  if (p.q != nullptr) return launch_variant<T, Out, kNT, kRT, true>(p, device, stream, like);
-  return launch_variant<T, Out, kNT, kRT, false>(p, device, stream, like);
-}
-
 template <typename T, typename Out>
 void dispatch_tiles(const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
-  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8 with x
-  // quantized ahead: two token tiles, still 16 rows (the 32-row instantiation holds 166-206 registers: one
-  // block per SM; 16-row blocks took 28672x4096 at M = 16 from 71.9 to 65.6 us, 24576x7168 from 96.6 to
-  // 85.4, H100 2026-11-26). M > 8 quantizing in the blocks (FP8L_SMALLM_PREQUANT_MIN_M > 8): each block
-  // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes,
-  // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
-  // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
-  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream, like);
-  if (p.q != nullptr) return launch<T, Out, 2, 1>(p, device, stream, like);
-  const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
-  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream, like);
-  return launch<T, Out, 2, 2>(p, device, stream, like);
+  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream), x quantized in the
+  // blocks or ahead. M > 8 (x always quantized ahead: quantizes_ahead): two token tiles, still 16 rows (a
+  // 32-row instantiation held 166-206 registers: one block per SM; 16-row blocks took 28672x4096 at M = 16
+  // from 71.9 to 65.6 us, 24576x7168 from 96.6 to 85.4, H100 2026-11-26).
+  if (p.M <= 8) {
+    if (p.q != nullptr) return launch_variant<T, Out, 1, 1, true>(p, device, stream, like);
+    return launch_variant<T, Out, 1, 1, false>(p, device, stream, like);
+  }
+  TORCH_CHECK(p.q != nullptr, "small_m_linear: M=", p.M, " > 8 needs x quantized ahead (quantizes_ahead)");
+  return launch_variant<T, Out, 2, 1, true>(p, device, stream, like);
+}
+
+// Whether x is quantized with the quant kernel ahead of the GEMV for this shape (the file's head says when that
+// pays).
+bool quantizes_ahead(int64_t M, int64_t N, int64_t K) {
+  const bool wide = std::min(N, K) >= kPrequantWide;
+  const int64_t min_m = wide ? 1 : N * K >= (int64_t{1} << 23) ? kPrequantMinM : std::max<int64_t>(kPrequantMinM, 9);
+  return M >= min_m;
 }
 
 template <typename T>
@@ -601,11 +595,7 @@ at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight
   // Quantize x once with the quant kernel (the same bits) instead of in every block, where that costs less
   // than the second launch (the file's head). q and s stay alive until the launch below is queued.
   at::Tensor q_pre, s_pre;
-  const bool wide = std::min(N, K) >= FP8L_SMALLM_PREQUANT_WIDE && FP8L_SMALLM_PREQUANT_MIN_M <= kMaxM;
-  const int64_t prequant_min_m = wide                             ? 1
-                                 : N * K >= (int64_t{1} << 23) ? FP8L_SMALLM_PREQUANT_MIN_M
-                                                                 : std::max(FP8L_SMALLM_PREQUANT_MIN_M, 9);
-  if (M >= prequant_min_m) {
+  if (quantizes_ahead(M, N, K)) {
     std::tie(q_pre, s_pre) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
     p.q = static_cast<const uint8_t*>(q_pre.data_ptr());
     p.qs = s_pre.data_ptr<float>();

@@ -4,9 +4,7 @@ tests/kernel_host_checks.cu checks FastDivmod's quotient (every kernel's indexin
 divisor up to 5000, divisors around powers of two up to 2^31 - 1 and random ones, with numerators around
 multiples of the divisor, at the top of the range and at random; and the quant and SiLU kernels' grid
 rules (kernels/per_token_group_quant.cuh quant_grid, kernels/silu_and_mul_quant.cuh silu_grid) and the SiLU
-kernel's sizes (silu_set_sizes), under the shipped knobs and the ones they replace or may take (FP8L_SILU_CHUNKS,
-FP8L_CHUNKS_PER_LANE). Skipped
-where nvcc is missing (CI and the developers' machines have it).
+kernel's sizes (silu_set_sizes). Skipped where nvcc is missing (CI and the developers' machines have it).
 """
 
 from __future__ import annotations
@@ -20,18 +18,13 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [[], ["-DFP8L_SILU_CHUNKS=1"], ["-DFP8L_CHUNKS_PER_LANE=1"]],
-    ids=["shipped", "silu_chunks_1", "quant_1_chunk_per_lane"],
-)
-def test_kernel_header_host_checks(tmp_path, flags):
+def test_kernel_header_host_checks(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     exe = tmp_path / "kernel_host_checks"
     build = subprocess.run(
-        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}", *flags,
+        [nvcc, "-O2", "-std=c++17", "-arch=sm_90a", f"-I{REPO / 'kernels'}",
          str(REPO / "tests" / "kernel_host_checks.cu"), "-o", str(exe)],
         capture_output=True, text=True, timeout=600,
     )
