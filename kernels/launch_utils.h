@@ -1,17 +1,40 @@
-// Host-side helpers shared by the torch launchers of kernels/*.cu (not by the kernels themselves, which stay
-// free of torch types): the device's SM count, cached, pointer alignment, and a launch with programmatic
-// dependent launch where the device has it.
+// Host-side helpers shared by the launchers of kernels/*.cu, torch-free like the kernels themselves: errors
+// raised as std::runtime_error (torch hands it to Python as a RuntimeError, as it does TORCH_CHECK's), CUDA
+// results checked with their names, the device's SM count, cached, pointer alignment, a launch with
+// programmatic dependent launch where the device has it, and the GEMM kernels' bias kinds.
 #pragma once
 
 #include <cstdint>
-
+#include <sstream>
+#include <stdexcept>
 #include <utility>
 
 #include <cuda_runtime.h>
 
-#include <c10/cuda/CUDAException.h>
+#include "launchers.h"
 
 namespace fp8linear {
+
+// Raises std::runtime_error with the parts streamed one after another, as TORCH_CHECK(false, parts...) does.
+template <typename... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+template <typename... Parts>
+inline void require(bool ok, const Parts&... parts) {
+  if (!ok) fail(parts...);
+}
+
+// Raises "<what> failed: <CUDA's message>" unless `status` is cudaSuccess; clears the (non-sticky) error
+// first, so that the next CUDA call does not report it again.
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status == cudaSuccess) return;
+  (void)cudaGetLastError();
+  fail(what, " failed: ", cudaGetErrorName(status), " (", cudaGetErrorString(status), ")");
+}
 
 // cudaDeviceGetAttribute(kAttr, device), asked of the driver once per device (launchers read these on every
 // call). The cache is written with the same value by whichever thread gets there first; 0 marks "not yet
@@ -23,7 +46,7 @@ inline int device_attribute(int device) {
   const bool cached = device >= 0 && device < kMaxDevices;
   int v = cached ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
   if (v == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, kAttr, device));
+    check_cuda(cudaDeviceGetAttribute(&v, kAttr, device), "cudaDeviceGetAttribute");
     if (cached) __atomic_store_n(&cache[device], v, __ATOMIC_RELAXED);
   }
   return v;
@@ -54,7 +77,7 @@ void launch_kernel_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = pdl ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), "cudaLaunchKernelEx");
 }
 
 // The same without dynamic shared memory; the kernel calls griddep_wait() before its first global access.
@@ -64,5 +87,14 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 }
 
 inline bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// The bias a GEMM kernel adds (small_m, sm90), a run-time branch in the kernel: none, or [N] in one of three
+// dtypes.
+enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
+
+inline BiasKind bias_kind(const void* bias, DType dtype) {
+  if (bias == nullptr) return kNoBias;
+  return dtype == DType::kBFloat16 ? kBiasBf16 : dtype == DType::kFloat16 ? kBiasFp16 : kBiasFp32;
+}
 
 }  // namespace fp8linear
