@@ -153,25 +153,17 @@ struct InputTraits<float> {
   }
 };
 
-// Cache policy of the streaming 16-byte loads (a tuning knob, timed by scripts/kernel_microbench.cu):
-// 0 the read-only path (ld.global.nc), 1 evict-first (ld.global.cs), 2 read-only without L1 allocation,
-// 3 as 2 with a 256-byte L2 prefetch. Every value reads the same bytes. FP8L_LOAD_HINT is the quant
-// kernel's; a kernel may pass its own (the SiLU kernel: FP8L_SILU_LOAD_HINT).
-#ifndef FP8L_LOAD_HINT
-#define FP8L_LOAD_HINT 0
-#endif
-
-template <int kHint = FP8L_LOAD_HINT>
+// One 16-byte load of streamed input through the read-only path (ld.global.nc); kNoL1: without allocating
+// in L1 (ld.global.nc.L1::no_allocate), 1% faster for the SiLU kernel's gate and up loads at M = 4096,
+// I = 14336 (docs/runs/2026-11-25-kernel-microbench-2-h100.md). For the quant kernel, no-L1 loads,
+// evict-first loads (ld.global.cs) and no-L1 loads with a 256-byte L2 prefetch gained up to 2% at 1024-4096
+// rows and lost 2-6% at 16384, and evict-first stores (st.global.cs) moved nothing
+// (docs/runs/2026-11-25-kernel-microbench-1-h100.md): it keeps the plain loads and stores.
+template <bool kNoL1 = false>
 __device__ __forceinline__ uint4 load_stream16(const void* ptr) {
   uint4 v;
-  if constexpr (kHint == 1) {
-    v = __ldcs(reinterpret_cast<const uint4*>(ptr));
-  } else if constexpr (kHint == 2) {
+  if constexpr (kNoL1) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(ptr));
-  } else if constexpr (kHint == 3) {
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(ptr));
   } else {
@@ -180,40 +172,20 @@ __device__ __forceinline__ uint4 load_stream16(const void* ptr) {
   return v;
 }
 
-// Cache policy of the quantized-byte stores (knob as above): 0 plain, 1 streaming (st.global.cs).
-#ifndef FP8L_STORE_HINT
-#define FP8L_STORE_HINT 0
-#endif
-
-__device__ __forceinline__ void store_stream8(void* dst, uint32_t a, uint32_t b) {
-#if FP8L_STORE_HINT == 1
-  __stcs(reinterpret_cast<uint2*>(dst), make_uint2(a, b));
-#else
+// Plain stores of 8, 16 and 4 quantized bytes (dst aligned to the width).
+__device__ __forceinline__ void store_bytes8(void* dst, uint32_t a, uint32_t b) {
   *reinterpret_cast<uint2*>(dst) = make_uint2(a, b);
-#endif
 }
 
-__device__ __forceinline__ void store_stream16(void* dst, uint4 v) {
-#if FP8L_STORE_HINT == 1
-  __stcs(reinterpret_cast<uint4*>(dst), v);
-#else
-  *reinterpret_cast<uint4*>(dst) = v;
-#endif
-}
+__device__ __forceinline__ void store_bytes16(void* dst, uint4 v) { *reinterpret_cast<uint4*>(dst) = v; }
 
-__device__ __forceinline__ void store_stream4(void* dst, uint32_t a) {
-#if FP8L_STORE_HINT == 1
-  __stcs(reinterpret_cast<unsigned int*>(dst), a);
-#else
-  *reinterpret_cast<uint32_t*>(dst) = a;
-#endif
-}
+__device__ __forceinline__ void store_bytes4(void* dst, uint32_t a) { *reinterpret_cast<uint32_t*>(dst) = a; }
 
 // Eight quantized bytes (two words, element i in byte i) at dst: one 8-byte store when dst is 8-byte
 // aligned, else byte stores.
 __device__ __forceinline__ void store_q8(uint8_t* dst, const uint32_t (&w)[2], bool aligned) {
   if (aligned) {
-    store_stream8(dst, w[0], w[1]);
+    store_bytes8(dst, w[0], w[1]);
   } else {
 #pragma unroll
     for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)));
@@ -225,7 +197,7 @@ __device__ __forceinline__ void store_q8(uint8_t* dst, const uint32_t (&w)[2], b
 __device__ __forceinline__ void store_q16(uint8_t* dst, const uint32_t (&lo)[2], const uint32_t (&hi)[2],
                                           bool aligned) {
   if (aligned) {
-    store_stream16(dst, make_uint4(lo[0], lo[1], hi[0], hi[1]));
+    store_bytes16(dst, make_uint4(lo[0], lo[1], hi[0], hi[1]));
   } else {
     store_q8(dst, lo, false);
     store_q8(dst + 8, hi, false);
@@ -233,12 +205,12 @@ __device__ __forceinline__ void store_q16(uint8_t* dst, const uint32_t (&lo)[2],
 }
 
 // One 16-byte chunk of input. kVec: one LDG.128 through the read-only path (the launcher proved the
-// address 16-byte aligned); otherwise element-wide loads (a row slice at an odd offset, say)
-// assembled into the same uint4, so everything after the load is shared.
-template <typename T, bool kVec, int kHint = FP8L_LOAD_HINT>
+// address 16-byte aligned), without L1 allocation when kNoL1; otherwise element-wide loads (a row slice
+// at an odd offset, say) assembled into the same uint4, so everything after the load is shared.
+template <typename T, bool kVec, bool kNoL1 = false>
 __device__ __forceinline__ uint4 load_chunk(const T* ptr) {
   if constexpr (kVec) {
-    return load_stream16<kHint>(ptr);
+    return load_stream16<kNoL1>(ptr);
   } else if constexpr (sizeof(T) == 4) {
     const uint32_t* p = reinterpret_cast<const uint32_t*>(ptr);
     return make_uint4(__ldg(p), __ldg(p + 1), __ldg(p + 2), __ldg(p + 3));

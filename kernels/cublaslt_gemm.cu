@@ -20,6 +20,8 @@
 // call would run (tests/test_cublaslt_launch.py compares the two bit for bit).
 //
 // cuBLASLt is the copy torch loaded (dlopen with RTLD_NOLOAD first), reached through kernels/cublaslt_abi.h.
+// Torch-free: the launcher takes pointers and sizes (launchers.h CublasLtGemmArgs); the ops' argument checks,
+// allocations and the quantization of cublaslt_linear are in bindings.cpp.
 
 #include <dlfcn.h>
 
@@ -33,20 +35,13 @@
 
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include "cublaslt_abi.h"
 #include "launch_utils.h"
-#include "quant_ops.h"
+#include "launchers.h"
 
 namespace fp8linear {
 namespace cublaslt {
 
-constexpr int64_t kGroup = 128;          // activation groups and weight blocks along K
 constexpr size_t kMinVersion = 120900;   // cuBLASLt 12.9: blockwise FP8 scaling on SM90
 constexpr size_t kMaxPlans = 1024;       // per thread; a serving loop sees one M per prompt length
 
@@ -121,7 +116,7 @@ const Library& library() {
 void check(Status status, const char* what) {
   if (status == kStatusSuccess) return;
   const char* name = library().status_name ? library().status_name(status) : nullptr;
-  TORCH_CHECK(false, "cublaslt_gemm: ", what, " failed: ", name ? name : "cublasStatus ", status);
+  fail("cublaslt_gemm: ", what, " failed: ", name ? name : "cublasStatus ", status);
 }
 
 // torch's default limit for the workspace of its cuBLASLt calls (CUBLASLT_WORKSPACE_SIZE in KiB, else 1024 KiB):
@@ -198,7 +193,7 @@ ThreadState& thread_state() {
 
 Handle handle_for(int device) {
   const Library& lib = library();
-  TORCH_CHECK(device >= 0 && device < 64, "cublaslt_gemm: device index ", device, " is out of range");
+  require(device >= 0 && device < 64, "cublaslt_gemm: device index ", device, " is out of range");
   Handle& handle = thread_state().handles[device];
   if (handle == nullptr) check(lib.create(&handle), "cublasLtCreate");
   return handle;
@@ -245,96 +240,34 @@ const Plan& plan_for(const Key& key, Handle handle, const void* scale_w, const v
   }
   lib.pref_destroy(pref);
   check(status, "cublasLtMatmulAlgoGetHeuristic");
-  TORCH_CHECK(returned > 0, "cublaslt_gemm: cuBLASLt has no blockwise FP8 kernel for M=", key.M, ", N=", key.N,
-              ", K=", key.K, " on this GPU");
+  require(returned > 0, "cublaslt_gemm: cuBLASLt has no blockwise FP8 kernel for M=", key.M, ", N=", key.N, ", K=",
+          key.K, " on this GPU");
   plan.algo = result.algo;
   plan.workspace = result.workspace_size;
   return state.plans.emplace(key, plan).first->second;
 }
 
-// "" when fp8linear can call cuBLASLt itself; else why not (fp8linear/backends/cublaslt.py then keeps torch's
-// call and logs the reason once). `like` only routes the op to this CUDA implementation.
-std::string unavailable_reason(const at::Tensor& like) {
-  (void)like;
-  return library().error;
-}
-
-// The schema (fp8linear/backends/cublaslt.py), with the operands torch's scaled-mm op takes:
-//   cublaslt_gemm(Tensor q, Tensor s, Tensor b, Tensor sb) -> Tensor
-// q fp8 e4m3 [M, K] contiguous, M % 4 == 0; s fp32 [M, K/128] with strides (1, M) (the `col` layout);
-// b fp8 e4m3 [K, N] with strides (1, K) (the weight [N, K] row-major, transposed); sb fp32 [L4, ceil(N/128)] with
-// strides (1, L4) (weight_scale_inv zero-padded to L4 columns, transposed) -> y bf16 [M, N].
-at::Tensor gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at::Tensor& b, const at::Tensor& sb) {
-  TORCH_CHECK(q.dim() == 2 && b.dim() == 2 && s.dim() == 2 && sb.dim() == 2,
-              "cublaslt_gemm: q, s, b and sb must be 2-D; got ", q.sizes(), ", ", s.sizes(), ", ", b.sizes(), " and ",
-              sb.sizes());
-  TORCH_CHECK(q.scalar_type() == at::ScalarType::Float8_e4m3fn && b.scalar_type() == at::ScalarType::Float8_e4m3fn,
-              "cublaslt_gemm: q and b must be float8_e4m3fn; got ", q.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(s.scalar_type() == at::kFloat && sb.scalar_type() == at::kFloat,
-              "cublaslt_gemm: s and sb must be float32; got ", s.scalar_type(), " and ", sb.scalar_type());
-  TORCH_CHECK(q.is_cuda() && s.device() == q.device() && b.device() == q.device() && sb.device() == q.device(),
-              "cublaslt_gemm: every tensor must be on the same CUDA device; got q on ", q.device(), ", s on ",
-              s.device(), ", b on ", b.device(), ", sb on ", sb.device());
-  const int64_t M = q.size(0), K = q.size(1), N = b.size(1);
-  TORCH_CHECK(M > 0 && M % 4 == 0 && M < (int64_t{1} << 31),
-              "cublaslt_gemm: q must have a positive multiple of 4 rows (the scales' 16-byte columns); got M=", M);
-  TORCH_CHECK(K > 0 && K % kGroup == 0 && N > 0 && N % 16 == 0,
-              "cublaslt_gemm: needs K % 128 == 0 and N % 16 == 0; got N=", N, ", K=", K);
-  TORCH_CHECK(q.is_contiguous(), "cublaslt_gemm: q must be contiguous; got strides ", q.strides());
-  TORCH_CHECK(b.size(0) == K && b.stride(0) == 1 && (N == 1 || b.stride(1) == K),
-              "cublaslt_gemm: b must be [K, N] = [", K, ", ", N,
-              "] with strides (1, K) (the [N, K] weight transposed); got ", b.sizes(), " with strides ", b.strides());
-  const int64_t G = K / kGroup, NB = (N + kGroup - 1) / kGroup, L4 = (G + 3) / 4 * 4;
-  TORCH_CHECK(s.size(0) == M && s.size(1) == G && s.stride(0) == 1 && (G == 1 || s.stride(1) == M),
-              "cublaslt_gemm: s must be [M, K/128] = [", M, ", ", G, "] with strides (1, ", M,
-              ") (the 'col' layout); got ", s.sizes(), " with strides ", s.strides());
-  TORCH_CHECK(sb.size(0) == L4 && sb.size(1) == NB && sb.stride(0) == 1 && (NB == 1 || sb.stride(1) == L4),
-              "cublaslt_gemm: sb must be [L4, ceil(N/128)] = [", L4, ", ", NB, "] with strides (1, ", L4,
-              ") (weight_scale_inv padded to a multiple of 4 K blocks, transposed); got ", sb.sizes(),
-              " with strides ", sb.strides());
-  TORCH_CHECK(aligned_to(q.data_ptr(), 16) && aligned_to(b.data_ptr(), 16) && aligned_to(s.data_ptr(), 16) &&
-                  aligned_to(sb.data_ptr(), 16),
-              "cublaslt_gemm: q, s, b and sb must start on 16-byte boundaries");
-  const Library& lib = library();
-  TORCH_CHECK(lib.error.empty(), "cublaslt_gemm: ", lib.error, "; set FP8LINEAR_CUBLAS_LAUNCH=torch to use torch's call");
-
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int device = q.get_device();
-  at::Tensor y = at::empty({M, N}, q.options().dtype(at::kBFloat16));
-  const Handle handle = handle_for(device);
-  const Key key{device, M, N, K, alignment_of(q.data_ptr()), alignment_of(b.data_ptr()), alignment_of(y.data_ptr())};
-  const Plan& plan = plan_for(key, handle, sb.data_ptr(), s.data_ptr());
-  set_desc(plan.desc, kDescAScalePointer, sb.data_ptr(), "setting A_SCALE_POINTER");
-  set_desc(plan.desc, kDescBScalePointer, s.data_ptr(), "setting B_SCALE_POINTER");
-  at::Tensor workspace;
-  if (plan.workspace > 0) {
-    workspace = at::empty({static_cast<int64_t>(plan.workspace)}, q.options().dtype(at::kByte));
-  }
-  const float alpha = 1.0f, beta = 0.0f;
-  check(lib.matmul(handle, plan.desc, &alpha, b.data_ptr(), plan.a, q.data_ptr(), plan.b, &beta, y.data_ptr(), plan.d,
-                   y.data_ptr(), plan.d, &plan.algo, plan.workspace > 0 ? workspace.data_ptr() : nullptr,
-                   plan.workspace, c10::cuda::getCurrentCUDAStream(device).stream()),
-        "cublasLtMatmul");
-  return y;
-}
-
-// The whole forward of an FP8Linear served by cuBLASLt in one op call (fp8linear/backends/cublaslt.py):
-//   cublaslt_linear(Tensor x, Tensor b, Tensor sb, bool scale_ue8m0, float eps) -> Tensor
-// x [M, K] (bf16, fp16 or fp32, unit stride along K) is quantized per 1x128 group into the `col` layout over
-// ceil(M / 4) * 4 rows, exactly as fp8linear::quant_for_gemm does, then multiplied as cublaslt_gemm does ->
-// y bf16 [M, N] (the padding rows' outputs dropped).
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& b, const at::Tensor& sb, bool scale_ue8m0, double eps) {
-  const auto [q, s] = quant_for_gemm_cuda(x, kGroup, at::ScalarType::Float8_e4m3fn, scale_ue8m0, eps, "col", 4);
-  at::Tensor y = gemm_cuda(q, s, b, sb);
-  const int64_t M = x.size(0);
-  return y.size(0) == M ? y : y.narrow(0, 0, M);
-}
-
 }  // namespace cublaslt
-}  // namespace fp8linear
 
-TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
-  m.impl("cublaslt_gemm", &fp8linear::cublaslt::gemm_cuda);
-  m.impl("cublaslt_linear", &fp8linear::cublaslt::linear_cuda);
-  m.impl("cublaslt_unavailable_reason", &fp8linear::cublaslt::unavailable_reason);
+std::string cublaslt_unavailable_reason() { return cublaslt::library().error; }
+
+// The GEMM of the file's head on operands bindings.cpp checked (cublaslt_gemm's schema there): q [M, K] with
+// M % 4 == 0, s the `col` scales (strides (1, M)), b [K, N] the weight transposed, sb the padded weight scales
+// transposed, y [M, N] bf16; every pointer 16-byte aligned.
+void launch_cublaslt_gemm(const CublasLtGemmArgs& a, int device, cudaStream_t stream, Workspace& workspace) {
+  using namespace cublaslt;
+  const Library& lib = library();
+  require(lib.error.empty(), "cublaslt_gemm: ", lib.error, "; set FP8LINEAR_CUBLAS_LAUNCH=torch to use torch's call");
+  const Handle handle = handle_for(device);
+  const Key key{device, a.M, a.N, a.K, alignment_of(a.q), alignment_of(a.b), alignment_of(a.y)};
+  const Plan& plan = plan_for(key, handle, a.sb, a.s);
+  set_desc(plan.desc, kDescAScalePointer, static_cast<const void*>(a.sb), "setting A_SCALE_POINTER");
+  set_desc(plan.desc, kDescBScalePointer, static_cast<const void*>(a.s), "setting B_SCALE_POINTER");
+  void* work = plan.workspace > 0 ? workspace.empty(plan.workspace) : nullptr;
+  const float alpha = 1.0f, beta = 0.0f;
+  check(lib.matmul(handle, plan.desc, &alpha, a.b, plan.a, a.q, plan.b, &beta, a.y, plan.d, a.y, plan.d, &plan.algo,
+                   work, plan.workspace, stream),
+        "cublasLtMatmul");
 }
+
+}  // namespace fp8linear

@@ -13,24 +13,23 @@
 // Thread-to-data mapping. A chunk is 8 consecutive elements of T (16 bytes of bf16/fp16, 32 of fp32).
 // rmsnorm: each chunk is owned by one lane; a group of g elements is TPG = g / 8 adjacent lanes (2 .. 32)
 // of one warp, whose amax is a max over abs-bit patterns reduced by log2(TPG) xor-shuffles (exact, as in
-// the main kernel). silu_and_mul: a lane owns a slot of FP8L_SILU_CHUNKS = 2 consecutive chunks, so a group
-// is g / 16 lanes (1 .. 16), reduced the same way.
+// the main kernel). silu_and_mul: a lane owns a slot of 2 consecutive chunks, so a group is g / 16 lanes
+// (1 .. 16), reduced the same way.
 //
-// silu_and_mul: the slots of q (M * I / 16 of them, in memory order) are spread over 256-thread blocks;
-// each thread loads the gate and up chunks of FP8L_SILU_UNROLL = 1 slot (64 bytes in flight per thread
-// for bf16) before computing. The grid is not capped at a resident wave (FP8L_SILU_MAX_WAVES = 0): every
-// block runs one iteration. The kernel is issue-bound: two chunks per slot (once per slot: indices, the
-// group's shuffles and its scale; one 16-byte store) took 109.7 us at M = 4096, I = 14336 against 121.9
-// for one chunk per slot and two slots per thread. Bytes per output element:
-// 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M = 4096,
-// I = 14336 moves 296 MB, about 99 us.
+// silu_and_mul: the slots of q (M * I / 16 of them, in memory order) are spread over 256-thread blocks; each
+// thread loads the gate and up chunks of one slot (64 bytes in flight per thread for bf16) before computing.
+// The grid is not capped at a resident wave: every block runs one iteration. The kernel is issue-bound: two
+// chunks per slot (once per slot: indices, the group's shuffles and its scale; one 16-byte store) took 109.7
+// us at M = 4096, I = 14336 against 121.9 for one chunk per slot and two slots per thread. Bytes per output
+// element: 2 sizeof(T) read + 1 written + 4/g of scale: 5.03 for bf16 at g = 128. Floor at 3.0 TB/s: M =
+// 4096, I = 14336 moves 296 MB, about 99 us.
 // Arithmetic: the exp (fused_quant.cuh) rounds to an integer with a shifter add and scales by an
 // integer add to the exponent field, not FRND + F2I and two multiplies: the same bits (pinned by
 // tests/test_fused_cpu.py test_kernel_fast_exp_is_exp_fp32), four fewer instructions per element, two
 // of them on the conversion pipe (16 per clock per SM on sm_90, an eighth of the FP32 rate). The IEEE
 // division stays: a reciprocal then a multiply (g * rcp(1 + e)) moves the fp16 silu of a common gate
 // (-2.7246) off torch's CPU silu, and bit-exactness with the unfused Hugging Face activation needs it.
-// For bf16/fp16 inputs the exp's reduction and polynomial run as FMAs (FP8L_SILU_FMA): other fp32 bits
+// For bf16/fp16 inputs the exp's reduction and polynomial run as FMAs (kSiluFma): other fp32 bits
 // at a few hundred of the 65536 inputs, the same silu once rounded to the input dtype at all of them
 // (test_kernel_fma_exp_gives_the_reference_silu_for_every_16_bit_input), nine fewer instructions per
 // element; scripts/kernel_microbench.sh timed 120.5 against 133.2 us at M = 4096, I = 14336 (H100).
@@ -42,22 +41,19 @@
 // Pass 2 normalizes, rounds, quantizes and stores from the registers. Bytes per element: sizeof(T) read
 // + 1 written (+ sizeof(T) for y) + the weight (from L2).
 //
-// Build: with the other kernels/*.cu into one library (fp8linear/_build.py), no fast math.
+// Build: with the other kernels/*.cu into one library (fp8linear/_build.py), no fast math. Torch-free: the
+// launchers at the bottom take pointers, sizes and strides (launchers.h); the ops' torch glue (argument
+// checks, the stream) is in bindings.cpp.
 
 #include <algorithm>
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include "common.cuh"
 #include "fused_quant.cuh"
 #include "launch_utils.h"
+#include "launchers.h"
 #include "silu_and_mul_quant.cuh"
 
 namespace fp8linear {
@@ -177,27 +173,19 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_quant_kernel(const RmsParams
 }
 
 // ------------------------------------------------------------------------------------------------
-// Host side: checks, the instantiation, the grid, a launch on the current stream.
+// Host side: the instantiation, the grid, a launch on the given stream.
 // ------------------------------------------------------------------------------------------------
 
 template <typename T, typename Out, bool kPacked>
-void launch_silu(const SiluParams& p, int device, cudaStream_t stream) {
-  const auto kernel = silu_and_mul_quant_kernel<T, Out, kPacked>;
-  static const int blocks_per_sm = [&] {
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kSiluThreads, 0));
-    return n > 0 ? n : 1;
-  }();
-  const uint32_t wave = static_cast<uint32_t>(device_sm_count(device) * blocks_per_sm);
-  const uint32_t grid = silu_grid(p.num_slots, wave);
-  kernel<<<grid, kSiluThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void launch_silu(const SiluParams& p, cudaStream_t stream) {
+  silu_and_mul_quant_kernel<T, Out, kPacked><<<silu_grid(p.num_slots), kSiluThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "silu_and_mul_quant_ launch");
 }
 
 template <typename T, typename Out, int kIters, bool kPacked>
 void launch_rms_iters(const RmsParams& p, uint32_t rows, cudaStream_t stream) {
   rmsnorm_quant_kernel<T, Out, kIters, kPacked><<<rows, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_cuda(cudaGetLastError(), "rmsnorm_quant_ launch");
 }
 
 template <typename T, typename Out, bool kPacked>
@@ -206,7 +194,7 @@ void launch_rms(const RmsParams& p, uint32_t rows, cudaStream_t stream) {
   if (iters <= 1) return launch_rms_iters<T, Out, 1, kPacked>(p, rows, stream);
   if (iters <= 2) return launch_rms_iters<T, Out, 2, kPacked>(p, rows, stream);
   if (iters <= 4) return launch_rms_iters<T, Out, 4, kPacked>(p, rows, stream);
-  TORCH_CHECK(iters <= 8, "rmsnorm_quant_: H=", p.H, " is wider than 16384");
+  require(iters <= 8, "rmsnorm_quant_: H=", p.H, " is wider than 16384");
   return launch_rms_iters<T, Out, 8, kPacked>(p, rows, stream);
 }
 
@@ -217,26 +205,26 @@ struct Tag {
 
 // Dispatch on (input dtype, output dtype, packed): Launch<T, Out, kPacked>::run(p, args...).
 template <template <typename, typename, bool> class Launch, typename Params, typename... Args>
-void dispatch(at::ScalarType x_dtype, at::ScalarType q_dtype, bool packed, const Params& p, Args... args) {
+void dispatch(DType x_dtype, DType q_dtype, bool packed, const Params& p, Args... args) {
   auto by_out = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (q_dtype == at::ScalarType::Float8_e4m3fn) {
+    if (q_dtype == DType::kFloat8E4M3) {
       if (packed) return Launch<T, OutFp8E4M3, true>::run(p, args...);
       return Launch<T, OutFp8E4M3, false>::run(p, args...);
     }
-    TORCH_CHECK(!packed, "layout 'ue8m0_packed' is for fp8 output only; q is int8");
+    require(!packed, "layout 'ue8m0_packed' is for fp8 output only; q is int8");
     return Launch<T, OutInt8, false>::run(p, args...);
   };
   switch (x_dtype) {
-    case at::ScalarType::BFloat16: return by_out(Tag<__nv_bfloat16>{});
-    case at::ScalarType::Half: return by_out(Tag<__half>{});
+    case DType::kBFloat16: return by_out(Tag<__nv_bfloat16>{});
+    case DType::kFloat16: return by_out(Tag<__half>{});
     default: return by_out(Tag<float>{});
   }
 }
 
 template <typename T, typename Out, bool kPacked>
 struct SiluLaunch {
-  static void run(const SiluParams& p, int device, cudaStream_t stream) { launch_silu<T, Out, kPacked>(p, device, stream); }
+  static void run(const SiluParams& p, cudaStream_t stream) { launch_silu<T, Out, kPacked>(p, stream); }
 };
 
 template <typename T, typename Out, bool kPacked>
@@ -244,134 +232,57 @@ struct RmsLaunch {
   static void run(const RmsParams& p, uint32_t rows, cudaStream_t stream) { launch_rms<T, Out, kPacked>(p, rows, stream); }
 };
 
-// Checks shared by both ops. The public wrappers (fp8linear/fused.py) validated everything already;
-// these keep a direct call of an op from writing out of bounds.
-void check_common(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, int64_t group_size,
-                  c10::string_view layout, int64_t width, bool* packed) {
-  *packed = layout == "ue8m0_packed";
-  TORCH_CHECK(*packed || layout == "row" || layout == "col", op, ": layout must be 'row', 'col' or 'ue8m0_packed'; got '",
-              layout, "'");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D; got ", x.sizes());
-  TORCH_CHECK(x.is_cuda() && q.device() == x.device() && s.device() == x.device(), op,
-              ": x, q and s must be on the same CUDA device; got ", x.device(), ", ", q.device(), ", ", s.device());
-  const at::ScalarType x_dtype = x.scalar_type();
-  TORCH_CHECK(x_dtype == at::ScalarType::BFloat16 || x_dtype == at::ScalarType::Half || x_dtype == at::ScalarType::Float,
-              op, ": x must be bfloat16, float16 or float32; got ", x_dtype);
-  TORCH_CHECK(q.scalar_type() == at::ScalarType::Float8_e4m3fn || q.scalar_type() == at::ScalarType::Char, op,
-              ": q must be float8_e4m3fn or int8; got ", q.scalar_type());
-  TORCH_CHECK(s.scalar_type() == (*packed ? at::ScalarType::Int : at::ScalarType::Float), op, ": s must be ",
-              *packed ? "int32" : "float32", " for layout '", layout, "'; got ", s.scalar_type());
-  TORCH_CHECK(group_size == 16 || group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, op,
-              ": group_size must be one of 16, 32, 64, 128, 256; got ", group_size);
-  TORCH_CHECK(width % group_size == 0, op, ": width ", width, " must be divisible by group_size=", group_size);
-  const int64_t M = x.size(0);
-  const int64_t G = width / group_size;
-  TORCH_CHECK(q.dim() == 2 && q.size(0) == M && q.size(1) == width && q.is_contiguous(), op,
-              ": q must be contiguous [", M, ", ", width, "]; got ", q.sizes(), " with strides ", q.strides());
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == (*packed ? (G + 3) / 4 : G), op, ": s has shape ",
-              s.sizes(), ", which does not fit ", M, " rows of ", G, " groups in layout '", layout, "'");
-  TORCH_CHECK(M * width / 8 < (int64_t{1} << 31), op, ": at most 2^31 - 1 chunks of 8 per call; got ", M * width / 8);
-}
-
-ScaleOut scale_out(const at::Tensor& s, int64_t G) {
+ScaleOut scale_out(const ScaleArgs& s, int64_t G) {
   ScaleOut out;
-  out.s = s.data_ptr();
-  // Strides of size-1 dims never address anything.
-  out.stride_row = s.size(0) > 1 ? s.stride(0) : 0;
-  out.stride_col = s.size(1) > 1 ? s.stride(1) : 0;
+  out.s = s.s;
+  out.stride_row = s.stride_row;
+  out.stride_col = s.stride_col;
   out.groups = static_cast<uint32_t>(G);
   return out;
 }
 
+int64_t element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
 }  // namespace
+}  // namespace fused
 
-// silu_and_mul_quant_(Tensor x, Tensor(a!) q, Tensor(b!) s, int group_size, bool scale_ue8m0, float eps,
-//                     str layout) -> ()
-void silu_and_mul_quant_cuda(const at::Tensor& x, at::Tensor& q, at::Tensor& s, int64_t group_size, bool scale_ue8m0,
-                             double eps, c10::string_view layout) {
-  constexpr const char* op = "silu_and_mul_quant_";
-  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, op, ": x must be [M, 2I]; got ", x.sizes());
-  const int64_t I = x.size(1) / 2;
-  bool packed = false;
-  check_common(op, x, q, s, group_size, layout, I, &packed);
-  const int64_t M = x.size(0);
-  if (M == 0 || I == 0) return;
-  TORCH_CHECK(x.stride(1) == 1, op, ": x's last dim must be contiguous; got strides ", x.strides());
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-
+void launch_silu_and_mul_quant(const SiluAndMulQuantArgs& a, cudaStream_t stream) {
+  using namespace fused;
   SiluParams p;
-  p.x = x.data_ptr();
-  p.q = static_cast<uint8_t*>(q.data_ptr());
-  p.s = scale_out(s, I / group_size);
-  silu_set_sizes(p, M, I, group_size);
-  p.x_stride_row = M > 1 ? x.stride(0) : 0;
-  p.eps = static_cast<float>(eps);
-  p.scale_ue8m0 = scale_ue8m0;
-  const int64_t elem = x.element_size();
-  p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && (I * elem) % 16 == 0;
+  p.x = a.x;
+  p.q = static_cast<uint8_t*>(a.q);
+  p.s = scale_out(a.s, a.cols / a.group_size);
+  silu_set_sizes(p, a.rows, a.cols, a.group_size);
+  p.x_stride_row = a.x_stride_row;
+  p.eps = a.eps;
+  p.scale_ue8m0 = a.scale_ue8m0;
+  const int64_t elem = element_size(a.x_dtype);
+  p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && (a.cols * elem) % 16 == 0;
   p.q_aligned = aligned_to(p.q, kSiluSlotElems);  // q is contiguous: every slot is then aligned
-  dispatch<SiluLaunch>(x.scalar_type(), q.scalar_type(), packed, p, device, stream);
+  dispatch<SiluLaunch>(a.x_dtype, a.q_dtype, a.packed, p, stream);
 }
 
-// rmsnorm_quant_(Tensor x, Tensor weight, Tensor(a!) q, Tensor(b!) s, Tensor(c!)? normed, float rms_eps,
-//                int group_size, bool scale_ue8m0, float eps, str layout) -> ()
-void rmsnorm_quant_cuda(const at::Tensor& x, const at::Tensor& weight, at::Tensor& q, at::Tensor& s,
-                        const std::optional<at::Tensor>& normed, double rms_eps, int64_t group_size, bool scale_ue8m0,
-                        double eps, c10::string_view layout) {
-  constexpr const char* op = "rmsnorm_quant_";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, H]; got ", x.sizes());
-  const int64_t H = x.size(1);
-  bool packed = false;
-  check_common(op, x, q, s, group_size, layout, H, &packed);
-  TORCH_CHECK(H <= 16384, op, ": H=", H, " is wider than 16384");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == H && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
-              op, ": weight must be contiguous [", H, "] in x's dtype on x's device; got ", weight.sizes(), " ",
-              weight.scalar_type(), " on ", weight.device());
-  const bool has_normed = normed.has_value() && normed->defined();
-  if (has_normed) {
-    TORCH_CHECK(normed->sizes() == x.sizes() && normed->is_contiguous() && normed->scalar_type() == x.scalar_type() &&
-                    normed->device() == x.device(),
-                op, ": normed must be contiguous ", x.sizes(), " in x's dtype on x's device; got ", normed->sizes(),
-                " ", normed->scalar_type());
-  }
-  const int64_t M = x.size(0);
-  if (M == 0 || H == 0) return;
-  TORCH_CHECK(x.stride(1) == 1, op, ": x's last dim must be contiguous; got strides ", x.strides());
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-
+void launch_rmsnorm_quant(const RmsNormQuantArgs& a, cudaStream_t stream) {
+  using namespace fused;
   RmsParams p;
-  p.x = x.data_ptr();
-  p.weight = weight.data_ptr();
-  p.q = static_cast<uint8_t*>(q.data_ptr());
-  p.normed = has_normed ? normed->data_ptr() : nullptr;
-  p.s = scale_out(s, H / group_size);
-  p.H = static_cast<uint32_t>(H);
-  p.chunks = static_cast<uint32_t>(H / kChunk);
-  p.tpg = static_cast<int>(group_size / kChunk);
+  p.x = a.x;
+  p.weight = a.weight;
+  p.q = static_cast<uint8_t*>(a.q);
+  p.normed = a.normed;
+  p.s = scale_out(a.s, a.cols / a.group_size);
+  p.H = static_cast<uint32_t>(a.cols);
+  p.chunks = static_cast<uint32_t>(a.cols / kChunk);
+  p.tpg = static_cast<int>(a.group_size / kChunk);
   p.tpg_log2 = ceil_log2(static_cast<uint64_t>(p.tpg));
-  p.x_stride_row = M > 1 ? x.stride(0) : 0;
-  p.rms_eps = static_cast<float>(rms_eps);  // round to nearest, as the reference's fp32 tensor
-  p.eps = static_cast<float>(eps);
-  p.scale_ue8m0 = scale_ue8m0;
-  const int64_t elem = x.element_size();
+  p.x_stride_row = a.x_stride_row;
+  p.rms_eps = a.rms_eps;
+  p.eps = a.eps;
+  p.scale_ue8m0 = a.scale_ue8m0;
+  const int64_t elem = element_size(a.x_dtype);
   p.vec = aligned_to(p.x, 16) && (p.x_stride_row * elem) % 16 == 0 && aligned_to(p.weight, 16);
   p.q_aligned = aligned_to(p.q, 8);
   p.normed_aligned = p.normed != nullptr && aligned_to(p.normed, 16);
-  TORCH_CHECK(M < (int64_t{1} << 31), op, ": at most 2^31 - 1 rows; got ", M);
-  dispatch<RmsLaunch>(x.scalar_type(), q.scalar_type(), packed, p, static_cast<uint32_t>(M), stream);
+  dispatch<RmsLaunch>(a.x_dtype, a.q_dtype, a.packed, p, static_cast<uint32_t>(a.rows), stream);
 }
 
-}  // namespace fused
 }  // namespace fp8linear
-
-TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
-  m.impl("silu_and_mul_quant_", &fp8linear::fused::silu_and_mul_quant_cuda);
-  m.impl("rmsnorm_quant_", &fp8linear::fused::rmsnorm_quant_cuda);
-}

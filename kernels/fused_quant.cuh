@@ -31,27 +31,17 @@ constexpr uint32_t kC7Bits = 0x39500D01u;
 constexpr float kExpClampLo = -32.0f;
 constexpr float kExpClampHi = 89.0f;
 
-// FP8L_SILU_FAST_EXP (1, default): the same bits as the plain form (0) with fewer instructions (below);
-// kept as a knob so that a re-tune can time both (scripts/kernel_microbench.sh, -DFP8L_...).
-#ifndef FP8L_SILU_FAST_EXP
-#define FP8L_SILU_FAST_EXP 1
-#endif
-// FP8L_SILU_FMA (1, default): for bf16 and fp16 inputs the exp runs in fused multiply-add form
-// (exp_fp32<true>): nine fewer instructions per element and other fp32 bits than fused.exp_fp32, but the
-// same silu(g) once rounded to the input dtype for every one of the 65536 values g of each 16-bit dtype
+// kFma (the SiLU kernel's form for bf16 and fp16 inputs, silu_and_mul_quant.cuh kSiluFma): the exp runs in
+// fused multiply-add form: nine fewer instructions per element and other fp32 bits than fused.exp_fp32, but
+// the same silu(g) once rounded to the input dtype for every one of the 65536 values g of each 16-bit dtype
 // (tests/test_fused_cpu.py emulates this form with an exact FMA and checks all of them), and silu(g)
-// rounded to T is the only place the exp enters the result: the output is the spec's, bit for bit.
-// fp32 inputs keep the plain form (their silu is not rounded). It needs FP8L_SILU_FAST_EXP.
-#ifndef FP8L_SILU_FMA
-#define FP8L_SILU_FMA 1
-#endif
-
+// rounded to T is the only place the exp enters the result: the output is the spec's, bit for bit. fp32
+// inputs keep the plain form (their silu is not rounded).
+//
 // t finite and already clamped (silu_fp32 guarantees it: fmaxf drops a NaN). n = rint(t log2 e) lies in
 // [-46, 128]; p = exp(r) lies in [0.70, 1.42], a normal float.
 template <bool kFma>
 __device__ __forceinline__ float exp_fp32(float t) {
-  static_assert(!kFma || FP8L_SILU_FAST_EXP, "the FMA form of exp_fp32 needs FP8L_SILU_FAST_EXP");
-#if FP8L_SILU_FAST_EXP
   // rint without FRND and F2I (conversion-pipe instructions, an eighth of the FP32 rate on sm_90): in
   // [2^23, 2^24) the floats are the integers, so adding 1.5 * 2^23 rounds x = t log2 e to an integer
   // (nearest, ties to even since 1.5 * 2^23 is even: rintf's and torch.round's rule) for |x| < 2^22,
@@ -61,9 +51,6 @@ __device__ __forceinline__ float exp_fp32(float t) {
   const float shifted = kFma ? __fmaf_rn(t, __uint_as_float(kLog2eBits), kShifter)
                              : __fadd_rn(__fmul_rn(t, __uint_as_float(kLog2eBits)), kShifter);
   const float n = __fsub_rn(shifted, kShifter);  // exact
-#else
-  const float n = rintf(__fmul_rn(t, __uint_as_float(kLog2eBits)));
-#endif
   float r, p;
   if constexpr (kFma) {
     r = __fmaf_rn(-n, __uint_as_float(kLn2HiBits), t);  // the unfused bits: n * LN2_HI is exact
@@ -87,7 +74,6 @@ __device__ __forceinline__ float exp_fp32(float t) {
     p = __fmul_rn(__fadd_rn(p, 1.0f), r);
     p = __fadd_rn(p, 1.0f);
   }
-#if FP8L_SILU_FAST_EXP
   // p * 2^n by adding n to p's exponent field: exact while the result is normal (its exponent is at
   // least 126 - 46 = 80), as the reference's two power-of-two products are. The field reaches 255 only
   // for n = 128 and p >= 1, where p * 2^128 >= 2^128 rounds to inf: so does this min (the sum stays
@@ -96,19 +82,11 @@ __device__ __forceinline__ float exp_fp32(float t) {
   // and 0x4B400000 << 23 wraps to 0; so one shift-and-add, no subtraction.
   const uint32_t bits = __float_as_uint(p) + (__float_as_uint(shifted) << 23);
   return __uint_as_float(min(bits, 0x7F800000u));
-#else
-  const int ni = static_cast<int>(n);
-  const int n1 = ni >> 1;  // arithmetic shift: floor(n / 2), as the reference's >> on int32
-  const int n2 = ni - n1;
-  const float two_n1 = __uint_as_float(static_cast<uint32_t>(n1 + 127) << 23);
-  const float two_n2 = __uint_as_float(static_cast<uint32_t>(n2 + 127) << 23);
-  return __fmul_rn(__fmul_rn(p, two_n1), two_n2);
-#endif
 }
 
 // silu(g) = g / (1 + exp(-g)) in fp32 (fused.silu_and_mul_reference, before its rounding to T).
 // A NaN g skips the clamp's NaN (fmaxf drops it) but still makes the quotient NaN, as on the CPU.
-// kFma: exp_fp32's FMA form, for 16-bit T only (FP8L_SILU_FMA above).
+// kFma: exp_fp32's FMA form, for 16-bit T only (above).
 template <bool kFma>
 __device__ __forceinline__ float silu_fp32(float g) {
   const float t = fminf(fmaxf(-g, kExpClampLo), kExpClampHi);
@@ -136,12 +114,13 @@ __device__ __forceinline__ Vec8<T> zero8() {
   return v;
 }
 
-// kVec: 16-byte aligned (one LDG.128 per word); else element loads (common.cuh load_chunk).
-template <typename T, bool kVec, int kHint = FP8L_LOAD_HINT>
+// kVec: 16-byte aligned (one LDG.128 per word, without L1 allocation when kNoL1); else element loads
+// (common.cuh load_chunk).
+template <typename T, bool kVec, bool kNoL1 = false>
 __device__ __forceinline__ Vec8<T> load8(const T* ptr) {
   Vec8<T> v;
 #pragma unroll
-  for (int i = 0; i < Vec8<T>::kWords; ++i) v.w[i] = load_chunk<T, kVec, kHint>(ptr + i * Vec8<T>::kPerWord);
+  for (int i = 0; i < Vec8<T>::kWords; ++i) v.w[i] = load_chunk<T, kVec, kNoL1>(ptr + i * Vec8<T>::kPerWord);
   return v;
 }
 

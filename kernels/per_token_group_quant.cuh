@@ -1,7 +1,7 @@
 // The per-token-group quantization kernel itself (DESIGN.md "Quantization semantics", "Scale layouts"),
-// with its tuning knobs and its grid rule: no torch types here, so that the torch launcher
-// (per_token_group_quant.cu, whose header comment documents the algorithm) and the standalone timing
-// harness (scripts/kernel_microbench.cu) compile the same kernel.
+// with its launch shape and its grid rule, so that the launcher (per_token_group_quant.cu, whose header
+// comment documents the algorithm) and the standalone timing harness (scripts/kernel_microbench.cu) compile
+// the same kernel.
 #pragma once
 
 #include <algorithm>
@@ -11,38 +11,19 @@
 
 namespace fp8linear {
 
-// Tuning knobs, fixed at compile time; the defaults are what scripts/tune_quant_kernel.py measured best
-// on the H100 (docs/benchmarks.md, 2026-11-25): no persistent cap with 2 loads per thread was fastest
-// at every large shape (16384x7168 row: 125.0 us vs 134.2 us for the one-wave, 4-load persistent grid)
-// and in graph replay at M <= 128 (1.45-2.3 us). Override only to re-tune (FP8LINEAR_NVCC_EXTRA="-DFP8L_...").
-#ifndef FP8L_THREADS
-#define FP8L_THREADS 256
-#endif
-#ifndef FP8L_LOADS_PER_THREAD
-#define FP8L_LOADS_PER_THREAD 2
-#endif
-#ifndef FP8L_MAX_WAVES
-#define FP8L_MAX_WAVES 0  // 0: no persistent cap, one loop iteration per block once the tensor fills a wave
-#endif
-// CHUNKS_PER_LANE: 16-byte chunks of one group each lane loads (1 or 2; more where a group is wider than
-// a warp's 32 chunks). Two halve the lanes per group, so the shuffles, the scale and the index math run
-// once per 16 bf16 elements instead of 8 (SGLang's kernels give each lane 16 elements too): 2 (with
-// LANE_CONTIGUOUS 1) was 2-4% faster than 1 at every shape of the microbench (H100, run 5).
-#ifndef FP8L_CHUNKS_PER_LANE
-#define FP8L_CHUNKS_PER_LANE 2
-#endif
-// LANE_CONTIGUOUS: with several chunks per lane, 1 gives a lane adjacent chunks (one 16-byte store of
-// bf16/fp16 -> 8-bit bytes), 0 interleaves them across the group's lanes (each load instruction of a warp
-// then covers whole groups).
-#ifndef FP8L_LANE_CONTIGUOUS
-#define FP8L_LANE_CONTIGUOUS 1
-#endif
-constexpr int kThreads = FP8L_THREADS;
-constexpr int kMinChunksPerLane = FP8L_CHUNKS_PER_LANE;
-static_assert(kMinChunksPerLane == 1 || kMinChunksPerLane == 2, "FP8L_CHUNKS_PER_LANE must be 1 or 2");
-// 16-byte loads issued by each thread before its first reduction (64 bytes in flight at 4).
-constexpr int kLoadsPerThread = FP8L_LOADS_PER_THREAD;
-constexpr int kMaxWaves = FP8L_MAX_WAVES;
+// The launch shape, each choice the fastest measured on the H100 (docs/benchmarks.md "Kernel variants",
+// docs/runs/2026-11-25-kernel-microbench-{1,4,5}-h100.md): 256 threads per block (128 and 512 within noise);
+// two 16-byte loads in flight per thread and no persistent cap on the grid (16384x7168 `row`: 125.0 us
+// against 134.2 for a one-wave persistent grid with four loads; one load per thread lost up to 4% at
+// 16384 rows, four loads up to 7% at 1024); two adjacent chunks per lane (2-4% faster than one chunk per
+// lane at every shape of run 5, and no slower than two chunks interleaved across the group's lanes).
+constexpr int kThreads = 256;
+// 16-byte chunks of one group each lane loads: 2 (more where a group is wider than a warp's 32 chunks).
+// Two halve the lanes per group, so the shuffles, the scale and the index math run once per 16 bf16
+// elements instead of 8 (SGLang's kernels give each lane 16 elements too).
+constexpr int kMinChunksPerLane = 2;
+// 16-byte loads issued by each thread before its first reduction.
+constexpr int kLoadsPerThread = 2;
 
 struct QuantParams {
   // pointers
@@ -72,11 +53,8 @@ struct TileShape {
   // groups per lane per iteration (at least one: a g = 256 fp32 group is two loads per lane by itself)
   static constexpr int kUnroll = kLoadsPerThread / kChunksPerLane > 0 ? kLoadsPerThread / kChunksPerLane : 1;
   static constexpr int kGroupsPerTile = kThreads / kTPG;
-  static constexpr bool kContiguous = FP8L_LANE_CONTIGUOUS != 0 && kChunksPerLane > 1;
-  // The l-th chunk a lane owns, within its group.
-  __device__ __forceinline__ static int chunk_of(int lane, int l) {
-    return kContiguous ? lane * kChunksPerLane + l : lane + l * kTPG;
-  }
+  // The l-th chunk a lane owns, within its group: a lane's chunks are adjacent.
+  __device__ __forceinline__ static int chunk_of(int lane, int l) { return lane * kChunksPerLane + l; }
   static_assert(kGroup % kPerChunk == 0 && kChunks % kTPG == 0, "group size must be whole chunks");
 };
 
@@ -85,9 +63,9 @@ template <int kWords, bool kVec>
 __device__ __forceinline__ void store_chunk(uint8_t* dst, const uint32_t (&w)[kWords], bool q_aligned) {
   if (kVec || q_aligned) {
     if constexpr (kWords == 2) {
-      store_stream8(dst, w[0], w[1]);
+      store_bytes8(dst, w[0], w[1]);
     } else {
-      store_stream4(dst, w[0]);
+      store_bytes4(dst, w[0]);
     }
   } else {
 #pragma unroll
@@ -161,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) per_token_group_quant_kernel(const Q
         quantize_chunk<Out, kPerChunk>(f, g.inv, g.nonfinite, w[l]);
       }
       const int64_t group_q = static_cast<int64_t>(gi) * kGroup;
-      if constexpr (Shape::kContiguous && kL == 2 && kPerChunk == 8) {
+      if constexpr (kL == 2 && kPerChunk == 8) {
         // Two adjacent 8-byte chunks: one 16-byte store (q and the group start are 16-byte aligned).
         store_q16(p.q + group_q + lane * 2 * kPerChunk, w[0], w[1], kVec || p.q_aligned);
       } else {
@@ -199,12 +177,7 @@ template <typename T, int kGroup>
 inline uint32_t quant_grid(uint32_t num_groups, uint32_t wave) {
   using Shape = TileShape<T, kGroup>;
   const uint32_t tiles = ceil_div<uint32_t>(num_groups, Shape::kGroupsPerTile);
-  uint32_t tiles_per_block;
-  if constexpr (kMaxWaves > 0) {
-    tiles_per_block = ceil_div(tiles, wave * kMaxWaves);
-  } else {
-    tiles_per_block = std::min<uint32_t>(std::max<uint32_t>(ceil_div(tiles, wave), 1u), Shape::kUnroll);
-  }
+  const uint32_t tiles_per_block = std::min<uint32_t>(std::max<uint32_t>(ceil_div(tiles, wave), 1u), Shape::kUnroll);
   return ceil_div(tiles, tiles_per_block);
 }
 

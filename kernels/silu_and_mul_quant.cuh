@@ -1,6 +1,6 @@
-// The SiLU-and-mul + quantization kernel (fused_quant.cu's header comment documents it), its tuning knobs
-// and its grid rule: no torch types here, so that the torch launcher (fused_quant.cu) and the standalone
-// timing harness (scripts/kernel_microbench.cu) compile the same kernel.
+// The SiLU-and-mul + quantization kernel (fused_quant.cu's header comment documents it), its launch shape
+// and its grid rule, so that the launcher (fused_quant.cu) and the standalone timing harness
+// (scripts/kernel_microbench.cu) compile the same kernel.
 #pragma once
 
 #include <algorithm>
@@ -12,48 +12,25 @@
 namespace fp8linear {
 namespace fused {
 
-// Tuning knobs of silu_and_mul (override with FP8LINEAR_NVCC_EXTRA="-DFP8L_SILU_..." to re-tune only).
-// THREADS: per block. MIN_BLOCKS: > 0 asks ptxas for that many resident blocks per SM (fewer registers).
-#ifndef FP8L_SILU_THREADS
-#define FP8L_SILU_THREADS 256
-#endif
-#ifndef FP8L_SILU_MIN_BLOCKS
-#define FP8L_SILU_MIN_BLOCKS 0
-#endif
-// LOAD_HINT: the cache policy of the gate/up loads (common.cuh load_stream16); 2, no L1 allocation, timed
-// 1% faster than the read-only path at M = 4096, I = 14336 (docs/runs/2026-11-25-kernel-microbench-2-h100.md).
-#ifndef FP8L_SILU_LOAD_HINT
-#define FP8L_SILU_LOAD_HINT 2
-#endif
-constexpr int kSiluLoadHint = FP8L_SILU_LOAD_HINT;
-constexpr int kSiluThreads = FP8L_SILU_THREADS;
-// exp_fp32's FMA form for 16-bit inputs (fused_quant.cuh, FP8L_SILU_FMA).
+// The launch shape and code form, each the fastest measured at M = 4096, I = 14336 on the H100
+// (scripts/kernel_microbench.sh, docs/runs/2026-11-25-kernel-microbench-{1,2,3,4}-h100.md):
+// - two consecutive chunks of one row per slot and one slot per thread: 109.7 us against 121.9 for one
+//   chunk per slot and two slots per thread, and 112.6 with 128 threads per block (run 4). Two chunks
+//   halve the work a thread does once per slot (indices, the group's shuffles and scale: the kernel is
+//   issue-bound) and store 16 quantized bytes at once; a group is then g / 16 lanes, so group sizes down
+//   to 16 stay whole. 512 threads per block (130.5 us against 120.1) and six resident blocks asked of
+//   ptxas (126.0) lost in run 2.
+// - the grid gives every slot its own thread, so each block runs one iteration (silu_grid below).
+// - gate and up loaded without L1 allocation: 119.3 us against 120.2 through the read-only path (run 3).
+// - for bf16 and fp16 inputs the exp in FMA form (fused_quant.cuh exp_fp32<true>): 120.5 us against
+//   133.2 (run 1), the same silu once rounded to the input dtype (fused_quant.cuh).
+constexpr int kSiluThreads = 256;
+constexpr bool kSiluNoL1 = true;
+// exp_fp32's FMA form for 16-bit inputs (fused_quant.cuh).
 template <typename T>
-constexpr bool kSiluFma = FP8L_SILU_FMA != 0 && sizeof(T) == 2;
-// UNROLL: slots (FP8L_SILU_CHUNKS chunks each of gate and up) a thread loads before computing.
-// MAX_WAVES: 0 sizes the grid so that each block runs one iteration: of one slot per thread while the
-// tensor fits two resident waves, of UNROLL slots beyond (silu_grid below); > 0 caps the grid at that many
-// waves and blocks loop over the rest (the earlier, persistent grid was 1).
-// Default: two chunks per slot, one slot per thread (64 bytes of gate and up in flight for bf16):
-// 109.7 us at M = 4096, I = 14336 against 121.9 for one chunk and two slots (94% against 85% of a copy
-// of the same bytes; scripts/kernel_microbench.sh, H100, docs/runs/2026-11-25-kernel-microbench-4-h100.md).
-#ifndef FP8L_SILU_UNROLL
-#define FP8L_SILU_UNROLL 1
-#endif
-#ifndef FP8L_SILU_MAX_WAVES
-#define FP8L_SILU_MAX_WAVES 0
-#endif
-// CHUNKS: consecutive chunks of one row per slot (1 or 2). Two halve the work a thread does once per
-// slot (indices, loop, the group's shuffles and scale: the kernel is issue-bound, not memory-bound) and
-// store 16 quantized bytes at once; a group is then g / 16 lanes, so group sizes down to 16 stay whole.
-#ifndef FP8L_SILU_CHUNKS
-#define FP8L_SILU_CHUNKS 2
-#endif
-constexpr int kSiluUnroll = FP8L_SILU_UNROLL;
-constexpr int kSiluMaxWaves = FP8L_SILU_MAX_WAVES;
-constexpr int kSiluChunks = FP8L_SILU_CHUNKS;
-static_assert(kSiluUnroll >= 1 && kSiluUnroll <= 8, "FP8L_SILU_UNROLL must be in 1..8");
-static_assert(kSiluChunks == 1 || kSiluChunks == 2, "FP8L_SILU_CHUNKS must be 1 or 2");
+constexpr bool kSiluFma = sizeof(T) == 2;
+constexpr int kSiluUnroll = 1;  // slots a thread loads before computing
+constexpr int kSiluChunks = 2;  // chunks of gate (and of up) per slot
 constexpr int kSiluSlotElems = kSiluChunks * kChunk;  // elements of q per slot
 
 struct SiluParams {
@@ -76,14 +53,8 @@ struct SiluParams {
   bool q_aligned;  // q is kSiluSlotElems-byte aligned
 };
 
-#if FP8L_SILU_MIN_BLOCKS > 0
-#define FP8L_SILU_BOUNDS __launch_bounds__(kSiluThreads, FP8L_SILU_MIN_BLOCKS)
-#else
-#define FP8L_SILU_BOUNDS __launch_bounds__(kSiluThreads)
-#endif
-
 template <typename T, typename Out, bool kPacked>
-__global__ void FP8L_SILU_BOUNDS silu_and_mul_quant_kernel(const SiluParams p) {
+__global__ void __launch_bounds__(kSiluThreads) silu_and_mul_quant_kernel(const SiluParams p) {
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const uint32_t stride = gridDim.x * kSiluThreads;
   const uint32_t lane_in_group = threadIdx.x & (p.tpg - 1);
@@ -109,8 +80,8 @@ __global__ void FP8L_SILU_BOUNDS silu_and_mul_quant_kernel(const SiluParams p) {
 #pragma unroll
         for (int c = 0; c < kSiluChunks; ++c) {
           if (p.vec) {
-            gate[u][c] = load8<T, true, kSiluLoadHint>(g + c * kChunk);
-            up[u][c] = load8<T, true, kSiluLoadHint>(g + c * kChunk + p.I);
+            gate[u][c] = load8<T, true, kSiluNoL1>(g + c * kChunk);
+            up[u][c] = load8<T, true, kSiluNoL1>(g + c * kChunk + p.I);
           } else {
             gate[u][c] = load8<T, false>(g + c * kChunk);
             up[u][c] = load8<T, false>(g + c * kChunk + p.I);
@@ -175,21 +146,10 @@ inline void silu_set_sizes(SiluParams& p, int64_t M, int64_t I, int64_t group_si
   p.tpg_log2 = ceil_log2(static_cast<uint64_t>(p.tpg));
 }
 
-// The grid of a launch (host side): one slot per thread and iteration; `wave` = resident blocks.
-// Every block runs the same number of slots, so none runs an iteration longer than the rest.
-inline uint32_t silu_grid(uint32_t num_slots, uint32_t wave) {
-  const uint32_t blocks_needed = ceil_div<uint32_t>(num_slots, kSiluThreads);  // one slot per thread
-  uint32_t slots_per_block;
-  if constexpr (kSiluMaxWaves > 0) {
-    slots_per_block = ceil_div<uint32_t>(blocks_needed, wave * kSiluMaxWaves);
-  } else {
-    // Up to two waves, one slot per thread and more blocks beat kSiluUnroll slots in fewer blocks (M = 128,
-    // I = 14336: 9.5 us against 11.0 with two slots); beyond, kSiluUnroll slots per thread.
-    const uint32_t waves = ceil_div<uint32_t>(blocks_needed, wave);
-    slots_per_block = waves <= 2 ? 1u : std::min<uint32_t>(waves, kSiluUnroll);
-  }
-  return ceil_div<uint32_t>(blocks_needed, slots_per_block);
-}
+// The grid of a launch (host side): one slot per thread, so every block runs one iteration. (Up to two
+// waves, one slot per thread in more blocks beat two slots per thread in fewer: M = 128, I = 14336 took
+// 9.5 us against 11.0.)
+inline uint32_t silu_grid(uint32_t num_slots) { return ceil_div<uint32_t>(num_slots, kSiluThreads); }
 
 }  // namespace fused
 }  // namespace fp8linear

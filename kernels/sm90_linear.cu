@@ -43,6 +43,10 @@
 // q and s (the `col` layout: s[k * m_pad + row], m_pad = M rounded up to 4) are also returned, so a caller
 // (and the tests) can check them against the quant op; without kQuantize the kernel is a plain blockwise
 // GEMM of given (q, s).
+//
+// Build: a library of its own with sm90_bindings.cpp (fp8linear._build.ensure_loaded("sm90")), compiled the
+// first time the sm90 backend is used, not with the default kernels. Torch-free: the launcher at the bottom
+// takes pointers and sizes (launchers.h Sm90LinearArgs); the ops' torch glue is in sm90_bindings.cpp.
 
 #include <algorithm>
 #include <cstdint>
@@ -51,16 +55,9 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include "common.cuh"
 #include "launch_utils.h"
+#include "launchers.h"
 #include "tensor_map.h"
 
 namespace fp8linear {
@@ -111,8 +108,6 @@ struct Tile {
                                     2 * kDHalfBytes + kXBufBytes + 2 * kStages * 8 + kQuantWarps * kXBufs * 8;
   static_assert(kSmemBytes <= 232448, "over the H100's 227 KB of shared memory per block");
 };
-
-enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
 
 struct Params {
   const void* x;          // [M, K] in T, rows x_stride elements apart, 16-byte aligned (kQuantize only)
@@ -776,7 +771,8 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
   constexpr int kMaxDevices = 64;
   static bool smem_set[kMaxDevices] = {};  // the shared-memory opt-in, made once per device
   if (device >= kMaxDevices || !__atomic_load_n(&smem_set[device], __ATOMIC_RELAXED)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes),
+               "cudaFuncSetAttribute");
     if (device < kMaxDevices) __atomic_store_n(&smem_set[device], true, __ATOMIC_RELAXED);
   }
   // One block per SM (the shared memory allows no more); with pairs, a GPC with an odd number of SMs leaves
@@ -811,53 +807,7 @@ void launch(Params p, const void* q, const void* weight, int device, cudaStream_
                 : map_a;
   const int tiles = p.m_blocks * ceil_div(p.n_blocks, C::kCluster);  // tiles of kBlockM x kCluster kBlockN
   config.gridDim = dim3(static_cast<unsigned>(std::min(tiles, resident) * C::kCluster));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d, map_x));
-}
-
-void check_weight(const at::Tensor& weight, const at::Tensor& weight_scale_inv, int64_t K, const char* op) {
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K &&
-                  (weight.scalar_type() == at::ScalarType::Float8_e4m3fn || weight.scalar_type() == at::kChar) &&
-                  weight.is_contiguous() && aligned_to(weight.data_ptr(), 16),
-              op, ": weight must be contiguous, 16-byte aligned float8_e4m3fn or int8 [N, ", K, "]; got ",
-              weight.scalar_type(), " ", weight.sizes());
-  const int64_t N = weight.size(0);
-  TORCH_CHECK(N > 0 && N % 8 == 0, op, ": needs N % 8 == 0; got N=", N);
-  TORCH_CHECK(K > 0 && K % kBlockK == 0, op, ": needs K % 128 == 0; got K=", K);
-  TORCH_CHECK(weight_scale_inv.scalar_type() == at::kFloat && weight_scale_inv.is_contiguous() &&
-                  weight_scale_inv.dim() == 2 && weight_scale_inv.size(0) == (N + kBlockN - 1) / kBlockN &&
-                  weight_scale_inv.size(1) == K / kBlockK,
-              op, ": weight_scale_inv must be contiguous fp32 [", (N + kBlockN - 1) / kBlockN, ", ", K / kBlockK,
-              "]; got ", weight_scale_inv.scalar_type(), " ", weight_scale_inv.sizes());
-  TORCH_CHECK(weight.is_cuda() && weight_scale_inv.device() == weight.device(), op,
-              ": weight and weight_scale_inv must be on one CUDA device");
-}
-
-void set_bias(Params& p, const c10::optional<at::Tensor>& bias, const at::Tensor& weight, const char* op) {
-  p.bias = nullptr;
-  p.bias_kind = kNoBias;
-  if (!bias.has_value()) return;
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0) && b.is_contiguous() && b.device() == weight.device(), op,
-              ": bias must be a contiguous [", weight.size(0), "] tensor on the weight's device; got ", b.sizes());
-  switch (b.scalar_type()) {
-    case at::ScalarType::BFloat16: p.bias_kind = kBiasBf16; break;
-    case at::ScalarType::Half: p.bias_kind = kBiasFp16; break;
-    case at::ScalarType::Float: p.bias_kind = kBiasFp32; break;
-    default: TORCH_CHECK(false, op, ": bias must be bfloat16, float16 or float32; got ", b.scalar_type());
-  }
-  p.bias = b.data_ptr();
-}
-
-void fill_sizes(Params& p, int64_t M, int64_t N, int64_t K) {
-  TORCH_CHECK(M < (int64_t{1} << 31) / kBlockK && N < (int64_t{1} << 24) && M * N < (int64_t{1} << 62) &&
-                  K < (int64_t{1} << 24),
-              "sm90_linear: shape too large: M=", M, ", N=", N, ", K=", K);
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(N);
-  p.K = static_cast<int>(K);
-  p.G = static_cast<int>(K / kBlockK);
-  p.m_pad = static_cast<int>((M + 3) / 4 * 4);
-  p.n_blocks = static_cast<int>((N + kBlockN - 1) / kBlockN);
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, map_a, map_b, map_d, map_x), "cudaLaunchKernelEx");
 }
 
 // 256-row tiles where they still give every SM a tile (fewer bytes per flop), else 128-row ones; blocks alone.
@@ -868,10 +818,9 @@ struct Shape {
 };
 
 Shape pick_shape(const Params& p, int64_t block_m, int64_t cluster, int device) {
-  TORCH_CHECK(block_m == 0 || block_m == 128 || block_m == 256,
-              "sm90_linear: block_m must be 0 (auto), 128 or 256; got ", block_m);
-  TORCH_CHECK(cluster == 0 || cluster == 1 || cluster == 2, "sm90_linear: cluster must be 0 (auto), 1 or 2; got ",
-              cluster);
+  require(block_m == 0 || block_m == 128 || block_m == 256, "sm90_linear: block_m must be 0 (auto), 128 or 256; got ",
+          block_m);
+  require(cluster == 0 || cluster == 1 || cluster == 2, "sm90_linear: cluster must be 0 (auto), 1 or 2; got ", cluster);
   Shape s;
   s.block_m = block_m != 0 ? static_cast<int>(block_m)
                            : (int64_t{ceil_div(p.M, 256)} * p.n_blocks >= device_sm_count(device) ? 256 : 128);
@@ -884,7 +833,7 @@ template <bool kQuantize, typename T>
 void dispatch_tile(const Params& p, Shape s, bool int8, const void* q, const void* weight, int device,
                    cudaStream_t stream) {
   if (int8) {
-    TORCH_CHECK(s.cluster == 1, "sm90_linear: int8 runs without clusters (cluster 0 or 1); got ", s.cluster);
+    require(s.cluster == 1, "sm90_linear: int8 runs without clusters (cluster 0 or 1); got ", s.cluster);
     s.block_m == 256 ? launch<Tile<256, 1, true>, T, kQuantize>(p, q, weight, device, stream)
                      : launch<Tile<128, 1, true>, T, kQuantize>(p, q, weight, device, stream);
     return;
@@ -899,116 +848,49 @@ void dispatch_tile(const Params& p, Shape s, bool int8, const void* q, const voi
 }
 
 template <bool kQuantize>
-void dispatch(at::ScalarType dtype, const Params& p, Shape s, bool int8, const void* q, const void* weight,
-              int device) {
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  if (dtype == at::ScalarType::BFloat16) {
+void dispatch(DType dtype, const Params& p, Shape s, bool int8, const void* q, const void* weight, int device,
+              cudaStream_t stream) {
+  if (dtype == DType::kBFloat16) {
     dispatch_tile<kQuantize, __nv_bfloat16>(p, s, int8, q, weight, device, stream);
   } else {
     dispatch_tile<kQuantize, __half>(p, s, int8, q, weight, device, stream);
   }
 }
 
-// sm90_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0, float eps,
-//             int block_m=0, int cluster=0) -> (Tensor y, Tensor q, Tensor s)
-// x [M, K] bf16/fp16, unit stride along K -> y [M, N] in x's dtype, q [M, K] fp8, s [M, K/128] in the `col` layout
-// (strides (1, m_pad)). The wrapper (fp8linear/sm90.py) checks everything a user can get wrong first.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sm90_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight,
-                                                                const at::Tensor& weight_scale_inv,
-                                                                const c10::optional<at::Tensor>& bias,
-                                                                bool scale_ue8m0, double eps, int64_t block_m,
-                                                                int64_t cluster) {
-  constexpr const char* op = "sm90_linear";
-  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D; got ", x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf, op,
-              ": x must be bfloat16 or float16; got ", x_in.scalar_type());
-  const int64_t M = x_in.size(0), K = x_in.size(1);
-  check_weight(weight, weight_scale_inv, K, op);
-  TORCH_CHECK(x_in.device() == weight.device(), op, ": x is on ", x_in.device(), ", weight on ", weight.device());
-  const int64_t N = weight.size(0);
-  Params p;
-  fill_sizes(p, M, N, K);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor y = at::empty({M, N}, x_in.options());
-  at::Tensor q = at::empty({M, K}, x_in.options().dtype(weight.scalar_type()));  // fp8 or int8, as the weight
-  at::Tensor s_storage = at::empty({K / kBlockK, p.m_pad}, x_in.options().dtype(at::kFloat));
-  at::Tensor s = s_storage.t().narrow(0, 0, M);
-  if (M == 0) return {y, q, s};
-  at::Tensor x = x_in;
-  const int64_t row_stride = M > 1 ? x_in.stride(0) : K;
-  if (x_in.stride(1) != 1 || !aligned_to(x_in.data_ptr(), 16) || (row_stride * 2) % 16 != 0) x = x_in.contiguous();
-  p.x = x.data_ptr();
-  p.x_stride = M > 1 ? x.stride(0) : K;
-  p.q = static_cast<uint8_t*>(q.data_ptr());
-  p.s = s_storage.data_ptr<float>();
-  p.sb = weight_scale_inv.data_ptr<float>();
-  set_bias(p, bias, weight, op);
-  p.y = y.data_ptr();
-  const int device = x_in.get_device();
-  const Shape shape = pick_shape(p, block_m, cluster, device);
-  const int64_t n_flags = ceil_div<int64_t>(M, shape.block_m) * p.G;
-  at::Tensor flags = at::zeros({n_flags + 1}, x_in.options().dtype(at::kInt));  // + the quantizers' counter
-  p.flags = reinterpret_cast<uint32_t*>(flags.data_ptr<int>());
-  p.next_part = p.flags + n_flags;
-  p.eps = static_cast<float>(eps);
-  p.ue8m0 = scale_ue8m0;
-  dispatch<true>(x_in.scalar_type(), p, shape, weight.scalar_type() == at::kChar, q.data_ptr(), weight.data_ptr(),
-                 device);
-  return {y, q, s};
-}
+}  // namespace sm90
 
-// sm90_gemm(Tensor q, Tensor s, Tensor weight, Tensor weight_scale_inv, Tensor? bias, ScalarType out_dtype,
-//           int block_m=0, int cluster=0) -> Tensor
-// The same kernel on given operands: q [M, K] fp8 contiguous, s fp32 [M, K/128] in the `col` layout with
-// storage for m_pad rows per column -> y [M, N] in out_dtype (bf16 or fp16).
-at::Tensor sm90_gemm_cuda(const at::Tensor& q, const at::Tensor& s, const at::Tensor& weight,
-                          const at::Tensor& weight_scale_inv, const c10::optional<at::Tensor>& bias,
-                          at::ScalarType out_dtype, int64_t block_m, int64_t cluster) {
-  constexpr const char* op = "sm90_gemm";
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == weight.scalar_type() && q.is_contiguous() &&
-                  aligned_to(q.data_ptr(), 16),
-              op, ": q must be contiguous, 16-byte aligned [M, K] of the weight's type (", weight.scalar_type(),
-              "); got ", q.scalar_type(), " ",
-              q.sizes());
-  const int64_t M = q.size(0), K = q.size(1);
-  check_weight(weight, weight_scale_inv, K, op);
-  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op, ": out_dtype must be bfloat16 or float16");
-  TORCH_CHECK(q.device() == weight.device() && s.device() == weight.device(), op,
-              ": q, s and weight must be on one device");
-  const int64_t N = weight.size(0);
+// sm90_linear (quantize) and sm90_gemm on operands sm90_bindings.cpp checked and allocated: y, q and s's storage
+// (K/128 columns of m_pad = ceil(M/4)*4 floats); the quantizers' flags come from the workspace, zeroed.
+void launch_sm90_linear(const Sm90LinearArgs& a, int device, cudaStream_t stream, Workspace& workspace) {
+  using namespace sm90;
   Params p;
-  fill_sizes(p, M, N, K);
-  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == M && s.size(1) == p.G &&
-                  (M <= 1 || s.stride(0) == 1) && (p.G == 1 || s.stride(1) == p.m_pad) &&
-                  aligned_to(s.data_ptr(), 16) &&
-                  s.storage().nbytes() >= static_cast<size_t>((s.storage_offset() + int64_t{p.G} * p.m_pad) * 4),
-              op, ": s must be fp32 [", M, ", ", p.G, "] in the 'col' layout (strides (1, ", p.m_pad,
-              "), storage for ", p.m_pad, " rows per column, 16-byte aligned); got ", s.sizes(), " with strides ",
-              s.strides());
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor y = at::empty({M, N}, q.options().dtype(out_dtype));
-  if (M == 0) return y;
-  p.x = nullptr;
-  p.x_stride = 0;
-  p.q = static_cast<uint8_t*>(q.data_ptr());
-  p.s = s.data_ptr<float>();
-  p.sb = weight_scale_inv.data_ptr<float>();
-  set_bias(p, bias, weight, op);
-  p.y = y.data_ptr();
+  p.M = static_cast<int>(a.M);
+  p.N = static_cast<int>(a.N);
+  p.K = static_cast<int>(a.K);
+  p.G = static_cast<int>(a.K / kBlockK);
+  p.m_pad = static_cast<int>((a.M + 3) / 4 * 4);
+  p.n_blocks = static_cast<int>((a.N + kBlockN - 1) / kBlockN);
+  p.x = a.x;
+  p.x_stride = a.x_stride;
+  p.q = static_cast<uint8_t*>(a.q);
+  p.s = a.s;
+  p.sb = a.weight_scale_inv;
+  p.bias = a.bias;
+  p.bias_kind = bias_kind(a.bias, a.bias_dtype);
+  p.y = a.y;
   p.flags = nullptr;
   p.next_part = nullptr;
-  p.eps = 0.0f;
-  p.ue8m0 = false;
-  const int device = q.get_device();
-  dispatch<false>(out_dtype, p, pick_shape(p, block_m, cluster, device), weight.scalar_type() == at::kChar,
-                  q.data_ptr(), weight.data_ptr(), device);
-  return y;
+  p.eps = a.eps;
+  p.ue8m0 = a.scale_ue8m0;
+  const Shape shape = pick_shape(p, a.block_m, a.cluster, device);
+  const bool int8 = a.weight_dtype == DType::kInt8;
+  if (a.quantize) {
+    const int64_t n_flags = ceil_div<int64_t>(a.M, shape.block_m) * p.G;
+    p.flags = static_cast<uint32_t*>(workspace.zeros(sizeof(uint32_t) * (n_flags + 1)));  // + the quantizers' counter
+    p.next_part = p.flags + n_flags;
+    return dispatch<true>(a.dtype, p, shape, int8, a.q, a.weight, device, stream);
+  }
+  dispatch<false>(a.dtype, p, shape, int8, a.q, a.weight, device, stream);
 }
 
-}  // namespace sm90
 }  // namespace fp8linear
-
-TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
-  m.impl("sm90_linear", &fp8linear::sm90::sm90_linear_cuda);
-  m.impl("sm90_gemm", &fp8linear::sm90::sm90_gemm_cuda);
-}

@@ -12,10 +12,10 @@
 // share of the layer's time (docs/benchmarks.md). Here every block quantizes the few activation rows it
 // needs itself, from L2, with the quant kernel's own device code (common.cuh), so q and s never touch HBM.
 //
-// Mapping ("swap AB"): a block owns 16 weight rows (32 when M > 8 and N / 32 fills the SMs, to spread the
-// quantization's ALU work over more weight bytes), in tiles of 16 = the M dimension of a tensor-core
-// `mma.sync.m16n8k32` (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to 16 tokens as one or two n8 tiles.
-// Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... . Per group a warp
+// Mapping ("swap AB"): a block owns kRT tiles of 16 weight rows (kRT = 1 in every launch: see dispatch_tiles),
+// 16 = the M dimension of a tensor-core `mma.sync.m16n8k32` (e4m3 x e4m3 -> f32, or s8 x s8 -> s32), and up to
+// 16 tokens as one or two n8 tiles. Its 8 warps split K: warp w takes the 128-wide groups j = w, w + 8, ... .
+// Per group a warp
 //   1. loads its 16 x 128 weight bytes per row tile: lane (g = lane / 4, t = lane % 4) reads 16 bytes at columns
 //      16t .. 16t+15 of each 64-column span of rows g and g + 8 (a warp-wide load covers 8 rows x 64 bytes);
 //   2. loads the group's 128 activations of every token (a 16-lane sub-warp per bf16 row, as the quant
@@ -35,9 +35,8 @@
 // [splits, M, N] buffer and counts itself in a per-row-block counter; the last split to arrive adds all of
 // them in split order (deterministic), adds the bias, rounds, and clears the counter. (A second kernel did
 // the sum before; dropping its launch saved 1-2 us per call in do_bench, docs/benchmarks.md.)
-// FP8L_SMALLM_SPLIT_K=0 turns this off.
 //
-// Quantized ahead: from M = 9 tokens, and from FP8L_SMALLM_PREQUANT_MIN_M (4) on weights of at least
+// Quantized ahead (small_m_quantizes_ahead): from M = 9 tokens, and from M = 4 on weights of at least
 // 2^23 elements, quantizing every token's groups again in every block cost more than the weight stream (each
 // of N / 16 blocks redoes all of x: as many quantized elements as weight bytes at M = 16). The op then runs
 // the quant kernel once (`row` scales, the same bits) and launches this kernel with programmatic dependent
@@ -53,51 +52,30 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
-#include <utility>
-#include <vector>
 
 #include <cuda_runtime.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include "common.cuh"
 #include "launch_utils.h"
-#include "quant_ops.h"
+#include "launchers.h"
 
 namespace fp8linear {
 namespace small_m {
 
-#ifndef FP8L_SMALLM_SPLIT_K
-#define FP8L_SMALLM_SPLIT_K 1  // 0: one block per row block whatever the SM count (for comparison)
-#endif
-#ifndef FP8L_SMALLM_PREQUANT_MIN_M
-#define FP8L_SMALLM_PREQUANT_MIN_M 4  // from this M (9 below 2^23 weights), x is quantized ahead (17: never)
-#endif
-#ifndef FP8L_SMALLM_PREQUANT_WIDE
-#define FP8L_SMALLM_PREQUANT_WIDE 7168  // N and K both at least this: x is quantized ahead from M = 1
-#endif
-#ifndef FP8L_SMALLM_UNROLL
-#define FP8L_SMALLM_UNROLL 2  // groups whose weights a warp loads before using any (bytes in flight)
-#endif
+// x is quantized ahead from this M (9 below 2^23 weight elements), and from M = 1 where N and K are both at
+// least kPrequantWide (the file's head: the measurements).
+constexpr int64_t kPrequantMinM = 4;
+constexpr int64_t kPrequantWide = 7168;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kTileRows = 16;  // weight rows of one mma tile (the mma's M); a block owns kRT of them
 constexpr int kGroup = 128;    // activation group = weight block width
 constexpr int kRowBytes = 192;  // smem stride of one token's 128 quantized bytes: tokens g and g+1 of a
                                 // 16-byte B-fragment load then fall in different banks (192 % 128 == 64)
-constexpr int kUnroll = FP8L_SMALLM_UNROLL;
-constexpr int kMaxM = 16;
-
-enum BiasKind : int { kNoBias = 0, kBiasBf16 = 1, kBiasFp16 = 2, kBiasFp32 = 3 };
+// Groups whose weights a warp loads before using any (bytes in flight): 2. Three or four lost at nearly every
+// layer measured, their registers costing blocks per SM (docs/benchmarks.md, "small_m: x quantized ahead from
+// M = 1 on wide layers").
+constexpr int kUnroll = 2;
 
 struct Params {
   const void* x;         // T [M, K], row stride x_stride_row elements, 16-byte aligned rows
@@ -418,38 +396,16 @@ __global__ void __launch_bounds__(kThreads) small_m_linear_kernel(const Params p
   if (threadIdx.x == 0) p.arrived[blockIdx.x] = 0;
 }
 
-// The split launches' arrival counters: a counter per row block (at most one row block per SM is split),
-// zero before a launch and left zero by it (its last blocks clear them). Eager launches share one buffer per
-// (device, stream), zeroed once: launches on a stream run in order, and a buffer per stream keeps concurrent
-// streams apart. A launch captured into a CUDA graph gets counters of its own instead, zeroed by a memset
-// node of the graph: a buffer made during capture holds no zeros until the graph runs.
-int* arrival_counters(const at::Tensor& like, cudaStream_t stream, int row_blocks, at::Tensor& per_launch) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
-    per_launch = at::empty({row_blocks}, like.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(per_launch.data_ptr(), 0, sizeof(int) * row_blocks, stream));
-    return per_launch.data_ptr<int>();
-  }
-  constexpr int kCounters = 1024;
-  TORCH_CHECK(row_blocks <= kCounters, "small_m_linear: ", row_blocks, " split row blocks (at most ", kCounters, ")");
-  static std::mutex mutex;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: outlives exit
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
-  if (!buffer.defined()) buffer = at::zeros({kCounters}, like.options().dtype(at::kInt));
-  return buffer.data_ptr<int>();
-}
-
 template <typename T, typename Out, int kNT, int kRT, bool kPrequant>
-void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
+void launch_variant(Params p, int device, cudaStream_t stream, Workspace& workspace) {
   constexpr int kSmem = SmemShape<kNT, kRT>::kBlockBytes;
   auto kernel = small_m_linear_kernel<T, Out, kNT, kRT, kPrequant>;
   if constexpr (kSmem > 48 * 1024) {  // once per instantiation and device: allow > 48 KB of dynamic smem
     static std::atomic<uint64_t> configured{0};
     const uint64_t bit = uint64_t{1} << (device % 64);
     if ((configured.load(std::memory_order_relaxed) & bit) == 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+                 "cudaFuncSetAttribute");
       configured.fetch_or(bit, std::memory_order_relaxed);
     }
   }
@@ -459,22 +415,21 @@ void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor&
   static std::atomic<int> occupancy[64];  // blocks of this instantiation an SM holds, per device (0: not asked)
   int per_sm = device < 64 ? occupancy[device].load(std::memory_order_relaxed) : 0;
   if (per_sm == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem));
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, kSmem),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     per_sm = std::max(per_sm, 1);
     if (device < 64) occupancy[device].store(per_sm, std::memory_order_relaxed);
   }
   int splits = 1;
   const int resident = per_sm * device_sm_count(device);
-  if (FP8L_SMALLM_SPLIT_K && blocks <= device_sm_count(device)) {
+  if (blocks <= device_sm_count(device)) {
     splits = std::min((resident + blocks - 1) / blocks, std::max(p.G / kWarps, 1));
   }
   p.groups_per_split = (p.G + splits - 1) / splits;
   splits = (p.G + p.groups_per_split - 1) / p.groups_per_split;  // no empty split
-  at::Tensor partial, counters;  // held until the launch is queued (the caching allocator's stream order)
   if (splits > 1) {
-    partial = at::empty({static_cast<int64_t>(splits) * p.M * p.N}, like.options().dtype(at::kFloat));
-    p.partial = partial.data_ptr<float>();
-    p.arrived = arrival_counters(like, stream, blocks, counters);
+    p.partial = static_cast<float*>(workspace.empty(sizeof(float) * static_cast<size_t>(splits) * p.M * p.N));
+    p.arrived = workspace.arrival_counters(blocks);
   }
   // kPrequant: launched with programmatic dependent launch (when enabled), so the weight loads of its first
   // iteration overlap the quant kernel's tail; it waits for that kernel before reading q.
@@ -482,148 +437,62 @@ void launch_variant(Params p, int device, cudaStream_t stream, const at::Tensor&
                      p);
 }
 
-template <typename T, typename Out, int kNT, int kRT>
-void launch(Params p, int device, cudaStream_t stream, const at::Tensor& like) {
-  if (p.q != nullptr) return launch_variant<T, Out, kNT, kRT, true>(p, device, stream, like);
-  return launch_variant<T, Out, kNT, kRT, false>(p, device, stream, like);
-}
-
 template <typename T, typename Out>
-void dispatch_tiles(const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
-  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream). M > 8 with x
-  // quantized ahead: two token tiles, still 16 rows (the 32-row instantiation holds 166-206 registers: one
-  // block per SM; 16-row blocks took 28672x4096 at M = 16 from 71.9 to 65.6 us, 24576x7168 from 96.6 to
-  // 85.4, H100 2026-11-26). M > 8 quantizing in the blocks (FP8L_SMALLM_PREQUANT_MIN_M > 8): each block
-  // quantizes 16 tokens per group, so it takes 32 rows to spread that ALU work over twice the weight bytes,
-  // unless that leaves SMs without a block: N = 2112 (DeepSeek-V3's q_a/kv_a) gave 66 blocks on the H100's
-  // 132 SMs and half the weight bandwidth (0.69x bf16 at M = 16, bench_linear 2026-11-25).
-  if (p.M <= 8) return launch<T, Out, 1, 1>(p, device, stream, like);
-  if (p.q != nullptr) return launch<T, Out, 2, 1>(p, device, stream, like);
-  const int blocks_of_32_rows = (p.N + 2 * kTileRows - 1) / (2 * kTileRows);
-  if (blocks_of_32_rows < device_sm_count(device)) return launch<T, Out, 2, 1>(p, device, stream, like);
-  return launch<T, Out, 2, 2>(p, device, stream, like);
+void dispatch_tiles(const Params& p, int device, cudaStream_t stream, Workspace& workspace) {
+  // M <= 8: one token tile, 16 rows per block (the most blocks for the weight stream), x quantized in the
+  // blocks or ahead. M > 8 (x always quantized ahead: small_m_quantizes_ahead): two token tiles, still 16
+  // rows (a 32-row instantiation held 166-206 registers: one block per SM; 16-row blocks took 28672x4096
+  // at M = 16 from 71.9 to 65.6 us, 24576x7168 from 96.6 to 85.4, H100 2026-11-26).
+  if (p.M <= 8) {
+    if (p.q != nullptr) return launch_variant<T, Out, 1, 1, true>(p, device, stream, workspace);
+    return launch_variant<T, Out, 1, 1, false>(p, device, stream, workspace);
+  }
+  require(p.q != nullptr, "small_m_linear: M=", p.M, " > 8 needs x quantized ahead (small_m_quantizes_ahead)");
+  return launch_variant<T, Out, 2, 1, true>(p, device, stream, workspace);
 }
 
 template <typename T>
-void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream, const at::Tensor& like) {
-  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream, like);
-  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream, like);
-}
-
-
-// The CUDA kernel of the schema in fp8linear/small_m.py:
-//   small_m_linear(Tensor x, Tensor weight, Tensor weight_scale_inv, Tensor? bias, bool scale_ue8m0,
-//                  float eps) -> Tensor
-// x [..., K] with at most 16 rows in all (the leading dims are flattened); y [..., N].
-// The Python wrapper validates with messages that name the argument; these checks keep a direct call of
-// the op from reading out of bounds.
-at::Tensor small_m_linear_cuda(const at::Tensor& x_any, const at::Tensor& weight, const at::Tensor& weight_scale_inv,
-                               const std::optional<at::Tensor>& bias, bool scale_ue8m0, double eps) {
-  TORCH_CHECK(x_any.dim() >= 2, "small_m_linear: x must be [..., M, K]; got ", x_any.sizes());
-  TORCH_CHECK(weight.dim() == 2, "small_m_linear: weight must be [N, K]; got ", weight.sizes());
-  const int64_t K = x_any.size(-1), N = weight.size(0);
-  // Leading dims flattened here rather than in Python: a view for the usual [B, S, K] (host time per call).
-  at::Tensor x_in = x_any.dim() == 2 ? x_any : x_any.reshape({-1, K});
-  if (x_in.stride(1) != 1) x_in = x_in.contiguous();  // the kernel reads rows with unit element stride
-  const int64_t M = x_in.size(0);
-  std::vector<int64_t> y_shape(x_any.sizes().begin(), x_any.sizes().end());
-  y_shape.back() = N;
-  const at::ScalarType x_dtype = x_in.scalar_type();
-  TORCH_CHECK(x_dtype == at::ScalarType::BFloat16 || x_dtype == at::ScalarType::Half || x_dtype == at::ScalarType::Float,
-              "small_m_linear: x must be bfloat16, float16 or float32; got ", x_dtype);
-  TORCH_CHECK(M <= kMaxM, "small_m_linear: at most ", kMaxM, " rows; got M=", M);
-  TORCH_CHECK(K % kGroup == 0 && K > 0, "small_m_linear: K must be a positive multiple of 128; got ", K);
-  TORCH_CHECK(weight.size(1) == K, "small_m_linear: weight must be [N, ", K, "]; got ", weight.sizes());
-  const bool int8 = weight.scalar_type() == at::ScalarType::Char;
-  TORCH_CHECK(int8 || weight.scalar_type() == at::ScalarType::Float8_e4m3fn,
-              "small_m_linear: weight must be float8_e4m3fn or int8; got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_contiguous() && aligned_to(weight.data_ptr(), 16),
-              "small_m_linear: weight must be contiguous and 16-byte aligned; got strides ", weight.strides(),
-              " at address offset ", reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16, " mod 16");
-  const int64_t G = K / kGroup;
-  TORCH_CHECK(weight_scale_inv.scalar_type() == at::ScalarType::Float && weight_scale_inv.is_contiguous() &&
-                  weight_scale_inv.dim() == 2 && weight_scale_inv.size(0) == (N + kGroup - 1) / kGroup &&
-                  weight_scale_inv.size(1) == G,
-              "small_m_linear: weight_scale_inv must be contiguous fp32 [", (N + kGroup - 1) / kGroup, ", ", G,
-              "]; got ", weight_scale_inv.scalar_type(), " ", weight_scale_inv.sizes());
-  TORCH_CHECK(x_in.device() == weight.device() && weight_scale_inv.device() == weight.device() && x_in.is_cuda(),
-              "small_m_linear: x, weight and weight_scale_inv must be on one CUDA device; got ", x_in.device(), ", ",
-              weight.device(), ", ", weight_scale_inv.device());
-  TORCH_CHECK(N < (int64_t{1} << 31) / 64 && M * N < (int64_t{1} << 31), "small_m_linear: N=", N, " too large");
-  int bias_kind = kNoBias;
-  const void* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.is_contiguous() && b.device() == weight.device(),
-                "small_m_linear: bias must be a contiguous [", N, "] tensor on the weight's device; got ", b.sizes(),
-                " with strides ", b.strides(), " on ", b.device());
-    switch (b.scalar_type()) {
-      case at::ScalarType::BFloat16: bias_kind = kBiasBf16; break;
-      case at::ScalarType::Half: bias_kind = kBiasFp16; break;
-      case at::ScalarType::Float: bias_kind = kBiasFp32; break;
-      default: TORCH_CHECK(false, "small_m_linear: bias must be bfloat16, float16 or float32; got ", b.scalar_type());
-    }
-    bias_ptr = b.data_ptr();
-  }
-
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  at::Tensor y = at::empty(y_shape, x_in.options());
-  if (M == 0 || N == 0) return y;
-  TORCH_CHECK(x_in.stride(1) == 1 || M == 0, "small_m_linear: x's last dim must be contiguous; got strides ",
-              x_in.strides());
-  // 16-byte loads need aligned rows; a slice at an odd offset is copied (it is M <= 16 rows).
-  at::Tensor x = x_in;
-  const int64_t row_bytes = (M > 1 ? x_in.stride(0) : K) * x_in.element_size();
-  if (!aligned_to(x_in.data_ptr(), 16) || row_bytes % 16 != 0) {
-    x = at::empty({M, K}, x_in.options());
-    x.copy_(x_in);
-  }
-
-  Params p;
-  p.x = x.data_ptr();
-  p.x_stride_row = M > 1 ? x.stride(0) : K;
-  p.w = static_cast<const uint8_t*>(weight.data_ptr());
-  p.ws = weight_scale_inv.data_ptr<float>();
-  p.bias = bias_ptr;
-  p.bias_kind = bias_kind;
-  p.y = y.data_ptr();
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(N);
-  p.K = static_cast<int>(K);
-  p.G = static_cast<int>(G);
-  p.eps = static_cast<float>(eps);
-  p.ue8m0 = scale_ue8m0;
-  p.groups_per_split = p.G;
-  p.partial = nullptr;
-  p.arrived = nullptr;
-  p.q = nullptr;
-  p.qs = nullptr;
-  // Quantize x once with the quant kernel (the same bits) instead of in every block, where that costs less
-  // than the second launch (the file's head). q and s stay alive until the launch below is queued.
-  at::Tensor q_pre, s_pre;
-  const bool wide = std::min(N, K) >= FP8L_SMALLM_PREQUANT_WIDE && FP8L_SMALLM_PREQUANT_MIN_M <= kMaxM;
-  const int64_t prequant_min_m = wide                             ? 1
-                                 : N * K >= (int64_t{1} << 23) ? FP8L_SMALLM_PREQUANT_MIN_M
-                                                                 : std::max(FP8L_SMALLM_PREQUANT_MIN_M, 9);
-  if (M >= prequant_min_m) {
-    std::tie(q_pre, s_pre) = quant_for_gemm_cuda(x, kGroup, weight.scalar_type(), scale_ue8m0, eps, "row", 1);
-    p.q = static_cast<const uint8_t*>(q_pre.data_ptr());
-    p.qs = s_pre.data_ptr<float>();
-  }
-
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  switch (x_dtype) {
-    case at::ScalarType::BFloat16: dispatch_out<__nv_bfloat16>(int8, p, device, stream, y); break;
-    case at::ScalarType::Half: dispatch_out<__half>(int8, p, device, stream, y); break;
-    default: dispatch_out<float>(int8, p, device, stream, y); break;
-  }
-  return y;
+void dispatch_out(bool int8, const Params& p, int device, cudaStream_t stream, Workspace& workspace) {
+  if (int8) return dispatch_tiles<T, OutInt8>(p, device, stream, workspace);
+  return dispatch_tiles<T, OutFp8E4M3>(p, device, stream, workspace);
 }
 
 }  // namespace small_m
-}  // namespace fp8linear
 
-TORCH_LIBRARY_IMPL(fp8linear, CUDA, m) {
-  m.impl("small_m_linear", &fp8linear::small_m::small_m_linear_cuda);
+bool small_m_quantizes_ahead(int64_t M, int64_t N, int64_t K) {
+  using namespace small_m;
+  const bool wide = std::min(N, K) >= kPrequantWide;
+  const int64_t min_m = wide ? 1 : N * K >= (int64_t{1} << 23) ? kPrequantMinM : std::max<int64_t>(kPrequantMinM, 9);
+  return M >= min_m;
 }
+
+void launch_small_m_linear(const SmallMLinearArgs& a, int device, cudaStream_t stream, Workspace& workspace) {
+  using namespace small_m;
+  Params p;
+  p.x = a.x;
+  p.x_stride_row = a.x_stride_row;
+  p.w = static_cast<const uint8_t*>(a.weight);
+  p.ws = a.weight_scale_inv;
+  p.bias = a.bias;
+  p.bias_kind = bias_kind(a.bias, a.bias_dtype);
+  p.y = a.y;
+  p.M = static_cast<int>(a.M);
+  p.N = static_cast<int>(a.N);
+  p.K = static_cast<int>(a.K);
+  p.G = static_cast<int>(a.K / kGroup);
+  p.eps = a.eps;
+  p.ue8m0 = a.scale_ue8m0;
+  p.groups_per_split = p.G;
+  p.partial = nullptr;
+  p.arrived = nullptr;
+  p.q = static_cast<const uint8_t*>(a.q);
+  p.qs = a.qs;
+  const bool int8 = a.weight_dtype == DType::kInt8;
+  switch (a.x_dtype) {
+    case DType::kBFloat16: return dispatch_out<__nv_bfloat16>(int8, p, device, stream, workspace);
+    case DType::kFloat16: return dispatch_out<__half>(int8, p, device, stream, workspace);
+    default: return dispatch_out<float>(int8, p, device, stream, workspace);
+  }
+}
+
+}  // namespace fp8linear

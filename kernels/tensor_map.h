@@ -1,6 +1,7 @@
 // Host-side access to the CUDA driver API for fp8linear's launchers (kernels/deepgemm_launch.cu,
 // kernels/sm90_linear.cu): entry points resolved through cudaGetDriverEntryPointByVersion (so the extension
-// links no libcuda), driver results checked with their names, and 2-D TMA descriptors.
+// links no libcuda), driver results checked with their names, and 2-D TMA descriptors. Torch-free: errors are
+// launch_utils.h's.
 #pragma once
 
 #include <cstdint>
@@ -10,8 +11,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/util/Exception.h>
+#include "launch_utils.h"
 
 namespace fp8linear {
 
@@ -22,9 +22,10 @@ Fn driver_entry_point(const char* symbol, unsigned int version, const char* op,
                       const char* remedy = "update the NVIDIA driver") {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
-  C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &fn, version, cudaEnableDefault, &status));
-  TORCH_CHECK(status == cudaDriverEntryPointSuccess && fn != nullptr, op, ": the CUDA driver has no ", symbol,
-              " (version ", version, "); ", remedy);
+  check_cuda(cudaGetDriverEntryPointByVersion(symbol, &fn, version, cudaEnableDefault, &status),
+             "cudaGetDriverEntryPointByVersion");
+  require(status == cudaDriverEntryPointSuccess && fn != nullptr, op, ": the CUDA driver has no ", symbol,
+          " (version ", version, "); ", remedy);
   return reinterpret_cast<Fn>(fn);
 }
 
@@ -36,7 +37,7 @@ inline void check_driver(CUresult result, const char* op, const char* what) {
   std::call_once(once, [op] { error_name = driver_entry_point<PFN_cuGetErrorName_v6000>("cuGetErrorName", 6000, op); });
   const char* name = nullptr;
   error_name(result, &name);
-  TORCH_CHECK(false, op, ": ", what, " failed: ", name ? name : "unknown CUresult ", static_cast<int>(result));
+  fail(op, ": ", what, " failed: ", name ? name : "unknown CUresult ", static_cast<int>(result));
 }
 
 // A 2-D tiled TMA descriptor over `base`: `inner` contiguous elements per line, `outer` lines `stride_bytes`

@@ -1,7 +1,8 @@
 // Standalone timing harness for the bandwidth kernels: the quant kernel (kernels/per_token_group_quant.cuh)
 // and the SiLU-and-mul + quant kernel (kernels/silu_and_mul_quant.cuh), compiled here with nvcc alone, no
-// torch, so that tuning variants (-DFP8L_* knobs) build on a machine without a GPU in seconds and run on
-// the GPU machine without a torch build each. scripts/kernel_microbench.sh builds the variants and runs them.
+// torch, so that a variant under test (a temporary -D switch in a kernel header) builds on a machine without a
+// GPU in seconds and runs on the GPU machine without a torch build. scripts/kernel_microbench.sh builds the
+// variants and runs them.
 //
 // Timing is triton.testing.do_bench's, in C++: before every rep a 256 MB cudaMemsetAsync evicts the
 // inputs from the 50 MB L2 (and leaves it full of dirty lines, as do_bench's cache.zero_() does); CUDA
@@ -15,11 +16,11 @@
 //
 // Output: CSV on stdout, one line per measurement:
 //   variant,kernel,layout,M,K,bytes,us,checksum
-// where checksum is an FNV-1a hash of q and the scales (same input, same bits => same hash: knob variants
-// that must not change results can be compared across binaries; FP8L_SILU_FMA changes them on purpose).
+// where checksum is an FNV-1a hash of q and the scales (same input, same bits => same hash: variants that
+// must not change results can be compared across binaries).
 //
 // Build (scripts/kernel_microbench.sh does this per variant):
-//   nvcc -O3 -std=c++17 -arch=sm_90a -Ikernels -DFP8L_VARIANT=\"name\" [-DFP8L_...] scripts/kernel_microbench.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Ikernels -DFP8L_VARIANT=\"name\" [-D...] scripts/kernel_microbench.cu
 
 #include <algorithm>
 #include <cstdint>
@@ -229,7 +230,7 @@ void run_silu(Bench& b, const __nv_bfloat16* x, uint8_t* q, void* s, int64_t M, 
   p.vec = true;
   p.q_aligned = true;
   const auto kernel = fp8linear::fused::silu_and_mul_quant_kernel<__nv_bfloat16, fp8linear::OutFp8E4M3, false>;
-  const uint32_t grid = fp8linear::fused::silu_grid(p.num_slots, wave_of((const void*)kernel, fp8linear::fused::kSiluThreads));
+  const uint32_t grid = fp8linear::fused::silu_grid(p.num_slots);
   auto launch = [&] { kernel<<<grid, fp8linear::fused::kSiluThreads, 0, b.stream>>>(p); };
   CHECK(cudaMemset(s, 0xA5, sc.words * 4));
   launch();

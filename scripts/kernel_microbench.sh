@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build and run scripts/kernel_microbench.cu in tuning variants (-DFP8L_* knobs of kernels/*.cuh).
+# Build and run scripts/kernel_microbench.cu, the shipped kernels and variants under test (-D switches).
 #
 #   scripts/kernel_microbench.sh build DIR [NAME ...]   # here (nvcc, no GPU): one binary per variant in DIR
 #   scripts/kernel_microbench.sh run DIR OUT [--quick]  # on the GPU: every binary in DIR, CSV + summary in OUT
@@ -10,28 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# name -> extra nvcc flags; "default" is what the sources ship.
+# name -> extra nvcc flags; "default" is what the sources ship. To time a variant, put it behind a temporary
+# switch in the kernel's header (#ifdef), add its flags here, and keep the winner as plain code: the numbers of
+# the knobs timed so far are in docs/runs/2026-11-25-kernel-microbench-*-h100.md.
 declare -A VARIANTS=(
   [default]=""
-  # the quant kernel (and the SiLU kernel's loads and stores): kernels/common.cuh, per_token_group_quant.cuh
-  [ld_cs]="-DFP8L_LOAD_HINT=1"
-  [ld_noL1]="-DFP8L_LOAD_HINT=2"
-  [ld_noL1_pf256]="-DFP8L_LOAD_HINT=3"
-  [st_cs]="-DFP8L_STORE_HINT=1"
-  [loads1]="-DFP8L_LOADS_PER_THREAD=1"
-  [loads4]="-DFP8L_LOADS_PER_THREAD=4"
-  [t512]="-DFP8L_THREADS=512"
-  [t128]="-DFP8L_THREADS=128"
-  [cpl1]="-DFP8L_CHUNKS_PER_LANE=1"
-  [cpl2_interleaved]="-DFP8L_LANE_CONTIGUOUS=0"
-  # the SiLU kernel: kernels/fused_quant.cuh, silu_and_mul_quant.cuh
-  [silu_plain_exp]="-DFP8L_SILU_FMA=0"
-  [silu_ld0]="-DFP8L_SILU_LOAD_HINT=0"
-  [silu_c1_u2]="-DFP8L_SILU_CHUNKS=1 -DFP8L_SILU_UNROLL=2"
-  [silu_u2]="-DFP8L_SILU_UNROLL=2"
-  [silu_mb6]="-DFP8L_SILU_MIN_BLOCKS=6"
-  [silu_t512]="-DFP8L_SILU_THREADS=512"
-  [silu_t128]="-DFP8L_SILU_THREADS=128"
 )
 
 cmd=${1:-}

@@ -6,7 +6,7 @@ Rows are (kernel, layout, M, K); columns are the variants' median microseconds, 
 variant's time as a percentage of the copy and stream baselines timed in its own binary (the median of
 the three interleaved timings of each), the spread of those copy timings, and the empty kernel's time
 (the harness's floor). A last column names the variants whose output hash differs from the default's:
-knobs that only tune must not change a bit (FP8L_SILU_FMA does, by design). Plain Python, no torch.
+a variant that only tunes must not change a bit. Plain Python, no torch.
 """
 
 from __future__ import annotations

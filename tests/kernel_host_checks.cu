@@ -53,8 +53,9 @@ void check_fast_divmod() {
   }
 }
 
-// The grids: at least one block; blocks x slots cover the work; one tile (quant) or one slot (SiLU) per
-// block while the work fits the kernel's rule; never more tiles per block than the kernel loads.
+// The grids: at least one block; the blocks cover the work; one tile per block below a resident wave and
+// never more tiles per block than the kernel loads (quant); one slot per thread, no more threads than a
+// block's worth beyond the slots (SiLU).
 void check_grids() {
   using Shape = fp8linear::TileShape<__nv_bfloat16, 128>;
   for (uint32_t wave : {1u, 132u * 8u, 132u * 5u}) {
@@ -66,19 +67,18 @@ void check_grids() {
       expect(per_block <= static_cast<uint64_t>(Shape::kUnroll), "quant tiles per block <= unroll", groups, wave, grid);
       if (tiles <= wave) expect(grid == tiles, "quant: one tile per block below a wave", groups, wave, grid);
     }
-    for (uint32_t slots : {2u, 256u, 257u, 229376u, 7340032u, 0x7FFFFF00u}) {
-      const uint32_t grid = fp8linear::fused::silu_grid(slots, wave);
-      const uint64_t blocks = (uint64_t{slots} + fp8linear::fused::kSiluThreads - 1) / fp8linear::fused::kSiluThreads;
-      const uint64_t per_thread = (blocks + grid - 1) / grid;
-      expect(grid >= 1, "silu_grid >= 1", slots, wave, grid);
-      expect(per_thread <= static_cast<uint64_t>(fp8linear::fused::kSiluUnroll), "silu slots <= unroll", slots, wave, grid);
-      if (blocks <= 2ull * wave) expect(grid == blocks, "silu: one slot per thread up to two waves", slots, wave, grid);
-    }
+  }
+  for (uint32_t slots : {2u, 256u, 257u, 229376u, 7340032u, 0x7FFFFF00u}) {
+    const uint32_t grid = fp8linear::fused::silu_grid(slots);
+    const uint64_t threads = uint64_t{grid} * fp8linear::fused::kSiluThreads;
+    expect(grid >= 1, "silu_grid >= 1", slots, grid, threads);
+    expect(threads >= slots && threads - slots < fp8linear::fused::kSiluThreads, "silu: one slot per thread", slots, grid,
+           threads);
   }
 }
 
 // silu_set_sizes: a slot is kSiluSlotElems outputs, a group tpg = 2^tpg_log2 whole slots, a row whole
-// groups, for every group size the op takes (16 .. 256) under either FP8L_SILU_CHUNKS.
+// groups, for every group size the op takes (16 .. 256).
 void check_silu_sizes() {
   namespace fu = fp8linear::fused;
   for (int64_t g : {16, 32, 64, 128, 256}) {
