@@ -257,7 +257,7 @@ std::string cublaslt_unavailable_reason() { return cublaslt::library().error; }
 void launch_cublaslt_gemm(const CublasLtGemmArgs& a, int device, cudaStream_t stream, Workspace& workspace) {
   using namespace cublaslt;
   const Library& lib = library();
-  require(lib.error.empty(), "cublaslt_gemm: ", lib.error, "; set FP8LINEAR_CUBLAS_LAUNCH=torch to use torch's call");
+  require(lib.error.empty(), "cublaslt_gemm: ", lib.error, "; the cublaslt backend needs cuBLASLt >= 12.9 (backend='auto' picks another)");
   const Handle handle = handle_for(device);
   const Key key{device, a.M, a.N, a.K, alignment_of(a.q), alignment_of(a.b), alignment_of(a.y)};
   const Plan& plan = plan_for(key, handle, a.sb, a.s);

@@ -54,7 +54,7 @@ export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off on the lent multi-GPU machines (device tool's KINDS.md)
 # The bf16 all-MiniLM-L6-v2 copy that travels in .gpu/ (GPU.md): the real-weight tests and bench_minilm.
 if [ -d .gpu/minilm-bf16 ] && [ -z "${FP8LINEAR_MINILM_DIR:-}" ]; then export FP8LINEAR_MINILM_DIR=$REPO/.gpu/minilm-bf16; fi
-export FP8LINEAR_CACHE=${FP8LINEAR_CACHE:-/tmp/fp8linear}
+export FP8LINEAR_CACHE_DIR=${FP8LINEAR_CACHE_DIR:-/tmp/fp8linear}
 
 {
     echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC')  commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \

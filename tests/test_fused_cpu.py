@@ -222,7 +222,7 @@ def test_naive_exp_matches_exp_fp32():
 
 
 def kernel_fast_exp(t: torch.Tensor) -> torch.Tensor:
-    """kernels/fused_quant.cuh's exp_fp32<false> with FP8L_SILU_FAST_EXP=1, emulated step for step: rint by
+    """kernels/fused_quant.cuh's exp_fp32<false> (the plain form fp32 inputs use), emulated step for step: rint by
     the 1.5 * 2^23 shifter, the scaling by an add to the exponent field (scale_by_shifted_bits). Finite t
     only (the kernel's clamp never passes a NaN)."""
     c = {k: torch.tensor(v, dtype=torch.int32).view(torch.float32) for k, v in fused.EXP_CONSTANT_BITS.items()}

@@ -66,7 +66,7 @@ def _col_scales_like(x: torch.Tensor, M: int, G: int) -> torch.Tensor:
 @torch.library.register_fake("fp8linear::sm90_linear", lib=_lib)
 def _sm90_linear_fake(x, weight, weight_scale_inv, bias, scale_ue8m0, eps, block_m=0, cluster=0):
     if x.device.type == "cuda":
-        _build.ensure_loaded()  # tracing runs this, not the wrapper: the kernel must exist when the graph runs
+        _build.ensure_loaded("sm90")  # tracing runs this, not the wrapper: the kernel must exist when the graph runs
     M, K = x.shape
     y = x.new_empty((M, weight.shape[0]))
     q = x.new_empty((M, K), dtype=weight.dtype)
@@ -76,7 +76,7 @@ def _sm90_linear_fake(x, weight, weight_scale_inv, bias, scale_ue8m0, eps, block
 @torch.library.register_fake("fp8linear::sm90_gemm", lib=_lib)
 def _sm90_gemm_fake(q, s, weight, weight_scale_inv, bias, out_dtype, block_m=0, cluster=0):
     if q.device.type == "cuda":
-        _build.ensure_loaded()
+        _build.ensure_loaded("sm90")
     return q.new_empty((q.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
@@ -178,7 +178,7 @@ def sm90_linear(
         if torch.cuda.get_device_capability(x.device) != (9, 0):
             raise ValueError(f"sm90_linear needs a compute capability 9.0 GPU (wgmma, TMA); {x.device} is "
                              f"{'.'.join(map(str, torch.cuda.get_device_capability(x.device)))}")
-        _build.ensure_loaded()
+        _build.ensure_loaded("sm90")
     return torch.ops.fp8linear.sm90_linear(
         x, weight.contiguous(), weight_scale_inv.contiguous(), None if bias is None else bias.contiguous(),
         bool(scale_ue8m0), float(eps), int(block_m), int(cluster),
@@ -196,7 +196,7 @@ def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tupl
 
     Also builds and loads the CUDA kernels: the forward calls the ops directly."""
     if weight.is_cuda:
-        _build.ensure_loaded()
+        _build.ensure_loaded("sm90")
     return weight.contiguous(), weight_scale_inv.float().contiguous()
 
 
