@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fp8linear import per_token_group_quant
-from fp8linear.backends import deepgemm, deepgemm_relaunch as relaunch, deepgemm_tiles
+from fp8linear.backends import deepgemm_relaunch as relaunch, deepgemm_tiles
 from fp8linear.backends.deepgemm_tiles import Tiles
 
 FP8 = torch.float8_e4m3fn
