@@ -1,0 +1,297 @@
+"""FP8Experts (fp8linear.moe) and the grouped GEMM backends on CPU.
+
+The expert path is checked against FP8Linear(backend="reference") run on each expert's tokens with that
+expert's 2-D weights: the same quantized rows and the same per-expert GEMM shapes, so equality is exact
+(bytes). Everything else compares with tolerances derived from the arithmetic (fp32 sums, one rounding
+to bf16) or, for accuracy, with cosine similarity against the dequantized weights in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_bitwise_equal
+from fp8linear import FP8Linear, backends
+from fp8linear.backends import BackendUnsupportedError
+from fp8linear.fused import silu_and_mul_reference
+from fp8linear.moe import FP8Experts, parse_expert_key, route, unsupported_reason
+from fp8linear.weights import quantize_weight_blockwise
+
+transformers = pytest.importorskip("transformers")
+from transformers import Qwen3MoeConfig  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+FP8, INT8 = torch.float8_e4m3fn, torch.int8
+
+
+def make_experts(E: int = 6, H: int = 256, I: int = 256, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """transformers' Qwen3MoeExperts with seeded random weights (the default init leaves them empty)."""
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    experts = Qwen3MoeExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0.0, 0.05)
+        experts.down_proj.normal_(0.0, 0.05)
+    return experts.to(dtype).requires_grad_(False)
+
+
+def random_routing(T: int, E: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-k routing as a router makes it: k distinct experts per token, weights that sum to 1."""
+    index = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.int64)
+    weights = torch.rand(T, k)
+    return index, weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+def per_expert_fp8linear(experts: FP8Experts, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[T, k, H]: each expert's tokens through two FP8Linear(backend="reference") holding that expert's 2-D
+    weights, with silu(gate) * up between them as fp8linear.fused defines it (the quantization of that
+    activation is then the fused kernel's, byte for byte)."""
+    T, k = index.shape
+    out = torch.zeros(T, k, experts.hidden_size, dtype=x.dtype)
+    for e in range(experts.num_experts):
+        t_idx, j_idx = (index == e).nonzero(as_tuple=True)  # tokens in increasing order, as a stable sort
+        if t_idx.numel() == 0:
+            continue
+        gate_up = FP8Linear.from_quantized(experts.gate_up_proj[e], experts.gate_up_proj_scale_inv[e],
+                                           backend="reference")
+        down = FP8Linear.from_quantized(experts.down_proj[e], experts.down_proj_scale_inv[e], backend="reference")
+        out[t_idx, j_idx] = down(silu_and_mul_reference(gate_up(x[t_idx])))
+    return out
+
+
+# -- the expert path, bit for bit --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("E,H", [(6, 256), (5, 300)], ids=["E6-H256", "E5-H300-padded"])
+def test_expert_path_is_fp8linear_per_expert_bit_for_bit(dtype, x_dtype, grouping, E, H):
+    experts = FP8Experts.from_experts(make_experts(E, H, 256, x_dtype), dtype=dtype, grouping=grouping)
+    x = torch.randn(11, H, dtype=x_dtype) * 2
+    index, _ = random_routing(11, E, 3)
+    got = experts.expert_outputs(x, index)
+    assert_bitwise_equal(got, per_expert_fp8linear(experts, x, index), f"expert outputs ({grouping})")
+
+
+def test_forward_weights_and_sums_the_slots():
+    experts = FP8Experts.from_experts(make_experts(dtype=torch.bfloat16))
+    x = torch.randn(9, 256, dtype=torch.bfloat16)
+    index, weights = random_routing(9, 6, 2)
+    y = experts(x, index, weights)
+    slots = experts.expert_outputs(x, index)
+    expected = (slots.double() * weights.double().unsqueeze(-1)).sum(1)  # exact products and sum
+    assert y.dtype == torch.bfloat16 and y.shape == (9, 256)
+    # transformers' combine: fp32 products (weights are fp32) summed in fp32, one rounding to bf16.
+    torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+def test_close_to_transformers_on_the_dequantized_weights(grouping):
+    """Only the activations' 1x128 quantization separates the two: cosine well above 0.999."""
+    source = make_experts(E=7, H=384, I=256)
+    experts = FP8Experts.from_experts(source, grouping=grouping)
+    baseline = experts.dequantize(torch.float32)
+    baseline.config._experts_implementation = "eager"
+    x = torch.randn(20, 384)
+    index, weights = random_routing(20, 7, 2)
+    y, ref = experts(x, index, weights), baseline(x, index, weights)
+    cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999, cos
+
+
+# -- edge routings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+def test_edge_routings(grouping):
+    E = 7  # not a power of two
+    experts = FP8Experts.from_experts(make_experts(E=E), grouping=grouping)
+    x = torch.randn(5, 256)
+
+    # zero tokens
+    assert experts(x[:0], torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2)).shape == (0, 256)
+    # a single token
+    index, weights = random_routing(1, E, 2)
+    assert_bitwise_equal(experts.expert_outputs(x[:1], index), per_expert_fp8linear(experts, x[:1], index), "T=1")
+    # every token on one expert (the others hit by none)
+    index = torch.full((5, 1), 3)
+    assert_bitwise_equal(experts.expert_outputs(x, index), per_expert_fp8linear(experts, x, index), "one expert")
+    # only the last expert
+    index = torch.full((5, 1), E - 1, dtype=torch.int32)
+    assert_bitwise_equal(experts.expert_outputs(x, index), per_expert_fp8linear(experts, x, index), "last expert")
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+def test_slots_naming_no_expert_contribute_zero(grouping):
+    """transformers marks pairs of other ranks with index E (expert parallelism): they add nothing."""
+    experts = FP8Experts.from_experts(make_experts(E=6), grouping=grouping)
+    x = torch.randn(4, 256)
+    index = torch.tensor([[0, 6], [6, 6], [2, 5], [6, 1]])
+    weights = torch.rand(4, 2)
+    slots = experts.expert_outputs(x, index)
+    assert torch.equal(slots[index == 6], torch.zeros(4, 256))
+    assert_bitwise_equal(slots, per_expert_fp8linear(experts, x, index), "valid slots")  # 6 matches no expert
+    y = experts(x, index, weights)
+    assert torch.equal(y[1], torch.zeros(256))
+
+
+def test_repeated_expert_per_token():
+    """A token may name an expert twice: contiguous serves it; masked (T rows per expert) serves it while no
+    expert gets more than T pairs and raises on the device beyond."""
+    x = torch.randn(3, 256)
+    index = torch.tensor([[1, 1], [0, 1], [2, 2]])  # expert 1: 3 pairs = T
+    for grouping in ("contiguous", "masked"):
+        experts = FP8Experts.from_experts(make_experts(E=4), grouping=grouping)
+        assert_bitwise_equal(experts.expert_outputs(x, index), per_expert_fp8linear(experts, x, index), grouping)
+    with pytest.raises(RuntimeError, match="an expert got more pairs than the layout's max_m rows"):
+        experts(x[:2], torch.tensor([[1, 1], [1, 0]]), torch.ones(2, 2))
+
+
+def test_masked_and_contiguous_agree_bit_for_bit():
+    experts = FP8Experts.from_experts(make_experts(E=9, H=256, dtype=torch.bfloat16))
+    x = torch.randn(13, 256, dtype=torch.bfloat16)
+    index, weights = random_routing(13, 9, 4)
+    experts.grouping = "contiguous"
+    a = experts(x, index, weights)
+    experts.grouping = "masked"
+    assert_bitwise_equal(experts(x, index, weights), a, "masked vs contiguous")
+
+
+# -- the routing layout ------------------------------------------------------------------------------
+def test_contiguous_layout_pads_each_segment():
+    index = torch.tensor([[2, 0], [2, 4], [0, 2]])  # pairs 0..5 -> experts 2, 0, 2, 4, 0, 2
+    r = route(index, E=5, grouping="contiguous", align=4)
+    # expert 0: pairs 1, 4 (rows 0-1, padded to 4); expert 2: pairs 0, 2, 5 (rows 4-6, padded to 8);
+    # expert 4: pair 3 (row 8, padded to 12). Padding rows carry their segment's expert.
+    assert r.rows == 12 and r.writes == 6
+    assert r.m_indices.tolist() == [0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4]
+    assert r.perm.tolist() == [1, 4, 0, 2, 5, 3]
+    assert r.token.tolist() == [0, 2, 0, 1, 2, 1]
+    assert r.dest.tolist() == [0, 1, 4, 5, 6, 8]
+    r1 = route(index, E=5, grouping="contiguous", align=1)
+    assert r1.rows == 6 and r1.m_indices.tolist() == [0, 0, 2, 2, 2, 4] and r1.dest.tolist() == list(range(6))
+
+
+def test_masked_layout_places_rows_per_expert():
+    index = torch.tensor([[2, 0], [2, 4], [0, 5]])  # 5 is no expert of E=5
+    r = route(index, E=5, grouping="masked")
+    assert r.rows == 3  # max_m = T
+    assert r.masked_m.tolist() == [2, 0, 2, 0, 1]
+    # sorted pairs: expert 0 (pairs 1, 4), expert 2 (0, 2), expert 4 (3), invalid (5) -> scratch group 5
+    assert r.dest.tolist() == [0 * 3 + 0, 0 * 3 + 1, 2 * 3 + 0, 2 * 3 + 1, 4 * 3 + 0, 5 * 3 + 0]
+    assert r.valid.tolist() == [True] * 5 + [False]
+
+
+# -- the grouped reference backend -------------------------------------------------------------------
+def test_grouped_reference_rejects_a_broken_layout():
+    ref = backends.get_grouped("reference")
+    w, ws = quantize_weight_blockwise(torch.randn(256, 256))
+    prepared = (w[None].expand(2, -1, -1), ws[None].expand(2, -1, -1))
+    q = torch.zeros(3, 256, dtype=FP8)
+    s = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="rows of expert 0 are not one consecutive segment"):
+        ref.grouped_gemm_contiguous(q, s, prepared, torch.tensor([0, 1, 0], dtype=torch.int32), torch.float32)
+    with pytest.raises(ValueError, match=r"m_indices must hold experts in \[0, 2\) or -1"):
+        ref.grouped_gemm_contiguous(q, s, prepared, torch.tensor([0, 2, -1], dtype=torch.int32), torch.float32)
+
+
+# -- construction and rejected input -----------------------------------------------------------------
+class BiasedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(2, 256, 128))
+        self.down_proj = nn.Parameter(torch.zeros(2, 128, 128))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(2, 256))
+        self.act_fn = nn.SiLU()
+
+
+class GeluExperts(BiasedExperts):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj_bias = None
+        self.act_fn = nn.GELU()
+
+
+class OddWidthExperts(GeluExperts):
+    def __init__(self):
+        super().__init__()
+        self.act_fn = nn.SiLU()
+        self.gate_up_proj = nn.Parameter(torch.zeros(2, 200, 128))
+        self.down_proj = nn.Parameter(torch.zeros(2, 128, 100))
+
+
+def test_unsupported_experts_say_why():
+    assert unsupported_reason(make_experts()) is None
+    assert "has expert biases" in unsupported_reason(BiasedExperts())
+    assert "not SiLU" in unsupported_reason(GeluExperts())
+    assert "I=100 is not a multiple of 128" in unsupported_reason(OddWidthExperts())
+    assert "holds no 3-D gate_up_proj" in unsupported_reason(nn.Linear(4, 4))
+    transposed = make_experts()
+    transposed.is_transposed = True
+    assert "transposed" in unsupported_reason(transposed)
+    with pytest.raises(ValueError, match="cannot quantize GeluExperts: act_fn is GELU"):
+        FP8Experts.from_experts(GeluExperts())
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="intermediate_size must be a multiple of 128.*got 100"):
+        FP8Experts(4, 256, 100)
+    with pytest.raises(ValueError, match="backend='cublaslt' has no grouped GEMM.*'reference'"):
+        FP8Experts(4, 256, 128, backend="cublaslt")
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        FP8Experts(4, 256, 128, grouping="ragged")
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        FP8Experts(0, 256, 128)
+
+
+def test_forward_rejects_bad_input():
+    experts = FP8Experts(4, 256, 128)
+    x = torch.randn(3, 256)
+    with pytest.raises(ValueError, match=r"hidden_states must be a tensor \[T, 256\]"):
+        experts(torch.randn(1, 3, 256), torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"top_k_index must be an integer tensor \[T=3, k\]"):
+        experts(x, torch.zeros(3, 1), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="top_k_weights must be a float tensor of top_k_index's shape"):
+        experts(x, torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 1))
+    with pytest.raises(TypeError, match="hidden_states must be bfloat16, float16 or float32"):
+        experts(x.double(), torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1))
+
+
+def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    experts = FP8Experts.from_experts(make_experts(), backend="triton")
+    with pytest.raises(BackendUnsupportedError,
+                       match=r"backend='triton' cannot serve the contiguous grouped GEMM of E=6 experts, N=512, K=256"):
+        experts(torch.randn(2, 256), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1))
+
+
+def test_repr_names_backend_and_layout():
+    experts = FP8Experts(4, 256, 128, backend="reference", grouping="masked", device="meta")
+    assert repr(experts) == (
+        "FP8Experts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=e4m3, block_size=128x128, "
+        "scale_ue8m0=False, backend=reference, grouping=masked, act=silu (fused quant))")
+
+
+def test_from_experts_quantizes_each_expert_as_the_dense_path():
+    source = make_experts(E=3, H=300, I=256)
+    experts = FP8Experts.from_experts(source, dtype=INT8, scale_ue8m0=True)
+    for e in range(3):
+        w, ws = quantize_weight_blockwise(source.gate_up_proj[e], INT8, scale_ue8m0=True)
+        assert_bitwise_equal(experts.gate_up_proj[e], w, f"gate_up_proj[{e}]")
+        assert_bitwise_equal(experts.gate_up_proj_scale_inv[e], ws, f"gate_up_proj_scale_inv[{e}]")
+        # gate and up quantized apart give the same blocks (I % 128 == 0)
+        wg, wsg = quantize_weight_blockwise(source.gate_up_proj[e, :256], INT8, scale_ue8m0=True)
+        assert_bitwise_equal(experts.gate_up_proj[e, :256], wg, "gate rows")
+        assert_bitwise_equal(experts.gate_up_proj_scale_inv[e, :2], wsg, "gate scales")
+        w2, ws2 = quantize_weight_blockwise(source.down_proj[e], INT8, scale_ue8m0=True)
+        assert_bitwise_equal(experts.down_proj[e], w2, f"down_proj[{e}]")
+        assert_bitwise_equal(experts.down_proj_scale_inv[e], ws2, f"down_proj_scale_inv[{e}]")
+    assert experts.gate_up_proj_scale_inv.shape == (3, 4, 3) and experts.down_proj_scale_inv.shape == (3, 3, 2)
+
+
+def test_parse_expert_key():
+    assert parse_expert_key("model.layers.0.mlp.experts.17.up_proj.weight_scale_inv") == (
+        "model.layers.0.mlp.experts", 17, "up_proj", "weight_scale_inv")
+    assert parse_expert_key("experts.2.down_proj.weight_scale") == ("experts", 2, "down_proj", "weight_scale_inv")
+    assert parse_expert_key("3.gate_proj.weight") == ("", 3, "gate_proj", "weight")
+    assert parse_expert_key("model.layers.0.mlp.gate_proj.weight") is None
+    assert parse_expert_key("model.layers.0.mlp.experts.gate_up_proj") is None
