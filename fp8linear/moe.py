@@ -53,7 +53,7 @@ import itertools
 import logging
 import re
 import types
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ from .ops import quantize_for_gemm
 from .weights import dequantize_weight_blockwise, quantize_weight_blockwise
 
 __all__ = ["FP8Experts", "Routing", "route", "unsupported_reason", "is_experts_module", "parse_expert_key",
-           "PROJECTIONS", "LEAVES"]
+           "plan_expert_keys", "experts_kwargs", "PROJECTIONS", "LEAVES"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,42 @@ def parse_expert_key(key: str) -> "tuple[str, int, str, str] | None":
         return None
     leaf = "weight_scale_inv" if m.group(4) == "weight_scale" else m.group(4)
     return m.group(1) or "", int(m.group(2)), m.group(3), leaf
+
+
+def plan_expert_keys(keys: "Iterable[str]", resolve: "Callable[[str], str | None]",
+                     modules: "Mapping[str, nn.Module]") -> dict[str, dict[tuple[int, str, str], str]]:
+    """For a checkpoint loader: {experts module name: {(e, projection, leaf): checkpoint key}} for every key of
+    the per-expert layout that belongs to a fused experts module of the model (`is_experts_module`).
+
+    `resolve` maps a checkpoint name to the model's parameter name (or None), `modules` is
+    dict(model.named_modules()). Keys of modules that are not fused experts are left out (they are
+    ordinary per-expert nn.Linear layers in models that have them)."""
+    plan: dict[str, dict[tuple[int, str, str], str]] = {}
+    for key in keys:
+        parsed = parse_expert_key(key)
+        if parsed is None:
+            continue
+        module_key, e, projection, leaf = parsed
+        target = resolve(f"{module_key}.gate_up_proj" if module_key else "gate_up_proj")
+        name = None if target is None else target.rpartition(".")[0]
+        if name is None or not is_experts_module(modules.get(name, nn.Module())):
+            continue
+        entry = plan.setdefault(name, {})
+        if (e, projection, leaf) in entry:
+            raise ValueError(f"checkpoint has two tensors for {name}.{e}.{projection}.{leaf}: "
+                             f"{entry[(e, projection, leaf)]!r} and {key!r}")
+        entry[(e, projection, leaf)] = key
+    return plan
+
+
+def experts_kwargs(config: FP8Config) -> dict[str, Any]:
+    """FP8Experts' keyword options for a model quantized with `config`: its module kwargs, with the backend
+    'auto' where the configured one has no grouped GEMM (cublaslt, fused_mma, fused_wgmma serve dense
+    layers only)."""
+    options = config.module_kwargs()
+    if options["backend"] not in backends.GROUPED_NAMES:
+        options["backend"] = "auto"
+    return options
 
 
 def is_experts_module(module: nn.Module) -> bool:

@@ -295,3 +295,105 @@ def test_parse_expert_key():
     assert parse_expert_key("3.gate_proj.weight") == ("", 3, "gate_proj", "weight")
     assert parse_expert_key("model.layers.0.mlp.gate_proj.weight") is None
     assert parse_expert_key("model.layers.0.mlp.experts.gate_up_proj") is None
+
+
+# -- quantize_model on whole MoE models --------------------------------------------------------------
+def tiny_moe(model_type: str, embedding_std: float = 0.1, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A 2-layer random MoE model of transformers' own classes, hidden 256, experts of width 256.
+
+    Token embeddings get std 0.1 (transformers' init leaves the experts' output about 1% of the logits'
+    cosine at std 1.0, where no expert error could show; at 0.1 removing the experts moves the logits by
+    1-3% of cosine, so the experts' quantization is what the accuracy test measures)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                  num_hidden_layers=2, num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        config = Qwen3MoeConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=6,
+                                decoder_sparse_step=1, norm_topk_prob=True, **common)
+    else:  # DeepSeek-V3: MLA attention, layer 0 dense, layer 1 MoE with a shared expert, grouped routing
+        config = DeepseekV3Config(num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                                  n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                  q_lora_rank=None, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                                  v_head_dim=64, **common)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, embedding_std)
+    return model
+
+
+def one_minus_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 1.0 - torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_quantized_moe_model_keeps_logits(model_type):
+    """FP8 model vs the same weights dequantized to fp32: logits cosine >= 0.995, while dropping the experts'
+    output would move the logits several times more (so the experts are what is measured)."""
+    import copy
+
+    from fp8linear import quantize_model
+    from fp8linear.convert import dequantize_model
+
+    model = tiny_moe(model_type)
+    ids = torch.randint(0, 512, (2, 24))
+    quantize_model(model, progress=False)
+    summary = model.fp8linear_summary
+    experts_names = [n for n, m in model.named_modules() if isinstance(m, FP8Experts)]
+    assert summary.experts == experts_names and len(experts_names) == (2 if model_type == "qwen3_moe" else 1)
+    assert not summary.unquantized
+    baseline = dequantize_model(copy.deepcopy(model), torch.float32)
+    assert not any(isinstance(m, (FP8Experts, FP8Linear)) for m in baseline.modules())
+    with torch.no_grad():
+        fp8, ref = model(ids).logits, baseline(ids).logits
+        for name in experts_names:
+            baseline.get_submodule(name).down_proj.zero_()
+        without_experts = baseline(ids).logits
+    assert one_minus_cosine(fp8, ref) <= 0.005
+    assert one_minus_cosine(ref, without_experts) > 5 * one_minus_cosine(fp8, ref)
+    if model_type == "deepseek_v3":  # shared experts are ordinary MLPs: FP8Linear as any other
+        assert isinstance(model.model.layers[1].mlp.shared_experts.gate_proj, FP8Linear)
+        assert type(model.model.layers[1].mlp.gate).__name__ == "DeepseekV3TopkRouter"  # router untouched
+
+
+def test_quantize_model_honours_config_and_skip_rules_for_experts():
+    from fp8linear import FP8Config, quantize_model
+
+    model = tiny_moe("qwen3_moe")
+    source = model.model.layers[0].mlp.experts
+    w13 = source.gate_up_proj.detach().clone()
+    quantize_model(model, FP8Config(dtype=INT8, scale_ue8m0=True, backend="reference"),
+                   skip=[r"model\.layers\.1\.mlp\.experts"], progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, FP8Experts) and experts.dtype == INT8 and experts.backend == "reference"
+    w, ws = quantize_weight_blockwise(w13[4], INT8, scale_ue8m0=True)
+    assert_bitwise_equal(experts.gate_up_proj[4], w, "gate_up_proj[4]")
+    assert_bitwise_equal(experts.gate_up_proj_scale_inv[4], ws, "gate_up_proj_scale_inv[4]")
+    kept = model.model.layers[1].mlp.experts
+    assert type(kept).__name__ == "Qwen3MoeExperts"
+    assert model.fp8linear_summary.skipped["model.layers.1.mlp.experts"].startswith("skip ")
+    assert model.fp8linear_summary.experts == ["model.layers.0.mlp.experts"]
+    assert "model.layers.1.mlp.experts" in model.fp8linear_summary.modules_to_not_convert
+
+
+def test_backend_without_grouped_gemm_leaves_experts_on_auto():
+    from fp8linear import quantize_model
+
+    model = quantize_model(tiny_moe("qwen3_moe"), backend="cublaslt", progress=False)
+    assert model.model.layers[0].mlp.experts.backend == "auto"
+    assert model.model.layers[0].self_attn.q_proj.backend == "cublaslt"
+    assert "backend 'cublaslt' has no grouped GEMM: the MoE experts use 'auto'" in str(model.fp8linear_summary)
+
+
+def test_unservable_experts_stay_with_the_reason():
+    from fp8linear import quantize_model
+
+    holder = nn.Module()
+    holder.experts = GeluExperts()
+    quantize_model(holder, progress=False)
+    assert isinstance(holder.experts, GeluExperts)
+    assert holder.fp8linear_summary.unquantized == {
+        "experts": "GeluExperts: fused MoE experts (gate_up_proj [2, 256, 128], down_proj [2, 128, 128]) left "
+                   "unquantized: FP8Experts cannot serve them (act_fn is GELU, not SiLU (only silu(gate) * up is "
+                   "fused))"}
