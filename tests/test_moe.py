@@ -397,3 +397,113 @@ def test_unservable_experts_stay_with_the_reason():
         "experts": "GeluExperts: fused MoE experts (gate_up_proj [2, 256, 128], down_proj [2, 128, 128]) left "
                    "unquantized: FP8Experts cannot serve them (act_fn is GELU, not SiLU (only silu(gate) * up is "
                    "fused))"}
+
+
+# -- the published per-expert state dict -------------------------------------------------------------
+def expected_expert_keys(prefix: str, E: int) -> list[str]:
+    return [f"{prefix}{e}.{p}.{leaf}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")
+            for leaf in ("weight", "weight_scale_inv")]
+
+
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_state_dict_is_the_published_per_expert_layout(dtype):
+    E, H, I = 5, 300, 256
+    experts = FP8Experts.from_experts(make_experts(E, H, I), dtype=dtype)
+    state = experts.state_dict()
+    assert list(state) == expected_expert_keys("", E)
+    for e in range(E):
+        for p, (N, K) in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            w, s = state[f"{e}.{p}.weight"], state[f"{e}.{p}.weight_scale_inv"]
+            assert w.dtype == dtype and tuple(w.shape) == (N, K), (e, p)
+            assert s.dtype == torch.float32 and tuple(s.shape) == (-(-N // 128), -(-K // 128)), (e, p)
+        # the values are the fused tensors' rows: gate first, then up
+        assert_bitwise_equal(state[f"{e}.gate_proj.weight"], experts.gate_up_proj[e, :I], "gate rows")
+        assert_bitwise_equal(state[f"{e}.up_proj.weight_scale_inv"], experts.gate_up_proj_scale_inv[e, 2:], "up scales")
+        assert_bitwise_equal(state[f"{e}.down_proj.weight"], experts.down_proj[e], "down")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=["fp32-scales", "bf16-scales"])
+def test_load_state_dict_from_per_expert_keys_bit_exact(scale_dtype):
+    source = FP8Experts.from_experts(make_experts(4, 256, 384))
+    state = {k: (v.to(scale_dtype) if k.endswith("scale_inv") else v).clone() for k, v in source.state_dict().items()}
+    for assign in (False, True):
+        target = FP8Experts(4, 256, 384, device="meta" if assign else None)
+        target.load_state_dict(state, assign=assign)
+        for name in ("gate_up_proj", "down_proj"):
+            assert_bitwise_equal(getattr(target, name), getattr(source, name), name)
+            expected = getattr(source, f"{name}_scale_inv").to(scale_dtype).float()  # what the file held
+            assert_bitwise_equal(getattr(target, f"{name}_scale_inv"), expected, f"{name}_scale_inv")
+    # the fused names load too
+    fused = FP8Experts(4, 256, 384)
+    fused.load_state_dict({n: p for n, p in source.named_parameters()})
+    assert_bitwise_equal(fused.down_proj, source.down_proj, "down_proj via fused keys")
+
+
+def test_load_state_dict_names_what_is_missing():
+    source = FP8Experts.from_experts(make_experts(3, 256, 256))
+    state = source.state_dict()
+    del state["2.up_proj.weight_scale_inv"]
+    with pytest.raises(RuntimeError, match=r"per-expert tensors of 3 experts are incomplete: missing \['2.up_proj.weight_scale_inv'\]"):
+        FP8Experts(3, 256, 256).load_state_dict(state)
+    state = source.state_dict()
+    state["1.down_proj.weight"] = state["1.down_proj.weight"][:, :128]
+    with pytest.raises(RuntimeError, match=r"1.down_proj.weight: shape \[256, 128\], expected \[256, 256\]"):
+        FP8Experts(3, 256, 256).load_state_dict(state)
+
+
+def test_model_state_dict_round_trip_and_saved_files(tmp_path):
+    """A quantized Qwen3-MoE's state dict holds the per-expert keys a published FP8 checkpoint holds;
+    save_quantized writes them, and a loader that fills FP8Experts expert by expert (plan_expert_keys,
+    empty_like, load_expert_: what load_quantized is given) rebuilds the experts bit for bit."""
+    import json
+
+    from safetensors import safe_open
+
+    from fp8linear import quantize_model, save_quantized
+    from fp8linear.moe import plan_expert_keys
+
+    model = quantize_model(tiny_moe("qwen3_moe", dtype=torch.bfloat16), progress=False)
+    state = model.state_dict()
+    prefix = "model.layers.1.mlp.experts."
+    assert [k for k in state if k.startswith(prefix)] == expected_expert_keys(prefix, 6)
+    assert not any(k.endswith(("gate_up_proj", "down_proj_scale_inv")) for k in state)
+    assert "model.layers.1.mlp.gate.weight" in state  # the router, unquantized
+
+    save_quantized(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert not any("experts" in name for name in qc["modules_to_not_convert"])
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.get_tensor(prefix + "3.up_proj.weight").dtype == FP8
+        # the loader's path: a skeleton with transformers' experts (here on meta), filled expert by expert
+        skeleton = tiny_moe("qwen3_moe", dtype=torch.bfloat16)
+        modules = dict(skeleton.named_modules())
+        params = {n for n, _ in skeleton.named_parameters()}
+        plan = plan_expert_keys(keys, lambda k: k if k in params else None, modules)
+        assert sorted(plan) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        for name, entries in plan.items():
+            with torch.device("meta"):
+                meta_experts = type(modules[name])(skeleton.config)
+            experts = FP8Experts.empty_like(meta_experts, "cpu")
+            assert len(experts.missing_expert_tensors()) == 36
+            for (e, projection, leaf), key in entries.items():
+                experts.load_expert_(e, projection, leaf, f.get_tensor(key))
+            assert experts.missing_expert_tensors() == []
+            original = model.get_submodule(name)
+            for p in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
+                assert_bitwise_equal(getattr(experts, p), getattr(original, p), f"{name}.{p}")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    index, weights = random_routing(3, 6, 2)
+    assert_bitwise_equal(experts(x, index, weights), original(x, index, weights), "loaded experts' output")
+
+
+def test_load_expert_rejects_wrong_tensors():
+    experts = FP8Experts.empty_like(make_experts(3, 256, 256), "cpu")
+    with pytest.raises(ValueError, match=r"1.gate_proj.weight: shape \[128, 256\], expected \[256, 256\]"):
+        experts.load_expert_(1, "gate_proj", "weight", torch.zeros(128, 256, dtype=FP8))
+    with pytest.raises(ValueError, match=r"1.gate_proj.weight: dtype torch.bfloat16, expected torch.float8_e4m3fn"):
+        experts.load_expert_(1, "gate_proj", "weight", torch.zeros(256, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"3.down_proj.weight: not a tensor of 3 experts"):
+        experts.load_expert_(3, "down_proj", "weight", torch.zeros(256, 256, dtype=FP8))
+    with pytest.raises(ValueError, match=r"0.down_proj.weight_scale_inv: scale dtype torch.int32"):
+        experts.load_expert_(0, "down_proj", "weight_scale_inv", torch.zeros(2, 2, dtype=torch.int32))
