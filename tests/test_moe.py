@@ -507,3 +507,108 @@ def test_load_expert_rejects_wrong_tensors():
         experts.load_expert_(3, "down_proj", "weight", torch.zeros(256, 256, dtype=FP8))
     with pytest.raises(ValueError, match=r"0.down_proj.weight_scale_inv: scale dtype torch.int32"):
         experts.load_expert_(0, "down_proj", "weight_scale_inv", torch.zeros(2, 2, dtype=torch.int32))
+
+
+# -- the Triton grouped GEMM, under Triton's CPU interpreter -----------------------------------------
+from test_linear import HAS_TRITON, triton_interpreter  # noqa: E402,F401  (the interpreter fixture)
+
+
+def grouped_operands(E, N, K, rows, dtype, seed=0):
+    """q [rows, Kp] quantized from random rows (zero columns past K), row scales, and E random experts."""
+    from fp8linear.reference import per_token_group_quant_reference
+
+    g = torch.Generator().manual_seed(seed)
+    Kp = -(-K // 128) * 128
+    x = torch.zeros(rows, Kp)
+    x[:, :K] = torch.randn(rows, K, generator=g) * 3
+    q, s = per_token_group_quant_reference(x, 128, dtype)
+    parts = [quantize_weight_blockwise(torch.randn(N, K, generator=g), dtype) for _ in range(E)]
+    return q, s, (torch.stack([w for w, _ in parts]), torch.stack([ws for _, ws in parts]))
+
+
+def assert_within_k_tolerance(y, ref, q, s, prepared, rows_experts):
+    """|y - ref| <= 2 K u sum_k |a_k w_k| per element (two fp32 summation orders; u = 2^-24), on the rows
+    whose expert is given (others are unspecified)."""
+    from fp8linear.reference import dequantize_groups
+    from fp8linear.weights import dequantize_weight_blockwise
+
+    weight, scales = prepared
+    K = weight.shape[2]
+    a = dequantize_groups(q, s)[:, :K].abs()
+    for r, e in rows_experts:
+        w = dequantize_weight_blockwise(weight[e], scales[e]).abs()
+        bound = 2 * K * 2**-24 * (a[r] @ w.t()) + 1e-30
+        err = (y[r].float() - ref[r].float()).abs()
+        assert bool((err <= bound).all()), f"row {r} (expert {e}): max err {err.max()} vs bound {bound.max()}"
+
+
+TRITON_CONFIGS = [
+    None,  # the default tiles for the shape
+    dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, num_warps=4, num_stages=2),  # N tile spans two weight-block rows
+    dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=3),  # tiles straddle no segment boundary
+]
+
+
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("cfg", TRITON_CONFIGS, ids=["default", "16x256", "32x16"])
+def test_triton_grouped_contiguous_interpreted(triton_interpreter, dtype, cfg):
+    E, N, K = 5, 200, 300  # E not a power of two; partial N and K blocks
+    ref = backends.get_grouped("reference")
+    tri = backends.get_grouped("triton")
+    # segments of 7, 0, 19, 1, 0 rows (unaligned), then 3 rows of -1 (pairs naming no expert)
+    m_indices = torch.tensor([0] * 7 + [2] * 19 + [3] + [-1] * 3, dtype=torch.int32)
+    q, s, prepared = grouped_operands(E, N, K, m_indices.numel(), dtype)
+    y = tri.grouped_gemm_contiguous(q, s, prepared, m_indices, torch.float32, config=cfg)
+    expected = ref.grouped_gemm_contiguous(q, s, prepared, m_indices, torch.float32)
+    assert y.shape == (30, N) and y.dtype == torch.float32
+    assert_within_k_tolerance(y, expected, q, s, prepared, [(r, int(e)) for r, e in enumerate(m_indices) if e >= 0])
+    # aligned segments as DeepGEMM wants them (padding rows carry their segment's expert) serve as well
+    padded = torch.tensor([1] * 8 + [4] * 16, dtype=torch.int32)
+    q, s, prepared = grouped_operands(E, N, K, 24, dtype, seed=1)
+    y = tri.grouped_gemm_contiguous(q, s, prepared, padded, torch.bfloat16, config=cfg)
+    expected = ref.grouped_gemm_contiguous(q, s, prepared, padded, torch.float32)
+    torch.testing.assert_close(y.float(), expected.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_triton_grouped_masked_interpreted(triton_interpreter, dtype):
+    E, N, K, max_m = 3, 160, 256, 20
+    ref = backends.get_grouped("reference")
+    tri = backends.get_grouped("triton")
+    q, s, prepared = grouped_operands(E, N, K, E * max_m, dtype)
+    q, s = q.view(E, max_m, K), s.view(E, max_m, 2)
+    masked_m = torch.tensor([20, 0, 3], dtype=torch.int32)
+    y = tri.grouped_gemm_masked(q, s, prepared, masked_m, 8, torch.float32,
+                                config=dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2))
+    expected = ref.grouped_gemm_masked(q, s, prepared, masked_m, 8, torch.float32)
+    assert y.shape == (E, max_m, N)
+    rows = [(e * max_m + r, e) for e in range(E) for r in range(int(masked_m[e]))]
+    assert_within_k_tolerance(y.view(-1, N), expected.view(-1, N), q.view(-1, K), s.view(-1, 2), prepared, rows)
+
+
+def test_triton_tile_lists():
+    from fp8linear.backends.triton_grouped import tiles_contiguous, tiles_masked
+
+    m_indices = torch.tensor([0] * 5 + [2] * 2 + [-1], dtype=torch.int32)  # expert 0: rows 0-4, expert 2: 5-6
+    expert, row0, end = tiles_contiguous(m_indices, E=3, block_m=4)
+    # tiles: (0, rows 0-3), (0, row 4), (2, rows 5-6); the list has ceil(8/4) + min(3, 8) = 5 entries
+    assert expert.tolist() == [0, 0, 2, -1, -1]
+    assert row0[:3].tolist() == [0, 4, 5] and end[:3].tolist() == [5, 5, 7]
+    expert, row0, end = tiles_masked(torch.tensor([5, 0, 1], dtype=torch.int32), max_m=6, block_m=4)
+    # per expert 2 tiles of 4 rows: expert 0 rows 0-3, 4; expert 1 none; expert 2 row 12
+    assert expert.tolist() == [0, 0, -1, -1, 2, -1]
+    assert row0.tolist() == [0, 4, 6, 10, 12, 16] and end[[0, 1, 4]].tolist() == [5, 5, 13]
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+def test_fp8experts_on_the_triton_backend_interpreted(triton_interpreter, grouping):
+    source = make_experts(E=5, H=256, I=256)
+    on_triton = FP8Experts.from_experts(source, backend="triton", grouping=grouping)
+    on_reference = FP8Experts.from_experts(source, backend="reference", grouping=grouping)
+    x = torch.randn(6, 256)
+    index, weights = random_routing(6, 5, 2)
+    y, expected = on_triton(x, index, weights), on_reference(x, index, weights)
+    assert on_triton.backends_for(grouping, x.device)[0].NAME == "triton"
+    # fp32 outputs: the GEMMs differ in summation order only; the second GEMM's quantization may flip a
+    # rounding, so compare as layer outputs
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item())
