@@ -262,6 +262,29 @@ def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
     with pytest.raises(BackendUnsupportedError,
                        match=r"backend='triton' cannot serve the contiguous grouped GEMM of E=6 experts, N=512, K=256"):
         experts(torch.randn(2, 256), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1))
+    assert "needs a CUDA device" in backends.grouped_unsupported_reason(
+        "deepgemm", 6, 512, 256, FP8, torch.device("cpu"), "masked")
+    assert "dtype torch.int8 is not one of torch.float8_e4m3fn" in backends.grouped_unsupported_reason(
+        "deepgemm", 6, 512, 256, INT8, torch.device("cpu"), "masked")
+    with pytest.raises(ValueError, match="grouped backend must be one of 'reference', 'triton', 'deepgemm'.*"
+                                         "got 'cublaslt', which has no grouped GEMM"):
+        backends.get_grouped("cublaslt")
+
+
+@pytest.mark.parametrize("name", backends.GROUPED_NAMES[1:])
+def test_every_grouped_backend_satisfies_the_protocol(name):
+    module = backends.get_grouped(name)
+    assert module.NAME == name and isinstance(module, backends.GroupedBackend)
+    assert module.CONTIGUOUS_ALIGN >= 1 and set(module.DTYPES) <= {FP8, INT8}
+    for m in (1, 5, 64, 65, 128, 300):
+        assert module.masked_rows(m) >= m and module.masked_rows(module.masked_rows(m)) == module.masked_rows(m)
+
+
+def test_deepgemm_masked_rows_follow_its_block_rule():
+    """DeepGEMM 0.1.4's masked GEMM asserts max_m % BLOCK_M == 0 once max_m passes one block (BLOCK_M 64 or
+    128): up to 64 rows as they are, beyond that a multiple of 128."""
+    rows = backends.get_grouped("deepgemm").masked_rows
+    assert [rows(m) for m in (1, 63, 64, 65, 128, 129, 300)] == [1, 63, 64, 128, 128, 256, 384]
 
 
 def test_repr_names_backend_and_layout():
