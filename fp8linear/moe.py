@@ -562,6 +562,8 @@ class FP8Experts(nn.Module):
         b13, b2 = self.backends_for(grouping, device)
         if grouping == "contiguous":
             r = route(top_k_index, E, grouping, align=max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN))
+            if r.rows == 0:  # aligned segments of no pair: every index names no expert
+                return x.new_zeros((T, k, H))
         else:
             def masked_rows(m: int) -> int:  # rows both backends accept (a fixed point of both roundings)
                 while True:

@@ -132,6 +132,9 @@ def test_slots_naming_no_expert_contribute_zero(grouping):
     assert_bitwise_equal(slots, per_expert_fp8linear(experts, x, index), "valid slots")  # 6 matches no expert
     y = experts(x, index, weights)
     assert torch.equal(y[1], torch.zeros(256))
+    assert torch.equal(experts(x, torch.full((4, 2), 6), weights), torch.zeros(4, 256))  # no pair has an expert
+    r = route(torch.full((4, 2), 6), E=6, grouping="contiguous", align=128)
+    assert r.rows == 0 and r.writes == 0 and r.m_indices.numel() == 0
 
 
 def test_repeated_expert_per_token():
