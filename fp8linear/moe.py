@@ -536,7 +536,7 @@ class FP8Experts(nn.Module):
         """hidden_states [T, H] bf16/fp16/fp32, top_k_index [T, k] (experts, any integer dtype), top_k_weights
         [T, k] -> [T, H] in hidden_states' dtype: sum_j weight[t, j] * expert_{index[t, j]}(x[t])."""
         self._check_inputs(hidden_states, top_k_index, top_k_weights)
-        y = self.expert_outputs(hidden_states, top_k_index)  # [T, k, H]
+        y = self._outputs(hidden_states, top_k_index)  # [T, k, H]
         # transformers' combine (module docstring): products in the promoted dtype, a sum over the k slots.
         return (y * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
 
@@ -544,11 +544,12 @@ class FP8Experts(nn.Module):
         """[T, k, H] in hidden_states' dtype: expert index[t, j] applied to token t, before the routing weights
         (zeros where the index names no expert in [0, E))."""
         self._check_inputs(hidden_states, top_k_index, None)
-        x = hidden_states
+        return self._outputs(hidden_states, top_k_index)
+
+    def _outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         T, k = top_k_index.shape
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         if T == 0 or k == 0:
-            return x.new_zeros((T, k, H))
+            return x.new_zeros((T, k, self.hidden_size))
         if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
                 return self._expert_outputs(x, top_k_index)
