@@ -215,7 +215,7 @@ class Routing:
 
 
 def route(top_k_index: torch.Tensor, E: int, grouping: str, align: int = 1,
-          masked_rows: "Any | None" = None) -> Routing:
+          masked_rows: "Callable[[int], int] | None" = None) -> Routing:
     """The grouped layout for top_k_index [T, k] (any integer dtype) over E experts.
 
     grouping "contiguous": segments padded to `align` rows (align 1: no host synchronisation; above 1 the
