@@ -11,9 +11,14 @@ What stays in the original dtype, and why (each reason lands in the summary):
 - subclasses of nn.Linear (e.g. nn.MultiheadAttention's out_proj): their owners may read `.weight`
   directly instead of calling forward, so only exact nn.Linear is swapped.
 
-Modules that hold 3-D+ weights and are not nn.Linear (the fused MoE experts of transformers 5.x:
-`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) are left unquantized and listed in
-the summary; FP8Linear covers 2-D weights only.
+The fused MoE experts of transformers 5.x (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj`
+[E, H, I], found by those attributes) become fp8linear.moe.FP8Experts, each expert quantized as an
+FP8Linear weight would be; the skip rules apply to them by the experts module's qualified name (e.g.
+`model.layers.0.mlp.experts`). Experts FP8Experts cannot serve (biases, transposed or interleaved
+weights, another activation, I % 128 != 0: fp8linear.moe.unsupported_reason) and any other module
+holding 3-D+ weights stay as they are, listed in the summary with the reason. A backend without a
+grouped GEMM (cublaslt, fused_mma, fused_wgmma) serves the linear layers; the experts then use `auto`,
+which the summary says.
 
 The swap is post-order over `named_children` (torchao's `swap_linear_layers`): a root nn.Linear is
 returned swapped, not mutated.
@@ -111,9 +116,12 @@ class QuantizeSummary:
     """What quantize_model did, also attached to the model as `model.fp8linear_summary`.
 
     swapped:       qualified names of the nn.Linear layers now FP8Linear, in module order
-    skipped:       nn.Linear layers kept in the original dtype -> reason
-    unquantized:   non-Linear modules holding 3-D+ weights (fused MoE experts) kept as they are -> reason
+    experts:       qualified names of the fused MoE experts modules now FP8Experts, in module order
+    skipped:       nn.Linear layers and experts modules kept in the original dtype by a rule -> reason
+    unquantized:   non-Linear modules holding 3-D+ weights (fused MoE experts FP8Experts cannot serve)
+                   kept as they are -> reason
     unmatched_skip: user skip entries that matched no module (a typo shows here)
+    notes:         anything else the user should know (the experts' backend when it differs)
     """
 
     swapped: list[str] = dataclasses.field(default_factory=list)
@@ -121,6 +129,8 @@ class QuantizeSummary:
     unquantized: dict[str, str] = dataclasses.field(default_factory=dict)
     unmatched_skip: list[str] = dataclasses.field(default_factory=list)
     dtype: torch.dtype = torch.float8_e4m3fn
+    experts: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def modules_to_not_convert(self) -> list[str]:
@@ -129,13 +139,15 @@ class QuantizeSummary:
 
     def __str__(self) -> str:
         lines = [f"fp8linear: {len(self.swapped)} nn.Linear -> FP8Linear ({self.dtype}); "
-                 f"{len(self.skipped)} Linear kept; {len(self.unquantized)} other weight modules kept"]
+                 + (f"{len(self.experts)} MoE experts -> FP8Experts; " if self.experts else "")
+                 + f"{len(self.skipped)} kept by rules; {len(self.unquantized)} other weight modules kept"]
         for name, reason in self.skipped.items():
             lines.append(f"  kept {name}: {reason}")
         for name, reason in self.unquantized.items():
             lines.append(f"  kept {name}: {reason}")
         for entry in self.unmatched_skip:
             lines.append(f"  skip entry {entry!r} matched no module")
+        lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -148,6 +160,10 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _fused_weight_reason(module: nn.Module) -> "str | None":
+    from .moe import FP8Experts, is_experts_module, unsupported_reason
+
+    if isinstance(module, FP8Experts):
+        return None
     shapes = [
         f"{name} {list(p.shape)}"
         for name, p in module.named_parameters(recurse=False)
@@ -155,8 +171,12 @@ def _fused_weight_reason(module: nn.Module) -> "str | None":
     ]
     if not shapes:
         return None
+    if is_experts_module(module):
+        why = unsupported_reason(module)
+        return (f"{type(module).__name__}: fused MoE experts ({', '.join(shapes)}) left unquantized"
+                + (f": FP8Experts cannot serve them ({why})" if why else ""))
     return (f"{type(module).__name__} holds 3-D+ weights ({', '.join(shapes)}), not nn.Linear layers "
-            "(fused MoE experts in transformers 5.x): left unquantized")
+            "nor fused MoE experts: left unquantized")
 
 
 def quantize_model(
@@ -170,7 +190,8 @@ def quantize_model(
     fuse_mlp: bool = False,
     fuse_norm: bool = False,
 ) -> nn.Module:
-    """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations).
+    """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations) and its
+    fused MoE experts modules with fp8linear.moe.FP8Experts (the same quantization per expert).
 
     Args:
         model: any nn.Module; a Hugging Face model's `config.model_type` selects its recipe of default
@@ -179,7 +200,8 @@ def quantize_model(
             fp8 e4m3 with exact scales and backend "auto".
         skip: the one way to keep modules in the original dtype (on top of the model's recipe): exact
             qualified names, regex strings or compiled patterns, each matched against the whole name
-            (re.fullmatch). A checkpoint's `modules_to_not_convert` is written from what was kept.
+            (re.fullmatch); an experts module by its own name (`.*mlp\\.experts` keeps every one).
+            A checkpoint's `modules_to_not_convert` is written from what was kept.
         dtype, backend: shorthands for FP8Config(dtype=..., backend=...) (torch.float8_e4m3fn or
             torch.int8; a backend name, fp8linear.config.Backend); not together with `config`.
         progress: show a tqdm bar over the layers.
@@ -195,6 +217,7 @@ def quantize_model(
     nn.Linear). The summary (QuantizeSummary) is logged at INFO and attached as `fp8linear_summary`.
     """
     from .linear import FP8Linear  # the module pulls in the backends: import on use
+    from .moe import FP8Experts, experts_kwargs, is_experts_module, unsupported_reason
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -208,6 +231,7 @@ def quantize_model(
         raise ValueError(f"quantize_model: pass {', '.join(f'{k}=' for k in shorthands)} inside config (got both "
                          f"config={config.short_str()} and {shorthands}); e.g. dataclasses.replace(config, ...)")
     options = config.module_kwargs()
+    experts_options = experts_kwargs(config)
     dtype = config.dtype
 
     config = getattr(model, "config", None)
@@ -217,15 +241,17 @@ def quantize_model(
     tied = _tied_names(model)
     summary = QuantizeSummary(dtype=dtype)
 
-    # (parent or None for the root, attribute name, qualified name, module), children before parents.
-    todo: list[tuple["nn.Module | None", str, str, nn.Linear]] = []
+    # (parent or None for the root, attribute name, qualified name, module), children before parents:
+    # nn.Linear layers and fused experts modules.
+    todo: list[tuple["nn.Module | None", str, str, nn.Module]] = []
 
     def visit(parent: "nn.Module | None", attr: str, name: str, module: nn.Module) -> None:
         for child_attr, child in module.named_children():
             visit(module, child_attr, f"{name}.{child_attr}" if name else child_attr, child)
-        if isinstance(module, FP8Linear):
+        if isinstance(module, (FP8Linear, FP8Experts)):
             return
-        if not isinstance(module, nn.Linear):
+        experts = is_experts_module(module)
+        if not isinstance(module, nn.Linear) and not experts:
             reason = _fused_weight_reason(module)
             if reason is not None:
                 summary.unquantized[name] = reason
@@ -235,6 +261,16 @@ def quantize_model(
             if rule.matches(name):
                 summary.skipped[name] = rule.reason
                 return
+        if experts:
+            reason = _fused_weight_reason(module) if unsupported_reason(module) is not None else None
+            if reason is not None:
+                summary.unquantized[name] = reason
+            elif parent is None:
+                raise ValueError("quantize_model: the model itself is an experts module; use "
+                                 "fp8linear.moe.FP8Experts.from_experts(model)")
+            else:
+                todo.append((parent, attr, name, module))
+            return
         if type(module) is not nn.Linear:
             summary.skipped[name] = (f"subclass {type(module).__name__} of nn.Linear: its owner may read .weight "
                                      "without calling forward")
@@ -254,16 +290,22 @@ def quantize_model(
 
     result = model
     for i in tqdm(range(len(todo)), desc="fp8linear: quantizing", unit="layer", disable=not progress):
-        parent, attr, name, linear = todo[i]
+        parent, attr, name, original = todo[i]
         todo[i] = None  # type: ignore[call-overload]  # drop our reference: each original frees once swapped
-        new = FP8Linear.from_linear(linear, **options)
-        new.train(linear.training)
+        if isinstance(original, nn.Linear):
+            new = FP8Linear.from_linear(original, **options)
+            summary.swapped.append(name or "<root>")
+        else:
+            new = FP8Experts.from_experts(original, **experts_options)
+            summary.experts.append(name)
+        new.train(original.training)
         if parent is None:
             result = new
         else:
             setattr(parent, attr, new)
-        del linear
-        summary.swapped.append(name or "<root>")
+        del original
+    if summary.experts and experts_options["backend"] != options["backend"]:
+        summary.notes.append(f"backend {options['backend']!r} has no grouped GEMM: the MoE experts use 'auto'")
 
     for entry in summary.unmatched_skip:
         log.warning("fp8linear.quantize_model: skip entry %r matched no module name", entry)
@@ -282,12 +324,14 @@ def quantize_model(
 
 def dequantize_model(model: nn.Module, dtype: "torch.dtype | None" = None) -> nn.Module:
     """The inverse swap, in place: every FP8Linear becomes an nn.Linear holding its dequantized weight
-    (dequant(weight) in `dtype`, default the bias's dtype or bf16). The baseline for an FP8 checkpoint
+    (dequant(weight) in `dtype`, default the bias's dtype or bf16), every FP8Experts the transformers experts
+    module it came from, holding its dequantized weights (in `dtype`, default bf16). The baseline for an FP8 checkpoint
     whose original weights are not at hand: the same values, run as a plain bf16 GEMM."""
     from .linear import FP8Linear
     from .weights import dequantize_weight_blockwise
 
     from .mlp import FP8GatedMLP
+    from .moe import FP8Experts
 
     def swap(module: nn.Module) -> nn.Module:
         if isinstance(module, FP8GatedMLP):
@@ -297,6 +341,8 @@ def dequantize_model(model: nn.Module, dtype: "torch.dtype | None" = None) -> nn
             )
         for attr, child in module.named_children():
             setattr(module, attr, swap(child))
+        if isinstance(module, FP8Experts):
+            return module.dequantize(dtype or torch.bfloat16)
         if not isinstance(module, FP8Linear):
             return module
         out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.bfloat16)

@@ -75,7 +75,7 @@ def test_swap_counts_and_skips(arch):
     summary = q.fp8linear_summary
     assert set(summary.swapped) == linears - skips
     assert set(summary.skipped) == skips
-    assert set(summary.unquantized) == fused
+    assert set(summary.experts) == fused and not summary.unquantized  # fused experts -> FP8Experts
     assert {n for n, m in q.named_modules() if isinstance(m, FP8Linear)} == linears - skips
     for name in skips:
         assert type(q.get_submodule(name)) is nn.Linear, name
@@ -84,20 +84,22 @@ def test_swap_counts_and_skips(arch):
     assert len(attn) == 4 * 2
     if arch not in MOE:
         assert len(summary.swapped) == 7 * 2 and set(summary.skipped) == {"lm_head"}
-    assert summary.modules_to_not_convert == sorted(skips | fused)
+    assert summary.modules_to_not_convert == sorted(skips)
 
 
 def test_moe_layouts_as_found():
-    """transformers 5.x fuses experts into 3-D parameters (not nn.Linear): they must show as kept, with a
-    reason; if a version gives per-expert nn.Linear instead, they must be swapped."""
+    """transformers 5.x fuses experts into 3-D parameters (not nn.Linear): they must become FP8Experts; if a
+    version gives per-expert nn.Linear instead, they must be swapped."""
+    from fp8linear.moe import FP8Experts
+
     for arch in sorted(MOE):
         q = fp8linear.quantize_model(tiny_model(arch), progress=False)
         summary = q.fp8linear_summary
         expert_linears = [n for n in summary.swapped if ".experts." in n]
-        if summary.unquantized:
-            assert not expert_linears
-            for name, reason in summary.unquantized.items():
-                assert name.endswith(".experts") and "3-D" in reason
+        if summary.experts:
+            assert not expert_linears and not summary.unquantized
+            for name in summary.experts:
+                assert name.endswith(".experts") and isinstance(q.get_submodule(name), FP8Experts)
         else:
             assert expert_linears, f"{arch}: experts neither fused nor swapped"
 

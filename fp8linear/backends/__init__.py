@@ -27,7 +27,9 @@ reason: there is no silent fallback. Only `auto` falls back, in the order of `FA
 Grouped GEMMs (mixture-of-experts) follow `GroupedBackend`: the same weights and scales with a leading
 expert dimension, the activations either expert-sorted rows with a per-row expert index (contiguous, for
 prefill) or [E, max_m, K] with a per-expert row count (masked, for decode under CUDA graphs), as
-DeepGEMM's `m_grouped_*` GEMMs take them (DESIGN.md "Mixture of experts").
+DeepGEMM's `m_grouped_*` GEMMs take them (DESIGN.md "Mixture of experts"). Three serve it, each in its own
+module: reference (grouped_reference), triton (triton_grouped), deepgemm (deepgemm_grouped);
+`select_grouped` chooses, as `select` does for dense layers.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ __all__ = [
     "device_unsupported_reason",
     "select",
     "padded_k",
+    "GROUPED_NAMES",
+    "get_grouped",
+    "grouped_unsupported_reason",
+    "select_grouped",
 ]
 
 
@@ -107,33 +113,52 @@ class QuantizedInputBackend(Backend, Protocol):
 class GroupedBackend(Protocol):
     """What a grouped (mixture-of-experts) GEMM backend provides: E experts of the same [N, K].
 
-    weight [E, N, K] fp8 e4m3 or int8, weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]; activation
-    scales per 1x128 group in SCALE_LAYOUT (3-D for the masked layout: fp8linear.layouts).
+    weight [E, N, K] fp8 e4m3 or int8, weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]; activations
+    quantized per 1x128 group, q with Kp = ceil(K/128) * 128 columns (zero columns past K), scales s in
+    SCALE_LAYOUT (3-D for the masked layout: `fp8linear.layouts.empty_scales((E,), max_m, Kp/128, ...)`).
+    y[row] = dequant(q[row]) @ dequant(weight[expert of row])^T, accumulated in fp32, in out_dtype.
+
+    Contiguous layout (prefill): rows sorted by expert, each expert's rows one consecutive segment
+    (experts in increasing order), each segment's length a multiple of CONTIGUOUS_ALIGN; `m_indices`
+    gives every row's expert. The padding rows that complete a segment carry that segment's expert (what
+    DeepGEMM 0.1.4 reads: the id of the first row of each aligned block); rows after the last segment
+    carry -1. Outputs of padding and -1 rows are unspecified.
+    Masked layout (decode, CUDA graphs): q [E, max_m, Kp] with max_m = masked_rows(rows needed), the
+    first masked_m[e] rows of expert e valid; the host never reads masked_m, so shapes stay fixed.
+
+    No entry point synchronises with the host, except the reference backend's (CPU oracle).
+    fp8linear.moe.FP8Experts is the caller; `select_grouped` chooses the module.
     """
 
+    #: Its name in `FP8Experts(backend=...)` (the dense backend of the same name computes the same product).
     NAME: str
+    #: The layout in which the grouped GEMMs read activation scales.
     SCALE_LAYOUT: ScaleLayout
+    #: Element types of weights and activations it multiplies.
     DTYPES: "tuple[torch.dtype, ...]"
     #: Rows each expert's segment is padded to in the contiguous layout (DeepGEMM's
-    #: get_mk_alignment_for_contiguous_layout(); 1 where the backend needs no padding).
+    #: get_mk_alignment_for_contiguous_layout(); 1 where the backend needs no padding). Above 1, building
+    #: the layout needs the per-expert counts on the host (one synchronisation): prefill only.
     CONTIGUOUS_ALIGN: int
 
     def grouped_unsupported_reason(self, E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                    grouping: str) -> "str | None":
         """grouping is "contiguous" or "masked"; None when the backend serves it, else why not."""
 
+    def masked_rows(self, max_m: int) -> int:
+        """Rows per expert to allocate in the masked layout for at most max_m valid rows (>= max_m)."""
+
     def prepare_grouped_weight(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> Any:
-        """Once per weight."""
+        """Once per weight (FP8Experts caches the result until the weight changes)."""
 
     def grouped_gemm_contiguous(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, m_indices: torch.Tensor,
                                 out_dtype: torch.dtype) -> torch.Tensor:
-        """q [M_all, Kp] expert-sorted rows, s over M_all rows, m_indices int32 [M_all] (the expert of each
-        row, -1 for padding rows, whose output is unspecified) -> y [M_all, N]."""
+        """q [M_all, Kp] contiguous, s over M_all rows in SCALE_LAYOUT, m_indices int32 [M_all] -> y [M_all, N]."""
 
     def grouped_gemm_masked(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, masked_m: torch.Tensor,
                             expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
-        """q [E, max_m, Kp], s [E, max_m, Kp/128], masked_m int32 [E] (valid rows per expert, read on the
-        device only), expected_m a hint -> y [E, max_m, N]; rows >= masked_m[e] are unspecified."""
+        """q [E, max_m, Kp] contiguous, s [E, max_m, Kp/128] in SCALE_LAYOUT, masked_m int32 [E] (read on
+        the device only), expected_m a hint for tile choice (> 0) -> y [E, max_m, N]."""
 
 
 #: Backend name -> module implementing `Backend`. `auto` is a chooser, not a GEMM.
@@ -146,6 +171,18 @@ _MODULES = {
     "fused_wgmma": "fp8linear.backends.sm90",
 }
 NAMES = ("auto", *_MODULES)
+
+#: Grouped (mixture-of-experts) backend name -> module implementing `GroupedBackend`. Names are those of
+#: the dense backends computing the same product; `auto` picks the first of GROUPED_ORDER that serves.
+_GROUPED_MODULES = {
+    "reference": "fp8linear.backends.grouped_reference",
+    "triton": "fp8linear.backends.triton_grouped",
+    "deepgemm": "fp8linear.backends.deepgemm_grouped",
+}
+GROUPED_NAMES = ("auto", *_GROUPED_MODULES)
+#: `auto`'s order for grouped GEMMs on a GPU (no measurements yet: DeepGEMM where it serves, as the
+#: serving engines do, then our Triton kernel); on a CPU `auto` is the reference.
+GROUPED_ORDER = ("deepgemm", "triton", "reference")
 
 #: What `auto` tries, in this order, when its table (or heuristic) names no backend that can serve a
 #: shape: triton serves every shape and dtype on a GPU with Triton; reference serves everything, slowly.
@@ -240,3 +277,54 @@ def select(name: str, M: int, N: int, K: int, dtype: torch.dtype, device: "torch
             "Use backend='auto' (falls back by availability) or another backend"
         )
     return get(name)
+
+
+# -- grouped (mixture-of-experts) GEMMs -----------------------------------------------------------------
+
+def get_grouped(name: str) -> types.ModuleType:
+    """The module of a grouped GEMM backend by name or alias (imports it; importing never touches the GPU)."""
+    name = canonical_name(name)
+    if name not in _GROUPED_MODULES:
+        raise ValueError(f"grouped backend must be one of {', '.join(repr(n) for n in _GROUPED_MODULES)} "
+                         f"(or 'auto'); got {name!r}, which has no grouped GEMM")
+    return importlib.import_module(_GROUPED_MODULES[name])
+
+
+def grouped_unsupported_reason(name: str, E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                               grouping: str) -> "str | None":
+    """None when grouped backend `name` can serve E experts of [N, K] in `dtype` on `device` in `grouping`
+    ("contiguous" or "masked"); else why not."""
+    try:
+        module = get_grouped(name)
+    except ImportError as exc:
+        return f"not importable: {exc}"
+    if dtype not in module.DTYPES:
+        return f"dtype {dtype} is not one of {', '.join(str(d) for d in module.DTYPES)}"
+    return module.grouped_unsupported_reason(E, N, K, dtype, torch.device(device), grouping)
+
+
+def select_grouped(name: str, E: int, N: int, K: int, dtype: torch.dtype, device: "torch.device | str",
+                   grouping: str) -> types.ModuleType:
+    """The grouped backend module that will compute E experts of [N, K] in `grouping`.
+
+    "auto": the reference on a CPU; on a GPU the first of GROUPED_ORDER that serves. Any other name must
+    serve, else BackendUnsupportedError names the backend, the shape and the reason.
+    """
+    device = torch.device(device)
+    name = canonical_name(name)
+    if grouping not in ("contiguous", "masked"):
+        raise ValueError(f"grouping must be 'contiguous' or 'masked'; got {grouping!r}")
+    if name == "auto":
+        order = ("reference",) if device.type == "cpu" else GROUPED_ORDER
+        for candidate in order:
+            if grouped_unsupported_reason(candidate, E, N, K, dtype, device, grouping) is None:
+                return get_grouped(candidate)
+        raise BackendUnsupportedError(f"no grouped backend serves E={E}, N={N}, K={K}, dtype={dtype} on {device}")
+    why = grouped_unsupported_reason(name, E, N, K, dtype, device, grouping)
+    if why is not None:
+        raise BackendUnsupportedError(
+            f"backend={name!r} cannot serve the {grouping} grouped GEMM of E={E} experts, N={N}, K={K}, "
+            f"dtype={dtype} on {device}: {why}. Use backend='auto' or another grouped backend "
+            f"({', '.join(repr(n) for n in _GROUPED_MODULES)})"
+        )
+    return get_grouped(name)

@@ -1,0 +1,80 @@
+"""Grouped reference backend: per expert, dequantize and matmul in fp32 (fp8linear.backends.GroupedBackend).
+
+The CPU path of FP8Experts and the oracle of the grouped GEMM tests. Each expert's rows go through the
+dense reference GEMM (`fp8linear.backends.reference.gemm`) on exactly the rows of that expert, so an
+expert's output equals FP8Linear(backend="reference") on the same quantized rows bit for bit: the same
+function on operands of the same shapes. Reads the per-expert counts on the host (it is an oracle,
+not a kernel); rows it does not compute are zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layouts import ScaleLayout
+from . import reference
+
+NAME = "reference"
+SCALE_LAYOUT = ScaleLayout.ROW
+DTYPES = (torch.float8_e4m3fn, torch.int8)
+CONTIGUOUS_ALIGN = 1
+
+
+def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                               grouping: str) -> "str | None":
+    return None  # any shape, any device, both layouts
+
+
+def masked_rows(max_m: int) -> int:
+    return max_m
+
+
+def prepare_grouped_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nothing to prepare: (weight [E, N, K], weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]) as given."""
+    return weight, weight_scale_inv
+
+
+def segments(m_indices: torch.Tensor, E: int) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every non-empty segment of a contiguous layout, read on the host.
+
+    Raises ValueError when an expert's rows are not one consecutive segment (the layout's contract) or an
+    index is outside [-1, E)."""
+    m = m_indices.detach().to("cpu", torch.int64)
+    if m.numel() and (int(m.min()) < -1 or int(m.max()) >= E):
+        raise ValueError(f"m_indices must hold experts in [0, {E}) or -1; got values in "
+                         f"[{int(m.min())}, {int(m.max())}]")
+    out = []
+    for e in torch.unique(m[m >= 0]).tolist():
+        rows = (m == e).nonzero().squeeze(1)
+        first, end = int(rows[0]), int(rows[-1]) + 1
+        if end - first != rows.numel():
+            raise ValueError(f"m_indices: the rows of expert {e} are not one consecutive segment (rows {first}.."
+                             f"{end - 1} hold {rows.numel()} of them)")
+        out.append((e, first, end))
+    return out
+
+
+def grouped_gemm_contiguous(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
+                            m_indices: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """q [M_all, Kp], s fp32 [M_all, Kp/128] row-major, m_indices int32 [M_all] -> y [M_all, N] in out_dtype."""
+    weight, weight_scale_inv = prepared
+    E, N = weight.shape[0], weight.shape[1]
+    y = torch.zeros((q.shape[0], N), dtype=out_dtype, device=q.device)
+    for e, first, end in segments(m_indices, E):
+        y[first:end] = reference.gemm(q[first:end], s[first:end], (weight[e], weight_scale_inv[e]), out_dtype, None)
+    return y
+
+
+def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
+                        masked_m: torch.Tensor, expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """q [E, max_m, Kp], s fp32 [E, max_m, Kp/128] row-major, masked_m int32 [E] -> y [E, max_m, N]."""
+    weight, weight_scale_inv = prepared
+    E, max_m, N = q.shape[0], q.shape[1], weight.shape[1]
+    counts = masked_m.detach().to("cpu", torch.int64).tolist()
+    if any(c < 0 or c > max_m for c in counts):
+        raise ValueError(f"masked_m must lie in [0, max_m={max_m}]; got {counts}")
+    y = torch.zeros((E, max_m, N), dtype=out_dtype, device=q.device)
+    for e, n in enumerate(counts):
+        if n:
+            y[e, :n] = reference.gemm(q[e, :n], s[e, :n], (weight[e], weight_scale_inv[e]), out_dtype, None)
+    return y
