@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -116,3 +117,23 @@ def assert_rejected_in_child(script: str) -> None:
     if result.returncode == -signal.SIGSEGV and run("control").returncode == -signal.SIGSEGV:
         pytest.skip("this torch build turns every C++ extension's TORCH_CHECK into SIGSEGV (the quant op's too)")
     assert result.returncode == 0 and "all rejected" in result.stdout, result.stdout + result.stderr
+
+
+# Our Triton kernels on CPU tensors, under Triton's interpreter (test_linear, test_moe).
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install triton) ")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton.runtime.interpreter as interp
+
+    # Triton 3.6's interpreter turns loop bounds into 1-element arrays and calls int() on them, which
+    # NumPy >= 2.4 refuses for ndim > 0; index the single element instead (interpreter-only shim).
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    yield

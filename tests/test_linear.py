@@ -20,7 +20,6 @@ from fp8linear.reference import per_token_group_quant_reference
 from fp8linear.weights import quantize_weight_blockwise
 
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 # -- an emulation written apart from the module and the backends --------------------------------------
@@ -554,26 +553,7 @@ def test_config_is_frozen_and_validates_group():
         FP8Config(activation_group_size=64)
 
 
-# -- the Triton kernel's indexing, under Triton's CPU interpreter ------------------------------------
-@pytest.fixture
-def triton_interpreter(monkeypatch):
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install triton) ")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import triton.runtime.interpreter as interp
-
-    # Triton 3.6's interpreter turns loop bounds into 1-element arrays and calls int() on them, which
-    # NumPy >= 2.4 refuses for ndim > 0; index the single element instead (interpreter-only shim).
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
-    yield
-
-
+# -- the Triton kernel's indexing, under Triton's CPU interpreter (conftest.triton_interpreter) ---------
 @pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("M,N,K", [(3, 200, 300), (17, 160, 256), (70, 130, 129)])
 def test_triton_kernel_interpreted(triton_interpreter, dtype, M, N, K):

@@ -536,7 +536,6 @@ def test_load_expert_rejects_wrong_tensors():
 
 
 # -- the Triton grouped GEMM, under Triton's CPU interpreter -----------------------------------------
-from test_linear import HAS_TRITON, triton_interpreter  # noqa: E402,F401  (the interpreter fixture)
 
 
 def grouped_operands(E, N, K, rows, dtype, seed=0):
