@@ -65,7 +65,7 @@ def test_cpp_launch_equals_deepgemm_launch(monkeypatch, M, N, K):
     assert kernel != 0 and block_m in (64, 128, 256) and multicast in (1, 2)
     poison_allocator(q.device)
     ours = deepgemm._gemm_impl(q, s, weight, wsi)  # the C++ launch
-    monkeypatch.setattr(deepgemm, "OWN_LAUNCH", False)
+    monkeypatch.setattr(relaunch, "ENABLED", False)
     poison_allocator(q.device)
     theirs = deepgemm._gemm_impl(q, s, weight, wsi)  # DeepGEMM's own launch again
     torch.cuda.synchronize()

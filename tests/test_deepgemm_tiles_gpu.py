@@ -61,9 +61,9 @@ def test_the_backend_runs_the_tables_tiles():
         lower = max(b for b in (0, *deepgemm_tiles.M_BUCKETS) if b < row["M_max"])
         for M in (row["M_max"], lower + 1):  # both ends of the bucket
             q, s, weight, wsi = _operands(M, N, K)
-            deepgemm._plans.pop((M, N, K, q.device.index), None)
+            relaunch.plans.pop((M, N, K, q.device.index), None)
             first = deepgemm._gemm_impl(q, s, weight, wsi)
-            plan = deepgemm._plans[(M, N, K, q.device.index)]
+            plan = relaunch.plans[(M, N, K, q.device.index)]
             tiles = Tiles.from_row(row["tiles"])
             assert plan and plan[2:4] == (tiles.block_m, tiles.block_n), (row, plan)
             own = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
