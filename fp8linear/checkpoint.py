@@ -440,6 +440,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     from .config import FP8Config
     from .convert import QuantizeSummary
     from .linear import FP8Linear
+    from .moe import FP8Experts, experts_kwargs, plan_expert_keys
 
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32; got {dtype!r}")
@@ -481,12 +482,23 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     }
     resolve = _Resolver(model, targets)
 
+    # Fused MoE experts stored per expert (`...experts.{e}.gate_proj.weight` + scales): FP8Experts, allocated
+    # on `device` and filled expert by expert as the shards are read (no bf16 copy of the experts).
+    experts_plan = plan_expert_keys(keys, resolve, modules)
+    key_to_expert: dict[str, tuple[str, tuple[int, str, str]]] = {}
+    for name, entries in experts_plan.items():
+        new = FP8Experts.empty_like(modules[name], device, **experts_kwargs(fp8_config))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, new)
+        modules[name] = new
+        key_to_expert.update({key: (name, spec) for spec, key in entries.items()})
+
     # The quantized layers: every module with a block scale in the checkpoint.
     quantized: dict[str, dict[str, str]] = {}  # model module name -> {tensor name: checkpoint key}
     checkpoint_names: dict[str, str] = {}  # model module name -> its name in the checkpoint
     for key in keys:
         module_key, _, leaf = key.rpartition(".")
-        if leaf not in SCALE_ALIASES:
+        if leaf not in SCALE_ALIASES or key in key_to_expert:
             continue
         weight_name = resolve(f"{module_key}.weight")
         if weight_name is None:
@@ -495,7 +507,8 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         if type(modules[name]) is not nn.Linear:
             raise ValueError(
                 f"checkpoint has block scales for {name!r}, a {type(modules[name]).__name__}, not an nn.Linear: "
-                "only quantized nn.Linear layers are supported (fused FP8 MoE experts are not)"
+                "only quantized nn.Linear layers and per-expert MoE experts (experts.{e}.gate_proj|up_proj|down_proj) "
+                "are supported"
             )
         entry = quantized.setdefault(name, {})
         if "weight_scale_inv" in entry:
@@ -570,6 +583,10 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
             for key in sf.keys():
                 if keys[key] != f:
                     continue  # listed in another shard too: the index decides
+                if key in key_to_expert:
+                    name, (e, projection, leaf) = key_to_expert[key]
+                    modules[name].load_expert_(e, projection, leaf, sf.get_tensor(key))
+                    continue
                 if key in key_to_quantized:
                     name, leaf = key_to_quantized[key]
                     t = sf.get_tensor(key)
@@ -596,6 +613,10 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
         )
     if pending:
         raise ValueError(f"quantized layer(s) missing tensors after reading every shard: {sorted(pending)}")
+    incomplete = {n: modules[n].missing_expert_tensors() for n in experts_plan if modules[n].missing_expert_tensors()}
+    if incomplete:
+        raise ValueError("MoE experts missing per-expert tensors after reading every shard: "
+                         f"{ {n: m[:4] for n, m in incomplete.items()} }")
 
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # lm_head <- embed_tokens when tie_word_embeddings (not stored twice)
@@ -613,6 +634,7 @@ def load_quantized(path: "str | os.PathLike", *, device: "torch.device | str | N
     hf.load_generation_config(model, folder)
     summary = QuantizeSummary(dtype=fp8_config.dtype)
     summary.swapped = [n for n, m in model.named_modules() if isinstance(m, FP8Linear)]
+    summary.experts = sorted(experts_plan)
     skipped = sorted(unquantized) if scheme is not None else qc.get("modules_to_not_convert") or []
     summary.skipped = {n: "not quantized in the checkpoint" for n in skipped}
     model.fp8linear_summary = summary

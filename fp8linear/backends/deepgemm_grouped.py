@@ -73,6 +73,11 @@ def api_name() -> str:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
+    if device.type == "cuda":
+        # Its first GPU run (tests/test_moe_gpu.py) gave results outside the reference's bound:
+        # docs/runs/2026-12-06-consolidation-h100.md. Off on GPUs until those tests pass there.
+        return ("off on GPUs: its first GPU test run failed (docs/runs/2026-12-06-consolidation-h100.md); "
+                "backend='reference' serves the experts")
     why = deepgemm.unsupported_reason(1, N, K, dtype, device)  # the dense GEMM's needs: device, sm90, N, K
     if why is not None:
         return why
