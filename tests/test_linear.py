@@ -4,8 +4,6 @@ Triton's interpreter when triton is installed). GPU backends: tests/test_backend
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 
 import pytest
 import torch
@@ -403,107 +401,6 @@ def test_shipped_auto_table_is_valid_json():
         for row in entry["rows"]:
             assert set(row) >= {"dtype", "N", "K", "M_max", "backend", "commit"}  # commit: which code measured it
             assert row["backend"] in backends.NAMES
-
-
-def _tune_auto():
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "scripts"))
-    return importlib.import_module("tune_auto")  # scripts/ is not a package
-
-
-def test_auto_pick_rule():
-    """The fastest backend wins; DeepGEMM gets no host-time handicap since its calls launch from C++."""
-    pick = _tune_auto().pick
-    assert pick({"deepgemm": 100.0, "cublas": 105.0}) == "deepgemm"
-    assert pick({"deepgemm": 78.0, "cublas": 95.0, "triton": 70.0}) == "triton"
-    assert pick({"deepgemm": 800.0, "cublas": 790.0, "triton": 900.0}) == "cublas"
-    assert pick({"small_m": 8.0, "cublas": 16.0}) == "small_m"
-
-
-def test_tune_auto_merges_rows():
-    """A whole-shape run replaces every fp8 row of the shapes it measured; a --M run only its buckets."""
-    merge_rows = _tune_auto().merge_rows
-
-    def row(N, M_max, backend, dtype="e4m3"):
-        return {"dtype": dtype, "N": N, "K": 512, "M_max": M_max, "backend": backend}
-
-    old = [row(256, 1, "small_m"), row(256, 64, "cublas"), row(256, 4096, "deepgemm"), row(512, 64, "cublas"),
-           row(256, 64, "triton", dtype="int8")]
-    new = [row(256, 64, "deepgemm")]
-    partial = merge_rows(old, new, whole_shapes=False)
-    assert sorted((r["N"], r["M_max"], r["backend"], r["dtype"]) for r in partial) == [
-        (256, 1, "small_m", "e4m3"), (256, 64, "deepgemm", "e4m3"), (256, 64, "triton", "int8"),
-        (256, 4096, "deepgemm", "e4m3"), (512, 64, "cublas", "e4m3")]
-    whole = merge_rows(old, new, whole_shapes=True)
-    assert sorted((r["N"], r["M_max"], r["backend"], r["dtype"]) for r in whole) == [
-        (256, 64, "deepgemm", "e4m3"), (256, 64, "triton", "int8"), (512, 64, "cublas", "e4m3")]
-
-
-def test_bench_rounds_alternates_providers_and_keeps_medians(monkeypatch):
-    """Each pass times every provider once; a provider's result is the median of its passes, so one hot
-    (slow) pass does not decide a pick. The first pass keeps the given order, later ones shuffle it, so no
-    provider always follows the same one (the one whose heat it would inherit)."""
-    bench_linear = _tune_auto().bench_linear
-    names = ["a", "b", "c", "d", "e"]
-    values = {"a": [10.0, 30.0, 11.0, 12.0, 50.0], "b": [20.0, 19.0, 90.0, 21.0, 18.0]}
-    order, samples = [], {n: iter(values.get(n, [1.0] * 5)) for n in names}
-    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
-
-    def timed(name):
-        return lambda: order.append(name) or next(samples[name])
-
-    result = bench_linear.bench_rounds({n: timed(n) for n in names}, rounds=5, rep_ms=1.0)
-    passes = [order[i:i + len(names)] for i in range(0, len(order), len(names))]
-    assert len(passes) == 5 and all(sorted(p) == names for p in passes)
-    assert passes[0] == names
-    predecessors = {n: {p[p.index(n) - 1] for p in passes if p.index(n) > 0} for n in names}
-    assert any(len(preds) > 1 for preds in predecessors.values()), passes
-    assert len({tuple(p) for p in passes}) > 2, passes
-    assert result["a"] == 12.0 and result["b"] == 20.0
-    with pytest.raises(ValueError, match="rounds must be at least 1; got 0"):
-        bench_linear.bench_rounds({"a": timed("a")}, rounds=0, rep_ms=1.0)
-
-
-def test_bench_rounds_even_passes_keep_the_lower_middle(monkeypatch):
-    """With two passes the upper middle is the slower pass itself: one interrupted timing would decide."""
-    bench_linear = _tune_auto().bench_linear
-    values = {"quant": iter([30.0, 244.0]), "auto": iter([135.0, 131.0, 140.0, 133.0])}
-    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
-    samples: dict = {}
-    two = bench_linear.bench_rounds({"quant": lambda: next(values["quant"])}, rounds=2, rep_ms=1.0,
-                                    samples=samples)
-    assert two == {"quant": 30.0} and samples == {"quant": [30.0, 244.0]}
-    four = bench_linear.bench_rounds({"auto": lambda: next(values["auto"])}, rounds=4, rep_ms=1.0)
-    assert four == {"auto": 133.0}
-
-
-def test_bench_rounds_salt_varies_the_shuffles_between_points(monkeypatch):
-    """With the shuffles seeded by the pass alone every point would repeat the same orders, and whatever a
-    provider inherits from its predecessor would bias it at every point alike."""
-    bench_linear = _tune_auto().bench_linear
-    monkeypatch.setattr(bench_linear, "bench_us", lambda fn, rep_ms: fn())
-    names = ["bf16", "deepgemm", "cublas", "auto", "dg-gemm", "quant"]
-
-    def orders(salt):
-        order = []
-        bench_linear.bench_rounds({n: (lambda n=n: order.append(n) or 1.0) for n in names}, 3, 1.0, salt=salt)
-        return tuple(order)
-
-    assert orders(7) == orders(7)
-    assert len({orders(salt) for salt in range(6)}) == 6
-    assert all(o[:len(names)] == tuple(names) for o in map(orders, range(6)))  # the first pass: as given
-
-
-def test_shipped_auto_table_follows_the_pick_rule():
-    import json
-
-    pick = _tune_auto().pick
-    data = json.loads(auto.table_path().read_text())
-    rows = [r for name, e in data.items() if not name.startswith("_") for r in e["rows"] if r.get("us")]
-    assert rows
-    for row in rows:
-        assert row["backend"] == pick(row["us"]), row
 
 
 # -- config --------------------------------------------------------------------------------------------
