@@ -74,9 +74,21 @@ def per_token_group_quant_reference(
     return q.reshape(x.shape), scale
 
 
+#: Every fp8 e4m3fn byte's fp32 value, as torch converts it (NaN for 0x7F and 0xFF).
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _to_float(q: torch.Tensor) -> torch.Tensor:
+    """q.float(), always a new tensor. fp8 on CPU by a 256-entry table: torch's CPU fp8 -> fp32 conversion is
+    a scalar loop, and on two cores the gather ran in about half its time (docs/benchmarks.md, "CPU forward")."""
+    if q.dtype == torch.float8_e4m3fn and q.device.type == "cpu":
+        return _E4M3_VALUES.index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
+    return q.float()
+
+
 def dequantize_groups(q: torch.Tensor, s_row: torch.Tensor) -> torch.Tensor:
     """q [..., K] times its row-major scales [..., G], in fp32: what a blockwise GEMM sees as its LHS."""
     G = s_row.shape[-1]
     K = q.shape[-1]
-    qf = q.float().reshape(*q.shape[:-1], G, K // G)  # a new tensor: scaled in place
+    qf = _to_float(q).reshape(*q.shape[:-1], G, K // G)  # a new tensor: scaled in place
     return qf.mul_(s_row.unsqueeze(-1)).reshape(q.shape)
