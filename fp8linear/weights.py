@@ -53,22 +53,23 @@ def quantize_weight_blockwise(
     bn, bk = _check_block(block_size)
     N, K = weight.shape
     nb, kb = -(-N // bn), -(-K // bk)
-    w = weight.detach().float()
-    # Pad to whole blocks with zeros: zeros never raise a block's amax.
-    padded = torch.nn.functional.pad(w, (0, kb * bk - K, 0, nb * bn - N))
+    w = weight.detach().float()  # weight itself when it is fp32: only read
+    # Pad to whole blocks with zeros (zeros never raise a block's amax); whole blocks need no copy.
+    padded = torch.nn.functional.pad(w, (0, kb * bk - K, 0, nb * bn - N)) if (N % bn or K % bk) else w
     blocks = padded.reshape(nb, bn, kb, bk)
     amax = blocks.abs().amax(dim=(1, 3))  # [nb, kb]
     amax = torch.maximum(amax, torch.full_like(amax, eps))
     scale_inv = amax / torch.full_like(amax, QMAX[dtype])
     if scale_ue8m0:
         scale_inv = ceil_to_power_of_two(scale_inv)
-    q = w / expand_block_scales(scale_inv, N, K, (bn, bk))
+    q = blocks / scale_inv[:, None, :, None]  # [nb, bn, kb, bk], a new tensor: clamped in place below
     qmax = QMAX[dtype]
     if dtype == torch.int8:
-        q = torch.round(q).clamp(-128.0, 127.0).to(torch.int8)
+        q = q.round_().clamp_(-128.0, 127.0)
     else:
-        q = q.clamp(-qmax, qmax).to(dtype)
-    return q, scale_inv
+        q = q.clamp_(-qmax, qmax)
+    out = torch.empty((N, K), dtype=dtype, device=w.device)
+    return out.copy_(q.reshape(nb * bn, kb * bk)[:N, :K]), scale_inv  # copy_ rounds as .to(dtype) does
 
 
 def dequantize_weight_blockwise(

@@ -1,7 +1,10 @@
 """Reference backend: dequantize both operands and matmul in fp32, on any device.
 
-The CPU path of FP8Linear and the oracle of every GEMM test: slow and memory-hungry (an fp32 copy of the
-weight per call) but exact up to fp32 summation order.
+The CPU path of FP8Linear and the oracle of every GEMM test: exact up to fp32 summation order. The weight
+is dequantized once, by `prepare_weight` (FP8Linear caches what it returns per weight and drops it when
+the weight changes), so a forward costs the activations' quantization and dequantization plus an fp32
+matmul, as an fp32 nn.Linear's does (docs/benchmarks.md, "CPU forward"). The price is memory: the cached
+fp32 weight takes 4 bytes an element, 4x the fp8 weight's bytes (an fp32 model's worth).
 """
 
 from __future__ import annotations
@@ -24,26 +27,26 @@ def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch
     return None  # any shape, any device
 
 
-def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nothing to prepare: (weight [N, K], weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]) as given."""
-    return weight, weight_scale_inv
+def prepare_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """(weight [N, K] fp8/int8, weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]) -> the dequantized weight,
+    fp32 [N, K] contiguous (4 bytes an element where the fp8 weight holds 1)."""
+    return dequantize_weight_blockwise(weight, weight_scale_inv)
 
 
 def gemm(
     q: torch.Tensor,
     s: torch.Tensor,
-    prepared: tuple[torch.Tensor, torch.Tensor],
+    prepared: torch.Tensor,
     out_dtype: torch.dtype,
     bias: "torch.Tensor | None",
 ) -> torch.Tensor:
-    """q [M, Kp] fp8/int8, s fp32 [M, Kp/128] row-major -> y [M, N] in out_dtype (bias added in fp32)."""
-    weight, weight_scale_inv = prepared
-    K = weight.shape[1]
+    """q [M, Kp] fp8/int8, s fp32 [M, Kp/128] (row-major or not), prepared fp32 [N, K] from `prepare_weight`
+    -> y [M, N] in out_dtype (bias added in fp32)."""
+    K = prepared.shape[1]
     a = dequantize_groups(q, s.contiguous())[:, :K]  # [M, K] fp32; columns >= K are the zero padding
-    w = dequantize_weight_blockwise(weight, weight_scale_inv)  # [N, K] fp32
-    y = a @ w.t()
+    y = a @ prepared.t()  # [M, N] fp32, a new tensor
     if bias is not None:
-        y = y + bias.float()
+        y += bias  # in fp32, whatever bias's dtype
     return y.to(out_dtype)
 
 
