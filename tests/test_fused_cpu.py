@@ -782,14 +782,21 @@ def record_gemm_calls(monkeypatch) -> "list[GemmCall]":
     from fp8linear.backends import reference
 
     calls: list[GemmCall] = []
-    real = reference.gemm
+    real, real_prepare = reference.gemm, reference.prepare_weight
+    sources: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(prepared) -> the quantized weight it came from
+
+    def preparing(weight, weight_scale_inv):
+        prepared = real_prepare(weight, weight_scale_inv)
+        sources[id(prepared)] = (weight, weight_scale_inv)
+        return prepared
 
     def recording(q, s, prepared, out_dtype, bias):
         y = real(q, s, prepared, out_dtype, bias)
-        weight, weight_scale_inv = prepared
+        weight, weight_scale_inv = sources[id(prepared)]
         calls.append(GemmCall(q.clone(), s.clone(), weight, weight_scale_inv, bias, y.clone()))
         return y
 
+    monkeypatch.setattr(reference, "prepare_weight", preparing)
     monkeypatch.setattr(reference, "gemm", recording)
     return calls
 

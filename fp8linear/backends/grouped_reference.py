@@ -61,7 +61,8 @@ def grouped_gemm_contiguous(q: torch.Tensor, s: torch.Tensor, prepared: tuple[to
     E, N = weight.shape[0], weight.shape[1]
     y = torch.zeros((q.shape[0], N), dtype=out_dtype, device=q.device)
     for e, first, end in segments(m_indices, E):
-        y[first:end] = reference.gemm(q[first:end], s[first:end], (weight[e], weight_scale_inv[e]), out_dtype, None)
+        y[first:end] = reference.gemm(q[first:end], s[first:end], reference.prepare_weight(weight[e], weight_scale_inv[e]),
+                                       out_dtype, None)
     return y
 
 
@@ -76,5 +77,6 @@ def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.
     y = torch.zeros((E, max_m, N), dtype=out_dtype, device=q.device)
     for e, n in enumerate(counts):
         if n:
-            y[e, :n] = reference.gemm(q[e, :n], s[e, :n], (weight[e], weight_scale_inv[e]), out_dtype, None)
+            y[e, :n] = reference.gemm(q[e, :n], s[e, :n], reference.prepare_weight(weight[e], weight_scale_inv[e]),
+                                         out_dtype, None)
     return y
