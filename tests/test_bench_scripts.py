@@ -235,3 +235,76 @@ def test_shipped_auto_table_follows_the_pick_rule():
     assert rows
     for row in rows:
         assert row["backend"] == pick(row["us"]), row
+
+
+# -- bench_moe: a CPU smoke run in a child process (the table's structure, never its numbers) ------------
+def _run_bench_moe(tmp_path, *argv) -> tuple[str, dict]:
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "moe.md"
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    env.pop("TRITON_INTERPRET", None)  # the Triton column skips with its reason; the interpreter is slow
+    result = subprocess.run([sys.executable, str(repo / "scripts" / "bench_moe.py"), "--device", "cpu",
+                             "--peer-dir", str(tmp_path / "no-peer"), "--rep-ms", "1", "--out", str(out), *argv],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out.read_text(), json.loads(out.with_suffix(".json").read_text())
+
+
+def test_bench_moe_cpu_smoke(tmp_path):
+    """Tiny shapes, one T, both routings: a table row per (routing, T) with the providers that can run on a
+    CPU, each checked before timing (no WRONG note), the unsupported ones skipped with their reason."""
+    text, data = _run_bench_moe(tmp_path, "--tokens", "3", "--backends", "auto", "triton")
+    table = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert [line.split(" | ")[1:4] for line in table] == [["uniform", "3", "eager"], ["skewed", "3", "eager"]]
+    head = next(line for line in text.splitlines() if line.startswith("| shape |"))
+    for column in ("fp8:auto us", "bf16-grouped us", "hf-bf16 us (best impl)", "fp8:auto x bf16-grouped",
+                   "fp8:auto x hf-bf16", "quant %"):
+        assert column in head, head
+    assert all(len(line.split("|")) == len(head.split("|")) for line in table)
+    rows = {(r["routing"], r["provider"]): r for r in data["rows"]}
+    for routing in ("uniform", "skewed"):
+        for provider in ("fp8:auto", "bf16-grouped", "hf-bf16:eager", "hf-bf16:grouped_mm", "quant+silu"):
+            r = rows[(routing, provider)]
+            assert r["us"] > 0 and "WRONG" not in r["note"], r
+        assert rows[(routing, "fp8:auto")]["err_fp8ref"] == 0.0  # auto is the reference on a CPU
+        assert rows[(routing, "fp8:triton")]["note"].startswith("skipped: ")
+        assert "TRITON_INTERPRET" in rows[(routing, "fp8:triton")]["note"]
+    assert "fp8:auto ran as" in text
+
+
+def test_bench_moe_cpu_e2e(tmp_path):
+    text, data = _run_bench_moe(tmp_path, "--e2e-only", "--layers", "1", "--prefill", "8", "--decode", "2")
+    assert data["rows"] == [] and set(data["e2e"]) == {"model", "bf16", "fp8"}
+    for label in ("bf16", "fp8"):
+        assert {"weights_mib", "prefill_ms", "decode_tok_s"} <= set(data["e2e"][label]), data["e2e"][label]
+    assert data["e2e"]["fp8"]["weights_mib"] < data["e2e"]["bf16"]["weights_mib"]
+    assert "| weights MiB |" in text and "| decode tok/s (eager steps) |" in text
+
+
+@pytest.mark.parametrize("argv,message", [(["--device", "cpu", "--shape", "deepseek-v3"], "runs --shape tiny only"),
+                                          (["--device", "cpu", "--tokens", "0"], "--tokens must be >= 1")])
+def test_bench_moe_rejects_bad_arguments(argv, message, capsys):
+    bench_moe = importlib.import_module("bench_moe")
+    with pytest.raises(SystemExit):
+        bench_moe.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_moe_routings_name_distinct_experts():
+    """Each token names k distinct experts in both routings (what top-k routing guarantees and the masked
+    layout relies on); the skewed routing's most popular expert gets well above the uniform share."""
+    import torch
+
+    bench_moe = importlib.import_module("bench_moe")
+    T, E, k = 2048, 128, 8
+    for kind in ("uniform", "skewed"):
+        idx, w = bench_moe.make_routing(T, E, k, kind, "cpu")
+        assert idx.shape == (T, k) and w.shape == (T, k) and w.dtype == torch.bfloat16
+        assert all(len(set(row)) == k for row in idx.tolist())
+        assert int(idx.min()) >= 0 and int(idx.max()) < E
+        top = torch.bincount(idx.reshape(-1), minlength=E).max().item() / (T * k / E)
+        assert (top > 2.0) if kind == "skewed" else (top < 1.5), (kind, top)
