@@ -74,6 +74,9 @@ import traceback
 
 import torch
 
+# transformers' hub-kernel experts implementations (deepgemm, sonicmoe) would try the network; the GPU
+# machine has none, so they fail at once with the reason instead of waiting on retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: run_commit, bench_linear
 
@@ -266,9 +269,11 @@ def sglang_fn(peer, mod, x, idx, w):
     def quant(a):
         return per_token_group_quant(a.contiguous(), 128, torch.float8_e4m3fn, scale_layout="row")
 
+    idx32 = idx.to(torch.int32)  # sglang's top-k ids are int32
+
     def call():
         return peer.fused_experts_fp8(x, mod.gate_up_proj, mod.gate_up_proj_scale_inv, mod.down_proj,
-                                      mod.down_proj_scale_inv, w, idx, quant)
+                                      mod.down_proj_scale_inv, w, idx32, quant)
     return call
 
 
