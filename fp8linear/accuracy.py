@@ -10,6 +10,18 @@ runs the *original* layer (same name in the reference model) on the *same* input
 over every element of every call, in fp32. Feeding both layers the quantized model's own activations
 isolates each layer's error from the error accumulated upstream.
 
+MoE experts (fp8linear.moe.FP8Experts) are measured the same way, one row per experts module: the hook
+takes the call's (hidden_states, top_k_index, top_k_weights), runs the same-named original experts module
+on them, and accumulates the three metrics of the combined output [T, H] (the routing-weighted sum over
+the k slots: what the MoE block adds to the residual stream). Per expert, the row carries a summary only:
+the worst expert's SNR and index, where expert e's SNR is that of its outputs before the routing weights
+(`FP8Experts.expert_outputs` against the original module run on each routed (token, slot) pair alone)
+over the pairs routed to it, and how many experts the batch routed any pair to. An expert no pair reached
+is not measured. A row, not a per-expert table, because a skip list can only keep a whole experts module
+in high precision (quantize_model matches it by the module's name); the worst expert says whether one
+expert, rather than the module as a whole, drags the row down. The eval forward runs each experts module
+three more times (the original twice, the FP8 one once for its per-pair outputs).
+
 Per model, on the same batch:
 - causal LMs: KL(P_ref || P_fp8) of the next-token distributions (mean over tokens, in nats), top-1
   agreement, and the mean per-token cosine of the logits;
@@ -81,8 +93,13 @@ CALIBRATION_TEXT = (
 
 @dataclasses.dataclass
 class LayerError:
-    """One quantized layer's error against its original: name, shape [N, K], the three metrics and the
-    number of forward calls and output elements they cover."""
+    """One quantized module's error against its original: name, shape [N, K], the three metrics and the
+    number of forward calls and output elements they cover.
+
+    An FP8Experts row has num_experts = E > 0 and out_features = in_features = H (the module maps
+    hidden_states [T, H] to [T, H]); its metrics are those of the combined output, and the last three
+    fields summarise the experts one by one (module docstring). An FP8Linear row leaves them at their
+    defaults."""
 
     name: str
     out_features: int
@@ -92,6 +109,19 @@ class LayerError:
     snr_db: float
     calls: int
     elements: int
+    num_experts: int = 0                   # E of an experts module; 0 for a linear layer
+    experts_routed: int = 0                # experts the batch routed at least one (token, slot) pair to
+    worst_expert: int = -1                 # the routed expert of lowest SNR (-1: none, or a linear layer)
+    worst_expert_snr_db: float = math.nan  # its SNR over its pairs, before the routing weights
+
+    @property
+    def is_experts(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def shape(self) -> str:
+        """'N x K' of a linear layer, 'E experts' of an experts module."""
+        return f"{self.num_experts} experts" if self.is_experts else f"{self.out_features}x{self.in_features}"
 
 
 @dataclasses.dataclass
@@ -126,6 +156,11 @@ class EvalResult:
     def worst(self) -> "LayerError | None":
         return min(self.layers, key=lambda r: r.snr_db) if self.layers else None
 
+    @property
+    def experts(self) -> list[LayerError]:
+        """The rows of FP8Experts modules, in module order."""
+        return [r for r in self.layers if r.is_experts]
+
 
 class _Accumulator:
     __slots__ = ("ref2", "err2", "out2", "dot", "calls", "elements")
@@ -147,44 +182,113 @@ class _Accumulator:
         self.calls += 1
         self.elements += y.numel()
 
-    def result(self, name: str, module: nn.Module) -> LayerError:
+    def result(self, name: str, out_features: int, in_features: int) -> LayerError:
         rel = math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else (0.0 if self.err2 == 0 else math.inf)
         denom = math.sqrt(self.ref2 * self.out2)
         cos = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
-        if self.err2 == 0:
-            snr = math.inf
-        elif self.ref2 == 0:
-            snr = -math.inf
-        else:
-            snr = 10.0 * math.log10(self.ref2 / self.err2)
-        return LayerError(name, module.out_features, module.in_features, rel, cos, snr, self.calls, self.elements)
+        return LayerError(name, out_features, in_features, rel, cos, _snr_db(self.ref2, self.err2), self.calls,
+                          self.elements)
+
+
+def _snr_db(ref2: float, err2: float) -> float:
+    """10 log10(ref2 / err2): +inf for no error, -inf for error on a zero reference."""
+    if err2 == 0:
+        return math.inf
+    if ref2 == 0:
+        return -math.inf
+    return 10.0 * math.log10(ref2 / err2)
+
+
+class _ExpertsAccumulator:
+    """Per expert, over the (token, slot) pairs routed to it: sums of y_ref^2 and (y - y_ref)^2 and the pair
+    count, kept on the device in float64 (no host transfer per call)."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.ref2 = self.err2 = self.pairs = None
+
+    def add(self, expert: torch.Tensor, y: torch.Tensor, y_ref: torch.Tensor) -> None:
+        """expert int64 [P] in [0, E); y, y_ref [P, H]: the pairs' outputs before the routing weights."""
+        y, y_ref = y.detach().float(), y_ref.detach().float()
+        err = y - y_ref
+        if self.ref2 is None:
+            self.ref2, self.err2, self.pairs = (torch.zeros(self.num_experts, dtype=torch.float64, device=y.device)
+                                                for _ in range(3))
+        self.ref2.index_add_(0, expert, (y_ref * y_ref).sum(-1).double())
+        self.err2.index_add_(0, expert, (err * err).sum(-1).double())
+        self.pairs.index_add_(0, expert, torch.ones_like(expert, dtype=torch.float64))
+
+    def summary(self) -> tuple[int, int, float]:
+        """(experts routed, worst expert, its SNR in dB); (0, -1, nan) when no pair was routed."""
+        if self.pairs is None:
+            return 0, -1, math.nan
+        snr = {e: _snr_db(r, d) for e, (r, d, n) in enumerate(zip(self.ref2.tolist(), self.err2.tolist(),
+                                                                 self.pairs.tolist())) if n > 0}
+        if not snr:
+            return 0, -1, math.nan
+        worst = min(snr, key=lambda e: snr[e])
+        return len(snr), worst, snr[worst]
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every FP8Linear and FP8Experts of `model` by qualified name, in module order."""
     from .linear import FP8Linear
+    from .moe import FP8Experts
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))}
+
+
+_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _experts_args(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, given by position or by name."""
+    values = dict(zip(_EXPERTS_ARGS, args))
+    values.update((k, kwargs[k]) for k in _EXPERTS_ARGS if k in kwargs)
+    missing = [k for k in _EXPERTS_ARGS if k not in values]
+    if missing:
+        raise ValueError(f"{name} was called without {', '.join(missing)}: an experts module takes "
+                         f"({', '.join(_EXPERTS_ARGS)})")
+    return tuple(values[k] for k in _EXPERTS_ARGS)
+
+
+def _pair_outputs_of(experts: nn.Module, x: torch.Tensor, expert: torch.Tensor, token: torch.Tensor,
+                     weight_dtype: torch.dtype) -> torch.Tensor:
+    """[P, H]: expert[p] applied to x[token[p]] alone, through the experts module's own forward (one slot per
+    row, routing weight 1, which the combine multiplies exactly)."""
+    ones = torch.ones((expert.numel(), 1), dtype=weight_dtype, device=x.device)
+    return experts(x[token], expert.unsqueeze(1), ones)
 
 
 @torch.inference_mode()
 def layer_errors(reference: nn.Module, quantized: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[list[LayerError], Any]:
-    """Hook every FP8Linear of `quantized`, call run(quantized), and compare each layer's output with
-    the same-named layer of `reference` on the same input.
+    """Hook every FP8Linear and FP8Experts of `quantized`, call run(quantized), and compare each module's
+    output with the same-named module of `reference` on the same inputs (module docstring; experts rows
+    add the per-expert summary).
 
     run: e.g. `lambda m: m(**batch)`; its return value is passed back. Returns (errors in module
-    order, run's output). Both models must be on the same device.
+    order, run's output); a module run never called has no row. Both models must be on the same device.
     """
+    from .moe import FP8Experts, is_experts_module
+
     layers = _quantized_layers(quantized)
     if not layers:
-        raise ValueError("the quantized model has no FP8Linear layer: run fp8linear.quantize_model first")
+        raise ValueError("the quantized model has no FP8Linear layer nor FP8Experts module: run "
+                         "fp8linear.quantize_model first")
     ref_modules = dict(reference.named_modules())
     missing = [n for n in layers if n not in ref_modules]
     if missing:
         raise ValueError(f"reference model has no layer named {missing[:4]}: pass the model quantize_model copied")
+    not_experts = [f"{n} ({type(ref_modules[n]).__name__})" for n, m in layers.items()
+                   if isinstance(m, FP8Experts) and not is_experts_module(ref_modules[n])]
+    if not_experts:
+        raise ValueError(f"reference model's {', '.join(not_experts[:4])} is not a fused experts module (3-D "
+                         "gate_up_proj and down_proj): pass the model quantize_model copied, before quantizing")
     acc = {name: _Accumulator() for name in layers}
+    per_expert = {name: _ExpertsAccumulator(m.num_experts) for name, m in layers.items() if isinstance(m, FP8Experts)}
     handles = []
 
-    def make_hook(name: str):
+    def linear_hook(name: str):
         ref_layer = ref_modules[name]
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -194,15 +298,46 @@ def layer_errors(reference: nn.Module, quantized: nn.Module, run: Callable[[nn.M
 
         return hook
 
+    def experts_hook(name: str):
+        ref_experts = ref_modules[name]
+
+        def hook(module: FP8Experts, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            x, top_k_index, top_k_weights = _experts_args(name, args, kwargs)
+            ref_x = x.to(ref_experts.gate_up_proj.dtype)
+            acc[name].add(output, ref_experts(ref_x, top_k_index, top_k_weights))
+            # Per expert: the routed pairs (slots naming an expert in [0, E)), before the routing weights.
+            T, k = top_k_index.shape
+            flat = top_k_index.reshape(-1).long()
+            pair = ((flat >= 0) & (flat < module.num_experts)).nonzero().squeeze(1)  # [P], pair = t * k + j
+            expert, token = flat[pair], torch.div(pair, k, rounding_mode="floor")
+            y = module.expert_outputs(x, top_k_index).reshape(T * k, -1)[pair]  # [P, H]
+            y_ref = _pair_outputs_of(ref_experts, ref_x, expert, token, top_k_weights.dtype)
+            per_expert[name].add(expert, y, y_ref)
+
+        return hook
+
     try:
         for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+            if isinstance(module, FP8Experts):
+                handles.append(module.register_forward_hook(experts_hook(name), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(linear_hook(name)))
         out = run(quantized)
     finally:
         for h in handles:
             h.remove()
-    never = [n for n, a in acc.items() if a.calls == 0]
-    errors = [acc[n].result(n, layers[n]) for n in layers if n not in never]
+    errors = []
+    for name, module in layers.items():
+        if acc[name].calls == 0:
+            continue
+        if isinstance(module, FP8Experts):
+            H = module.hidden_size
+            row = acc[name].result(name, H, H)
+            row.num_experts = module.num_experts
+            row.experts_routed, row.worst_expert, row.worst_expert_snr_db = per_expert[name].summary()
+        else:
+            row = acc[name].result(name, module.out_features, module.in_features)
+        errors.append(row)
     return errors, out
 
 
@@ -265,29 +400,35 @@ def evaluate(reference: nn.Module, quantized: nn.Module, batch: Mapping[str, tor
 
 
 def propose_skip(errors: Iterable[LayerError], threshold_db: float) -> list[str]:
-    """Names of the layers whose SNR is below threshold_db: the accuracy-driven skip list."""
+    """Names of the layers and experts modules whose SNR is below threshold_db: the accuracy-driven skip
+    list (quantize_model keeps an experts module named in it whole, in high precision)."""
     return [e.name for e in errors if e.snr_db < threshold_db]
 
 
 def format_table(errors: list[LayerError], threshold_db: "float | None" = None) -> str:
-    """A fixed-width table, one row per layer, worst marked; '<' flags rows below threshold_db."""
+    """A fixed-width table, one row per layer or experts module, worst marked; '<' flags rows below
+    threshold_db; experts rows end with their worst expert."""
     if not errors:
         return "(no quantized layer ran)"
     width = max(len(e.name) for e in errors)
-    lines = [f"{'layer':<{width}}  {'N x K':>11}  {'rel err':>8}  {'cosine':>8}  {'SNR dB':>7}"]
+    lines = [f"{'layer':<{width}}  {'shape':>11}  {'rel err':>8}  {'cosine':>8}  {'SNR dB':>7}"]
     worst = min(errors, key=lambda e: e.snr_db)
     for e in errors:
         flag = " <" if threshold_db is not None and e.snr_db < threshold_db else ("  worst" if e is worst else "")
-        lines.append(f"{e.name:<{width}}  {f'{e.out_features}x{e.in_features}':>11}  {e.rel_err:8.5f}  "
-                     f"{e.cosine:8.6f}  {e.snr_db:7.2f}{flag}")
+        if e.is_experts:
+            flag += (f"  worst expert {e.worst_expert}: {e.worst_expert_snr_db:.2f} dB "
+                     f"({e.experts_routed} of {e.num_experts} routed)")
+        lines.append(f"{e.name:<{width}}  {e.shape:>11}  {e.rel_err:8.5f}  {e.cosine:8.6f}  {e.snr_db:7.2f}{flag}")
     snrs = [e.snr_db for e in errors]
-    lines.append(f"{len(errors)} layers: SNR min {min(snrs):.2f} dB ({worst.name}), "
-                 f"median {sorted(snrs)[len(snrs) // 2]:.2f} dB")
+    n_experts = sum(e.is_experts for e in errors)
+    what = f"{len(errors) - n_experts} layers" + (f" + {n_experts} experts modules" if n_experts else "")
+    lines.append(f"{what}: SNR min {min(snrs):.2f} dB ({worst.name}), median {sorted(snrs)[len(snrs) // 2]:.2f} dB")
     return "\n".join(lines)
 
 
 def write_csv(errors: list[LayerError], path: "str | os.PathLike") -> Path:
-    """One row per layer: the LayerError fields."""
+    """One row per layer or experts module: the LayerError fields (a linear row's experts fields read 0, 0,
+    -1, nan)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -301,7 +442,8 @@ def write_csv(errors: list[LayerError], path: "str | os.PathLike") -> Path:
 
 def plot_snr(errors: list[LayerError], path: "str | os.PathLike", threshold_db: "float | None" = None,
              title: str = "FP8 layer SNR") -> Path:
-    """A PNG of SNR (dB) by layer, in module order, with the threshold as a line.
+    """A PNG of SNR (dB) by layer, in module order, with the threshold as a line; experts modules' bars
+    are hatched.
 
     matplotlib is optional (the `plot` extra): without it, ModuleNotFoundError (name "matplotlib")
     says how to install it."""
@@ -318,7 +460,10 @@ def plot_snr(errors: list[LayerError], path: "str | os.PathLike", threshold_db: 
     snr = [min(e.snr_db, 99.0) for e in errors]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(errors) + 2), 4.0))
     colors = ["tab:red" if threshold_db is not None and s < threshold_db else "tab:blue" for s in snr]
-    ax.bar(range(len(snr)), snr, color=colors)
+    bars = ax.bar(range(len(snr)), snr, color=colors)
+    for bar, e in zip(bars, errors):
+        if e.is_experts:
+            bar.set_hatch("//")
     if threshold_db is not None:
         ax.axhline(threshold_db, color="tab:red", linestyle="--", linewidth=1, label=f"{threshold_db:g} dB")
         ax.legend(loc="lower right")
@@ -368,8 +513,9 @@ def sensitivity_skip(reference: nn.Module, quantized: nn.Module, batch: Mapping[
                      target_cosine: float, *, log: "Callable[[str], None] | None" = None) -> list[str]:
     """The accuracy-driven skip list: the fewest layers (greedily) to keep in high precision so that the
     model-level cosine (embedding cosine for encoders, logits cosine for LMs) reaches target_cosine.
+    An FP8Experts module is one candidate, as a layer is: put back, it keeps all its experts.
 
-    Leave-one-out first: for each FP8Linear, put the original layer back and measure how much the
+    Leave-one-out first: for each FP8Linear and FP8Experts, put the original module back and measure how much the
     model-level error (1 - cosine) drops; then restore layers in that order, re-measuring, until the
     target is met. 2 x (number of layers) forwards at most. Per-layer SNR ranks layers worse: on
     all-MiniLM-L6-v2 reaching 0.999 takes 9 layers by this measure and 28 of 37 by an SNR threshold
@@ -413,7 +559,7 @@ def sensitivity_skip(reference: nn.Module, quantized: nn.Module, batch: Mapping[
                 return restored
         raise ValueError(
             f"target_cosine={target_cosine} not reached even with every layer in high precision "
-            f"(cosine {1 - e:.6f}): the gap is outside the linear layers"
+            f"(cosine {1 - e:.6f}): the gap is outside the quantized modules"
         )
     finally:
         for name in restored:

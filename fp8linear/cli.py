@@ -1,6 +1,6 @@
 """The `fp8linear` command (also `python -m fp8linear`): demo, generate, eval, quantize.
 
-    fp8linear demo                                   built-in Llama, seeded weights: bf16 vs FP8 side by side
+    fp8linear demo [--model demo-moe]                built-in Llama (or Qwen3-MoE), seeded weights: bf16 vs FP8
     fp8linear generate --model PATH [--prompt ...]   text and tokens/s, original vs FP8
     fp8linear eval --model PATH|minilm|smollm2 [--out DIR]   per-layer SNR table, CSV and PNG; skip-list options;
                                                      smollm2 adds perplexity, agreement, KL and generations
@@ -86,12 +86,26 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _quant_line(summary: Any, dtype: torch.dtype) -> str:
-    """What quantize_model swapped, and what it kept in `dtype` (the dtype the model was loaded in)."""
+def _quant_line(summary: Any, dtype: torch.dtype, model: "torch.nn.Module | None" = None) -> str:
+    """What quantize_model swapped, and what it kept in `dtype` (the dtype the model was loaded in); with
+    the quantized `model`, the experts modules' share of its parameters."""
     kept = ", ".join(summary.modules_to_not_convert) or "nothing"
     if len(kept) > 100:
         kept = f"{len(summary.modules_to_not_convert)} modules ({summary.modules_to_not_convert[0]}, ...)"
-    return f"quantized: {len(summary.swapped)} nn.Linear -> FP8Linear; kept in {_dtype_name(dtype)}: {kept}"
+    experts = ""
+    if summary.experts:
+        experts = f", {len(summary.experts)} MoE experts modules -> FP8Experts"
+        if model is not None:
+            experts += f" ({_parameter_share(model, summary.experts):.0%} of the parameters)"
+    return f"quantized: {len(summary.swapped)} nn.Linear -> FP8Linear{experts}; kept in {_dtype_name(dtype)}: {kept}"
+
+
+def _parameter_share(model: torch.nn.Module, names: list[str]) -> float:
+    """The fraction of `model`'s parameters (elements, shared ones once) held by the modules `names`."""
+    inside = {id(p) for name in names for p in model.get_submodule(name).parameters()}
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if id(p) in inside) / total if total else 0.0
 
 
 def _side_by_side(rows: list[tuple[str, str, str]], heads: tuple[str, str]) -> str:
@@ -130,7 +144,7 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         say(CPU_NOTICE)
     fp8 = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], backend=args.backend,
                          progress=False)
-    say(_quant_line(fp8.fp8linear_summary, dtype))
+    say(_quant_line(fp8.fp8linear_summary, dtype, fp8))
     # The per-layer accuracy below matches layers by name, so it runs on the unfused swap (the same
     # quantized weights); generation and speed run on the fused copy.
     run = fp8
@@ -175,11 +189,22 @@ def cmd_demo(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     batch = _to(accuracy.calibration_batch("causal_lm", None, cfg.vocab_size, seed=args.seed), device)
     result = accuracy.evaluate(ref, fp8, batch, "causal_lm")
-    snrs = sorted(e.snr_db for e in result.layers)
-    worst = result.worst
     say(f"accuracy on {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} random token ids:")
-    say(f"  layer SNR: min {worst.snr_db:.1f} dB ({worst.name}), median {snrs[len(snrs) // 2]:.1f} dB "
-        f"over {len(snrs)} layers")
+    linear = [e for e in result.layers if not e.is_experts]
+    if linear:
+        snrs = sorted(e.snr_db for e in linear)
+        worst = min(linear, key=lambda e: e.snr_db)
+        say(f"  layer SNR: min {worst.snr_db:.1f} dB ({worst.name}), median {snrs[len(snrs) // 2]:.1f} dB "
+            f"over {len(snrs)} layers")
+    if result.experts:
+        worst = min(result.experts, key=lambda e: e.snr_db)
+        say(f"  experts SNR (combined output): min {worst.snr_db:.1f} dB ({worst.name}) over "
+            f"{len(result.experts)} experts modules")
+        routed = [e for e in result.experts if e.experts_routed]
+        if routed:
+            row = min(routed, key=lambda e: e.worst_expert_snr_db)
+            say(f"  single expert SNR: min {row.worst_expert_snr_db:.1f} dB (expert {row.worst_expert} of "
+                f"{row.name}, before the routing weights)")
     for line in result.model.lines():
         say("  " + line)
     return 0
@@ -262,7 +287,9 @@ def _eval_variant(label: str, ref: torch.nn.Module, skip: list[str], args: argpa
     model = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                            backend=args.backend, progress=False)
     result = accuracy.evaluate(ref, model, batch, kind)
-    say(f"-- {label}: {len(result.layers)} layers in FP8, {len(skip)} kept")
+    n_experts = len(result.experts)
+    say(f"-- {label}: {len(result.layers) - n_experts} layers" + (f" + {n_experts} experts modules" if n_experts else "")
+        + f" in FP8, {len(skip)} kept")
     for line in result.model.lines():
         say("   " + line)
     if result.layers:
@@ -292,6 +319,17 @@ def _shipped_skip_lists() -> dict[str, Path]:
     except FileNotFoundError:
         return {}
     return {p.stem: p for p in sorted(folder.glob("*.txt"))}
+
+
+def _builtin_models() -> list[str]:
+    """The built-in models `demo` builds: the folders of models/ that hold a config.json."""
+    from .convert import models_dir
+
+    try:
+        folder = models_dir()
+    except FileNotFoundError:
+        return []
+    return sorted(p.parent.name for p in folder.glob("*/config.json"))
 
 
 def _skip_file(text: str) -> Path:
@@ -357,7 +395,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     fp8 = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
                          backend=args.backend, progress=not args.no_progress)
-    say(_quant_line(fp8.fp8linear_summary, dtype))
+    say(_quant_line(fp8.fp8linear_summary, dtype, fp8))
     result = accuracy.evaluate(ref, fp8, batch, kind)
     say(accuracy.format_table(result.layers, args.threshold_db))
     for line in result.model.lines():
@@ -527,9 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     skip_file_help = (f"file of module names / regexes to keep unquantized (one a line, # comments), or the name "
                       f"of a skip list shipped in models/skip-lists/ ({shipped})")
 
-    p = command("demo", "built-in Llama with seeded weights: original vs FP8, accuracy and speed")
+    p = command("demo", "built-in model with seeded weights (a Llama; --model demo-moe: a Qwen3-MoE): "
+                        "original vs FP8, accuracy and speed")
     common(p, dtype_help=run_dtype)
-    p.add_argument("--model", default="demo-llama", help="a built-in model: a folder of models/ holding config.json")
+    p.add_argument("--model", default="demo-llama", help="a built-in model: a folder of models/ holding config.json "
+                   f"({', '.join(_builtin_models()) or 'none found'})")
     p.add_argument("--prompt", default="The quick brown fox", help="text both models continue (byte tokens)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="tokens each model generates, greedily")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the accuracy batch")

@@ -45,6 +45,37 @@ def test_demo_runs_and_says_where(capsys):
     assert "logits cosine" in out and "layer SNR: min" in out and "tokens/s" in out
 
 
+def test_demo_moe_shows_the_experts(capsys):
+    assert main(["demo", "--model", "demo-moe", "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "demo-moe (Qwen3MoeForCausalLM" in out
+    # models/demo-moe: 4 layers of 12 experts, 3 x 512 x 256 weights each: 18.9M of the 26.2M parameters.
+    assert "16 nn.Linear -> FP8Linear, 4 MoE experts modules -> FP8Experts (72% of the parameters)" in out
+    assert "experts SNR (combined output): min" in out and "over 4 experts modules" in out
+    assert "single expert SNR: min" in out and "logits cosine" in out
+
+
+def test_eval_demo_moe_reports_experts_rows_and_drops_a_skipped_one(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "demo-moe", "--skip", r"model\.layers\.0\.mlp\.experts", "--out", str(out),
+                 "--skip-below-db", "26", "--no-progress", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "3 MoE experts modules -> FP8Experts" in text and "kept in fp32: lm_head, model.layers.0.mlp.experts" in text
+    experts_lines = [line for line in text.splitlines() if line.startswith("model.layers.") and "experts " in line]
+    assert [line.split()[0] for line in experts_lines] == [f"model.layers.{i}.mlp.experts" for i in (1, 2, 3)]
+    assert all("12 experts" in line and "worst expert" in line for line in experts_lines)
+    with open(out / "layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    experts_rows = [r for r in rows if int(r["num_experts"])]
+    assert len(rows) == 16 + 3 and [int(r["num_experts"]) for r in experts_rows] == [12] * 3
+    assert all(15 < float(r["snr_db"]) < 40 and int(r["experts_routed"]) > 0 for r in experts_rows)
+    # Two GEMMs in series put the experts near 24 dB, every linear layer near 28.6: 26 dB selects the experts,
+    # and the variant keeps them whole.
+    below = (out / "skip_snr_below_26dB.txt").read_text().split()
+    assert below == [r"model\.layers\.0\.mlp\.experts"] + [r["name"] for r in experts_rows]
+    assert "-- snr_below_26dB: 16 layers in FP8, 4 kept" in text
+
+
 def test_quantize_then_generate_fp8_folder(tmp_path, plain_folder, capsys):
     out_dir = tmp_path / "fp8"
     assert main(["quantize", "--model", str(plain_folder), "--out", str(out_dir), "--no-progress"]) == 0
