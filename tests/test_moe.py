@@ -188,7 +188,7 @@ def test_masked_layout_places_rows_per_expert():
 def test_grouped_reference_rejects_a_broken_layout():
     ref = backends.get_grouped("reference")
     w, ws = quantize_weight_blockwise(torch.randn(256, 256))
-    prepared = (w[None].expand(2, -1, -1), ws[None].expand(2, -1, -1))
+    prepared = ref.prepare_grouped_weight(w[None].expand(2, -1, -1), ws[None].expand(2, -1, -1))
     q = torch.zeros(3, 256, dtype=FP8)
     s = torch.ones(3, 2)
     with pytest.raises(ValueError, match="rows of expert 0 are not one consecutive segment"):
@@ -584,14 +584,14 @@ def test_triton_grouped_contiguous_interpreted(triton_interpreter, dtype, cfg):
     m_indices = torch.tensor([0] * 7 + [2] * 19 + [3] + [-1] * 3, dtype=torch.int32)
     q, s, prepared = grouped_operands(E, N, K, m_indices.numel(), dtype)
     y = tri.grouped_gemm_contiguous(q, s, prepared, m_indices, torch.float32, config=cfg)
-    expected = ref.grouped_gemm_contiguous(q, s, prepared, m_indices, torch.float32)
+    expected = ref.grouped_gemm_contiguous(q, s, ref.prepare_grouped_weight(*prepared), m_indices, torch.float32)
     assert y.shape == (30, N) and y.dtype == torch.float32
     assert_within_k_tolerance(y, expected, q, s, prepared, [(r, int(e)) for r, e in enumerate(m_indices) if e >= 0])
     # aligned segments as DeepGEMM wants them (padding rows carry their segment's expert) serve as well
     padded = torch.tensor([1] * 8 + [4] * 16, dtype=torch.int32)
     q, s, prepared = grouped_operands(E, N, K, 24, dtype, seed=1)
     y = tri.grouped_gemm_contiguous(q, s, prepared, padded, torch.bfloat16, config=cfg)
-    expected = ref.grouped_gemm_contiguous(q, s, prepared, padded, torch.float32)
+    expected = ref.grouped_gemm_contiguous(q, s, ref.prepare_grouped_weight(*prepared), padded, torch.float32)
     torch.testing.assert_close(y.float(), expected.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-3)
 
 
@@ -605,7 +605,7 @@ def test_triton_grouped_masked_interpreted(triton_interpreter, dtype):
     masked_m = torch.tensor([20, 0, 3], dtype=torch.int32)
     y = tri.grouped_gemm_masked(q, s, prepared, masked_m, 8, torch.float32,
                                 config=dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, num_warps=4, num_stages=2))
-    expected = ref.grouped_gemm_masked(q, s, prepared, masked_m, 8, torch.float32)
+    expected = ref.grouped_gemm_masked(q, s, ref.prepare_grouped_weight(*prepared), masked_m, 8, torch.float32)
     assert y.shape == (E, max_m, N)
     rows = [(e * max_m + r, e) for e in range(E) for r in range(int(masked_m[e]))]
     assert_within_k_tolerance(y.view(-1, N), expected.view(-1, N), q.view(-1, K), s.view(-1, 2), prepared, rows)
