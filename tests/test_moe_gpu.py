@@ -66,13 +66,15 @@ def test_grouped_contiguous_matches_reference(name, dtype):
     _skip_unless_serves(name, E, N, K, dtype, "contiguous")
     module = backends.get_grouped(name)
     align = module.CONTIGUOUS_ALIGN
-    counts = [3 * align - 5, 0, align, 1, 0, 2 * align]  # E not a power of two, empty experts, partial blocks
+    # E not a power of two, empty experts, segments ending inside a 128-row block
+    counts = [379, 0, 128, 1, 0, 256]
     padded = [-(-c // align) * align for c in counts]
     m_indices = torch.cat([torch.full((p,), e, dtype=torch.int32) for e, p in enumerate(padded)]).cuda()
     q, s, prepared = _operands(E, N, K, m_indices.numel(), dtype)
     y = module.grouped_gemm_contiguous(q, _in_layout(s, module), module.prepare_grouped_weight(*prepared),
                                        m_indices, torch.bfloat16)
-    expected = backends.get_grouped("reference").grouped_gemm_contiguous(q, s, prepared, m_indices, torch.float32)
+    ref = backends.get_grouped("reference")
+    expected = ref.grouped_gemm_contiguous(q, s, ref.prepare_grouped_weight(*prepared), m_indices, torch.float32)
     first = [sum(padded[:e]) for e in range(E)]
     rows = [(first[e] + r, e) for e in range(E) for r in range(counts[e])]  # padding rows are unspecified
     _assert_close_rows(y, expected, q, s, prepared, rows)
@@ -90,7 +92,8 @@ def test_grouped_masked_matches_reference(name, dtype):
     q3, s3 = q.view(E, max_m, K), s.view(E, max_m, K // 128)
     y = module.grouped_gemm_masked(q3, _in_layout(s3, module, (E,)), module.prepare_grouped_weight(*prepared),
                                    masked_m, 32, torch.bfloat16)
-    expected = backends.get_grouped("reference").grouped_gemm_masked(q3, s3, prepared, masked_m, 32, torch.float32)
+    ref = backends.get_grouped("reference")
+    expected = ref.grouped_gemm_masked(q3, s3, ref.prepare_grouped_weight(*prepared), masked_m, 32, torch.float32)
     rows = [(e * max_m + r, e) for e in range(E) for r in range(int(masked_m[e]))]
     _assert_close_rows(y.view(-1, N), expected.view(-1, N), q, s, prepared, rows)
 
