@@ -5,8 +5,9 @@
 # Steps, each under its own timeout (cut to what is left of DEADLINE_S), a failed step not stopping the next:
 #   a) build 2.x into /tmp/dg2 (in the background, while fp8linear's kernels build and the 0.1.4 bench runs);
 #      import check with /tmp/dg2 alone on PYTHONPATH; d) the grouped GEMMs' signatures;
-#   b) 0.1.4: bench_linear --quick (deepgemm cublaslt, bf16 beside) and profile_linear 7168x7168 M 1 64 2048;
-#   c) 2.x: the same two, then pytest -m gpu tests/test_backends_gpu.py -k deepgemm;
+#   b) 0.1.4: bench_linear --quick (deepgemm cublaslt, bf16 beside); c) 2.x: the same bench;
+#   then profile_linear 7168x7168 M 1 64 2048 (host time) on each build, pytest -m gpu
+#   tests/test_backends_gpu.py -k deepgemm on 2.x (a short DEADLINE_S cuts these first);
 #   last, if time is left: the 0.1.4 bench again, with nothing building beside it.
 # Files back (8 at most): dg2-build.log run.log linear-dg014.{md,json} linear-dg2.{md,json} profile-dg014.log
 # profile-dg2.log.
@@ -115,11 +116,11 @@ print("get_mk_alignment_for_contiguous_layout() =", deep_gemm.get_mk_alignment_f
 print("get_num_sms() =", deep_gemm.get_num_sms())
 EOF
 
-step profile-dg014 100 profile-dg014.log env PYTHONPATH=$P014 DG_JIT_CACHE_DIR=/tmp/dgc014 \
-    python3 scripts/profile_linear.py --N 7168 --K 7168 --M 1 64 2048 --backends deepgemm cublaslt
-# c) 2.x
+# c) 2.x: the same bench first (so that a short DEADLINE_S still compares the two builds), then host times
 step bench-dg2 200 run.log env PYTHONPATH=$P2 DG_JIT_CACHE_DIR=/tmp/dgc2 \
     python3 scripts/bench_linear.py --quick --backends deepgemm cublaslt --rounds 1 --out "$OUT/linear-dg2.md"
+step profile-dg014 100 profile-dg014.log env PYTHONPATH=$P014 DG_JIT_CACHE_DIR=/tmp/dgc014 \
+    python3 scripts/profile_linear.py --N 7168 --K 7168 --M 1 64 2048 --backends deepgemm cublaslt
 step profile-dg2 100 profile-dg2.log env PYTHONPATH=$P2 DG_JIT_CACHE_DIR=/tmp/dgc2 \
     python3 scripts/profile_linear.py --N 7168 --K 7168 --M 1 64 2048 --backends deepgemm cublaslt
 step pytest-dg2 150 run.log env PYTHONPATH=$P2 DG_JIT_CACHE_DIR=/tmp/dgc2 \
