@@ -1,7 +1,7 @@
 """FP8Experts and the grouped GEMM backends on a GPU (marked `gpu`; skipped without CUDA).
 
 The grouped Triton and DeepGEMM GEMMs against the grouped reference on the same quantized operands (a
-K-derived fp32 bound, then one bf16 rounding), FP8Experts on each backend against the reference backend,
+fp8 tensor-core accumulation bound, then one bf16 rounding), FP8Experts on each backend against the reference backend,
 and decode in the masked layout under CUDA-graph capture, whose output must equal eager's bit for bit
 (same kernels, same inputs). DeepGEMM cases skip, with the reason, where deep_gemm is not importable.
 """
@@ -47,14 +47,18 @@ def _in_layout(s_row: torch.Tensor, module, batch=()) -> torch.Tensor:
 
 
 def _assert_close_rows(y, expected, q, s, prepared, rows_experts):
-    """bf16 y within a K-derived fp32 bound of the fp32 reference plus one bf16 rounding, on the listed rows."""
+    """bf16 y within an accumulation bound of the fp32 reference plus one bf16 rounding, on the listed rows.
+
+    Hopper's fp8 tensor cores keep about 14 bits while they sum a 128-wide K block (DeepSeek-V3 technical
+    report, "Increasing Accumulation Precision"), far fewer than fp32's 24, so the accumulation term is
+    2^-11 of sum_k |a_k w_k| (the 14 bits with a factor 8 to spare), not fp32's K-derived one; int8 sums
+    are exact and pass it with room."""
     weight, scales = prepared
-    K = weight.shape[2]
     a = dequantize_groups(q, s).abs()
     for r, e in rows_experts:
         w = dequantize_weight_blockwise(weight[e], scales[e]).abs()
         mag = a[r] @ w.t()
-        bound = 2 * K * 2**-24 * mag + 2**-8 * expected[r].float().abs() + 1e-30
+        bound = 2**-11 * mag + 2**-8 * expected[r].float().abs() + 1e-30
         err = (y[r].float() - expected[r].float()).abs()
         assert bool((err <= bound).all()), f"row {r} (expert {e}): max err {err.max().item()}"
 

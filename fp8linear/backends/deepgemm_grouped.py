@@ -19,9 +19,11 @@ Contiguous: every expert's segment padded to CONTIGUOUS_ALIGN = 128 rows
 carrying their segment's expert: 0.1.4 takes each 128-row block's expert from its first row and has no
 notion of -1 rows, 2.x skips blocks whose first row is -1. FP8Experts reads the padded row count on
 the host: the contiguous layout is for prefill.
-Masked: max_m must be <= 64 or a multiple of 128 (0.1.4 asserts max_m % BLOCK_M == 0 past one block,
-with BLOCK_M 64 or 128 picked from expected_m; `masked_rows` rounds so); masked_m stays on the device,
-so decode under CUDA graphs works.
+Masked: max_m is always a multiple of 128 (`masked_rows` rounds up). 0.1.4 asserts max_m % BLOCK_M == 0
+only past one block (BLOCK_M 64 or 128, picked from expected_m), yet with fewer rows than BLOCK_M its
+tiles of one expert read and write the next experts' rows: on the H100, masked layouts of 1 and 37 rows
+gave wrong outputs, 64, 128 and 384 right ones (docs/runs/2026-12-06-moe-h100.md). masked_m stays on the
+device, so decode under CUDA graphs works.
 
 Each call goes through DeepGEMM's own Python launch (JIT-compiled per shape on first use); the relaunch
 from C++ that backends/deepgemm.py does for dense layers is not done here.
@@ -40,8 +42,8 @@ NAME = "deepgemm"
 SCALE_LAYOUT = ScaleLayout.COL
 DTYPES = (torch.float8_e4m3fn,)
 CONTIGUOUS_ALIGN = 128
-#: Masked-layout rows up to this need no rounding (DeepGEMM's smallest BLOCK_M).
-_MASKED_ONE_BLOCK = 64
+#: Masked-layout rows per expert come in multiples of this (DeepGEMM's largest masked BLOCK_M).
+_MASKED_ROWS_MULTIPLE = 128
 
 #: (contiguous, masked, alignment) function names of each API generation.
 _API_NAMES = {
@@ -73,11 +75,6 @@ def api_name() -> str:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
-    if device.type == "cuda":
-        # Its first GPU run (tests/test_moe_gpu.py) gave results outside the reference's bound:
-        # docs/runs/2026-12-06-consolidation-h100.md. Off on GPUs until those tests pass there.
-        return ("off on GPUs: its first GPU test run failed (docs/runs/2026-12-06-consolidation-h100.md); "
-                "backend='reference' serves the experts")
     why = deepgemm.unsupported_reason(1, N, K, dtype, device)  # the dense GEMM's needs: device, sm90, N, K
     if why is not None:
         return why
@@ -91,8 +88,8 @@ def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, devic
 
 
 def masked_rows(max_m: int) -> int:
-    """max_m itself up to 64 rows, else rounded up to a multiple of 128 (module docstring)."""
-    return max_m if max_m <= _MASKED_ONE_BLOCK else -(-max_m // 128) * 128
+    """max_m rounded up to a multiple of 128 (module docstring)."""
+    return max(1, -(-max_m // _MASKED_ROWS_MULTIPLE)) * _MASKED_ROWS_MULTIPLE
 
 
 def prepare_grouped_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,11 +54,6 @@ def _interpret() -> bool:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
-    if device.type == "cuda":
-        # Its first GPU run (tests/test_moe_gpu.py) gave results outside the reference's bound:
-        # docs/runs/2026-12-06-consolidation-h100.md. Off on GPUs until those tests pass there.
-        return ("off on GPUs: its first GPU test run failed (docs/runs/2026-12-06-consolidation-h100.md); "
-                "backend='reference' serves the experts")
     return triton_blockwise.unsupported_reason(1, N, K, dtype, device)  # the same kernel, the same needs
 
 
