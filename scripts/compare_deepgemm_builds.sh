@@ -2,6 +2,8 @@
 # DeepGEMM 0.1.4 (sgl-kernel build, fp8linear's C++ relaunch) against DeepGEMM 2.x (deepinfer-gemm 2.8.2
 # sdist, built on the GPU machine). Compares both builds through fp8linear's deepgemm backend. Run on the GPU machine from the repo root, .gpu/ carried:
 #     bash scripts/compare_deepgemm_builds.sh        # logs under $OUT
+# .gpu/ holds deep_gemm.tar.xz (../shared/tools/get-deep-gemm), deep_gemm_src.tar.gz
+# (../shared/tools/get-deep-gemm-source) and elfutils/*.deb (the headers 2.x's build needs; build_dg2).
 # Steps, each under its own timeout (cut to what is left of DEADLINE_S), a failed step not stopping the next:
 #   a) build 2.x into /tmp/dg2 (in the background, while fp8linear's kernels build and the 0.1.4 bench runs);
 #      import check with /tmp/dg2 alone on PYTHONPATH; d) the grouped GEMMs' signatures;
@@ -20,6 +22,8 @@ DEADLINE=${DEADLINE_S:-490}
 export PYTHONUNBUFFERED=1 FP8LINEAR_CACHE_DIR=/tmp/fp8linear
 P014=/tmp/dg:$REPO
 P2=/tmp/dg2:$REPO
+# libdw for 2.x's extension at import, where .gpu/elfutils supplied it (build_dg2)
+export LD_LIBRARY_PATH=/tmp/elf/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 RUNLOG=$OUT/run.log
 
 # step NAME LIMIT LOG CMD...: CMD under timeout min(LIMIT, time left), output appended to $OUT/LOG.
@@ -54,6 +58,15 @@ build_dg2() {
         vendor=$(python3 -c "import os, setuptools; print(os.path.join(os.path.dirname(setuptools.__file__), '_vendor'))")
         echo "wheel or packaging missing: setuptools' vendored copies ($vendor) go on PYTHONPATH"
         export PYTHONPATH=$vendor${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # 2.x's JIT includes elfutils/libdwfl.h (stack traces); the GPU machine has no elfutils headers (its
+    # first build attempt stopped there), so they travel as Debian packages in .gpu/elfutils
+    # (`apt-get download libdw-dev libdw1 libelf-dev libelf1`), unpacked under /tmp/elf.
+    if [ ! -f /usr/include/elfutils/libdwfl.h ] && ls .gpu/elfutils/*.deb > /dev/null 2>&1; then
+        mkdir -p /tmp/elf && for deb in .gpu/elfutils/*.deb; do dpkg -x "$deb" /tmp/elf || return 1; done
+        export CPATH=/tmp/elf/usr/include${CPATH:+:$CPATH}
+        export LIBRARY_PATH=/tmp/elf/usr/lib/x86_64-linux-gnu${LIBRARY_PATH:+:$LIBRARY_PATH}
+        echo "elfutils headers and libraries from .gpu/elfutils under /tmp/elf"
     fi
     if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then
         export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")

@@ -4,8 +4,10 @@ The CPU path of FP8Experts and the oracle of the grouped GEMM tests. Each expert
 dense reference GEMM (`fp8linear.backends.reference.gemm`) on exactly the rows of that expert, so an
 expert's output equals FP8Linear(backend="reference") on the same quantized rows bit for bit: the same
 function on operands of the same shapes. Reads the per-expert counts on the host (it is an oracle,
-not a kernel); rows it does not compute are zeros. As the dense reference, it dequantizes the weights once,
-in `prepare_grouped_weight` (4 bytes an element: the price of a fast CPU path).
+not a kernel); rows it does not compute are zeros. On a CPU it dequantizes the weights once, in
+`prepare_grouped_weight`, as the dense reference does (4 bytes an element: the price of a fast CPU path);
+on a GPU, where it is the oracle beside the grouped kernels, each call dequantizes the experts it
+uses, so GPU memory holds the fp8 weights alone (DeepSeek-V3's 256 experts would take 45 GB in fp32).
 """
 
 from __future__ import annotations
@@ -30,10 +32,29 @@ def masked_rows(max_m: int) -> int:
     return max_m
 
 
-def prepare_grouped_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
-    """(weight [E, N, K], weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]) -> fp32 [E, N, K]: each expert's
-    weight dequantized as the dense reference's `prepare_weight` does it."""
+Prepared = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+
+
+def prepare_grouped_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> Prepared:
+    """(weight [E, N, K], weight_scale_inv fp32 [E, ceil(N/128), ceil(K/128)]) -> on a CPU fp32 [E, N, K], each
+    expert's weight dequantized as the dense reference's `prepare_weight` does it; elsewhere the pair as
+    given (dequantized per call, module docstring)."""
+    if weight.device.type != "cpu":
+        return weight, weight_scale_inv
     return torch.stack([reference.prepare_weight(weight[e], weight_scale_inv[e]) for e in range(weight.shape[0])])
+
+
+def _expert_weight(prepared: Prepared, e: int) -> torch.Tensor:
+    """Expert e's dequantized fp32 weight [N, K]."""
+    if isinstance(prepared, tuple):
+        return reference.prepare_weight(prepared[0][e], prepared[1][e])
+    return prepared[e]
+
+
+def _shape(prepared: Prepared) -> tuple[int, int]:
+    """(E, N)."""
+    w = prepared[0] if isinstance(prepared, tuple) else prepared
+    return w.shape[0], w.shape[1]
 
 
 def segments(m_indices: torch.Tensor, E: int) -> list[tuple[int, int, int]]:
@@ -56,27 +77,27 @@ def segments(m_indices: torch.Tensor, E: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def grouped_gemm_contiguous(q: torch.Tensor, s: torch.Tensor, prepared: torch.Tensor, m_indices: torch.Tensor,
+def grouped_gemm_contiguous(q: torch.Tensor, s: torch.Tensor, prepared: Prepared, m_indices: torch.Tensor,
                             out_dtype: torch.dtype) -> torch.Tensor:
-    """q [M_all, Kp], s fp32 [M_all, Kp/128] row-major, prepared fp32 [E, N, K] from `prepare_grouped_weight`,
-    m_indices int32 [M_all] -> y [M_all, N] in out_dtype."""
-    E, N = prepared.shape[0], prepared.shape[1]
+    """q [M_all, Kp], s fp32 [M_all, Kp/128] row-major, prepared from `prepare_grouped_weight`, m_indices int32
+    [M_all] -> y [M_all, N] in out_dtype."""
+    E, N = _shape(prepared)
     y = torch.zeros((q.shape[0], N), dtype=out_dtype, device=q.device)
     for e, first, end in segments(m_indices, E):
-        y[first:end] = reference.gemm(q[first:end], s[first:end], prepared[e], out_dtype, None)
+        y[first:end] = reference.gemm(q[first:end], s[first:end], _expert_weight(prepared, e), out_dtype, None)
     return y
 
 
-def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: torch.Tensor, masked_m: torch.Tensor,
+def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: Prepared, masked_m: torch.Tensor,
                         expected_m: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """q [E, max_m, Kp], s fp32 [E, max_m, Kp/128] row-major, prepared fp32 [E, N, K], masked_m int32 [E]
-    -> y [E, max_m, N]."""
-    E, max_m, N = q.shape[0], q.shape[1], prepared.shape[1]
+    """q [E, max_m, Kp], s fp32 [E, max_m, Kp/128] row-major, prepared from `prepare_grouped_weight`, masked_m
+    int32 [E] -> y [E, max_m, N]."""
+    E, max_m, N = q.shape[0], q.shape[1], _shape(prepared)[1]
     counts = masked_m.detach().to("cpu", torch.int64).tolist()
     if any(c < 0 or c > max_m for c in counts):
         raise ValueError(f"masked_m must lie in [0, max_m={max_m}]; got {counts}")
     y = torch.zeros((E, max_m, N), dtype=out_dtype, device=q.device)
     for e, n in enumerate(counts):
         if n:
-            y[e, :n] = reference.gemm(q[e, :n], s[e, :n], prepared[e], out_dtype, None)
+            y[e, :n] = reference.gemm(q[e, :n], s[e, :n], _expert_weight(prepared, e), out_dtype, None)
     return y
