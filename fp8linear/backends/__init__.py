@@ -180,8 +180,9 @@ _GROUPED_MODULES = {
     "deepgemm": "fp8linear.backends.deepgemm_grouped",
 }
 GROUPED_NAMES = ("auto", *_GROUPED_MODULES)
-#: `auto`'s order for grouped GEMMs on a GPU (no measurements yet: DeepGEMM where it serves, as the
-#: serving engines do, then our Triton kernel); on a CPU `auto` is the reference.
+#: `auto`'s order for grouped GEMMs on a GPU: DeepGEMM where it serves, as the serving engines do, then our
+#: Triton kernel (not tuned: neither wins at every point, docs/runs/2026-12-06-moe-h100.md); on a CPU
+#: `auto` is the reference.
 GROUPED_ORDER = ("deepgemm", "triton", "reference")
 
 #: What `auto` tries, in this order, when its table (or heuristic) names no backend that can serve a
