@@ -325,6 +325,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     out = _out_folder("--out", args.out) if args.out else None
+    _check_calibration_args(args)
     user_skip = _skip_args(args)
     name = args.model
     tokenizer = None
@@ -375,8 +376,18 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
                 raise
             say(f"wrote {out / 'layers.csv'}; no {out / 'snr.png'}: {exc}")
 
+    candidates = {args.quant_dtype: fp8}
+    if args.calibrate:
+        calibration = _calibration(args, tokenizer or _byte_tokenizer(ref.config, name), ref, say)
+        calibrated = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
+                                    backend=args.backend, progress=not args.no_progress, calibration=calibration)
+        label = f"{args.quant_dtype}-calibrated"
+        say(f"-- {label}: the same layers, rounded with error compensation (fp8linear.calibrate)")
+        for line in accuracy.evaluate(ref, calibrated, batch, kind).model.lines():
+            say("   " + line)
+        candidates[label] = calibrated
     if name == "smollm2":
-        lm_eval.run_lm_eval(ref, {args.quant_dtype: fp8}, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
+        lm_eval.run_lm_eval(ref, candidates, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
                             count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
                             progress=not args.no_progress)
 
@@ -418,6 +429,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import quantize_model
 
     out = _quantize_out(args.model, args.out)
+    _check_calibration_args(args)
     device = _device(args.device)
     _check_backend(args, device)
     skip = _skip_args(args)
@@ -425,12 +437,58 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     dtype = model.dtype
     say(f"{args.model}: {type(model).__name__} in {_dtype_name(dtype)} "
         f"({'--dtype' if args.dtype else 'its own dtype'}) on {device}")
+    calibration = None
+    if args.calibrate:
+        tokenizer = hf.load_tokenizer(args.model) or _byte_tokenizer(model.config, args.model)
+        calibration = _calibration(args, tokenizer, model, say)
     model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, calibration=calibration)
     say(_quant_line(model.fp8linear_summary, dtype))
     path = save_quantized(model, out, max_shard_size=args.max_shard_size, format=args.format)
     say(f"wrote {path}")
     return 0
+
+
+def _byte_tokenizer(config: Any, model: str) -> Any:
+    """Byte ids for calibrating a model that has no tokenizer files, when its vocabulary holds them."""
+    from . import hf
+
+    vocab = getattr(config, "vocab_size", 0) or 0
+    if vocab < hf.ByteTokenizer.offset + 256:
+        raise CLIError(f"--calibrate: {model} has no tokenizer files and its vocab_size {vocab} is too small for "
+                       f"byte ids (needs >= {hf.ByteTokenizer.offset + 256}); add the tokenizer files to the folder")
+    return hf.ByteTokenizer()
+
+
+def _check_calibration_args(args: argparse.Namespace) -> None:
+    """--calib-text / --calib-tokens without --calibrate would be ignored: refused before any work."""
+    from .lm_eval import CALIBRATION_TOKENS
+
+    given = [flag for flag, value in (("--calib-text", args.calib_text is not None),
+                                      ("--calib-tokens", args.calib_tokens != CALIBRATION_TOKENS)) if value]
+    if given and not args.calibrate:
+        raise CLIError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} the calibration data: add "
+                       "--calibrate")
+
+
+def _calibration(args: argparse.Namespace, tokenizer: Any, model: torch.nn.Module, say: Callable[[str], None]) -> Any:
+    """--calibrate's data: the first --calib-tokens tokens of --calib-text (else of the eval text, whose
+    first tokens are never scored), as a fp8linear.calibrate.Calibration for `model`."""
+    from .calibrate import Calibration, calibration_ids
+    from .lm_eval import text_name
+
+    text = None
+    if args.calib_text is not None:
+        try:
+            text = args.calib_text.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"--calib-text {args.calib_text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ids = calibration_ids(tokenizer, text, args.calib_tokens)
+    # Sequences no longer than the model's positions (BERT's 512).
+    seq_len = min(Calibration.seq_len, getattr(model.config, "max_position_embeddings", None) or Calibration.seq_len)
+    source = str(args.calib_text) if text is not None else f"{text_name()} (its first tokens, never scored)"
+    say(f"calibration: {ids.numel():,} tokens of {source}, sequences of {seq_len}")
+    return Calibration(ids, seq_len=seq_len)
 
 
 def _fuse(model) -> None:
@@ -493,6 +551,24 @@ def _shard_size(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}") from None
+
+
+def _text_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (UTF-8 text to calibrate on)")
+    return Path(text)
+
+
+def _calibration_options(p: argparse.ArgumentParser, what: str) -> None:
+    from .lm_eval import CALIBRATION_TOKENS
+
+    p.add_argument("--calibrate", action="store_true", help=f"{what}: weights rounded with error compensation "
+                   "against calibration text (GPTQ-style, block by block; the same checkpoint format and scales)")
+    p.add_argument("--calib-text", type=_text_file, default=None, metavar="FILE",
+                   help="--calibrate: UTF-8 text to calibrate on (default: the start of pydoc_data.topics, which "
+                        "the smollm2 eval never scores)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=CALIBRATION_TOKENS,
+                   help="--calibrate: how many tokens of the text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -568,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--full-text", action="store_true", help="smollm2: perplexity over the whole text after its "
                    f"calibration tokens (default: {DEFAULT_WINDOWS} windows of {WINDOW} tokens)")
+    _calibration_options(p, "also evaluate a calibrated copy")
     p.set_defaults(func=cmd_eval)
 
     p = command("quantize", "quantize a model folder and write an FP8 checkpoint")
@@ -584,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format: fp8 (DeepSeek-V3's weight_scale_inv and quant_method 'fp8') or "
                         "compressed-tensors (llm-compressor's FP8_BLOCK: weight_scale, config_groups; fp8 with exact "
                         "scales only)")
+    _calibration_options(p, "calibrated quantization")
     p.set_defaults(func=cmd_quantize)
     return parser
 
