@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from torch import nn
 from .reference import QMAX
 from .weights import expand_block_scales, quantize_weight_blockwise
 
-__all__ = ["Calibration", "calibrate_linears", "gptq_quantize_weight", "calibration_ids"]
+__all__ = ["Calibration", "calibrate_linears", "gptq_quantize_weight", "calibration_ids", "calibration_sentences"]
 
 log = logging.getLogger("fp8linear")
 
@@ -61,24 +61,33 @@ class Calibration:
     """What quantize_model(..., calibration=...) rounds against, and how.
 
     ids: token ids, int64 [T] (a stream, cut into sequences of `seq_len`; a last partial one is dropped
-        unless it is the only one) or [B, T] (B sequences as given). Not modified.
+        unless it is the only one), [B, T] (B sequences as given), or a list of 1-D sequences of any
+        lengths (sentences for an encoder: calibration_sentences). Not modified.
     seq_len: tokens per calibration sequence when ids is 1-D (each sequence is one forward).
     damp: dampening, a share of H's mean diagonal added to its diagonal (GPTQ's percdamp).
     act_order: round columns by descending diag(H) (the inputs with the most energy first) rather than
         in index order; the block scales stay those of the original blocks either way.
     """
 
-    ids: torch.Tensor
+    ids: "torch.Tensor | Sequence[torch.Tensor]"
     seq_len: int = 512
     damp: float = 0.01
     act_order: bool = True
 
     def __post_init__(self) -> None:
         ids = self.ids
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
+        if isinstance(ids, (list, tuple)):
+            if not ids:
+                raise ValueError("calibration ids are empty: give at least one sequence of token ids")
+            for i, t in enumerate(ids):
+                if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int64, torch.int32)
+                        or t.numel() == 0):
+                    raise ValueError(f"calibration ids as a list must hold non-empty 1-D int64 tensors; entry {i} is "
+                                     f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        elif not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() not in (1, 2):
             raise ValueError(f"calibration ids must be an int64 tensor of token ids, [T] or [B, T]; got "
                              f"{getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}")
-        if ids.numel() == 0:
+        elif ids.numel() == 0:
             raise ValueError("calibration ids are empty: give at least one sequence of token ids")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ValueError(f"calibration seq_len must be a positive int; got {self.seq_len!r}")
@@ -88,19 +97,21 @@ class Calibration:
         if not isinstance(self.act_order, bool):
             raise ValueError(f"calibration act_order must be True or False; got {self.act_order!r}")
 
-    def sequences(self) -> torch.Tensor:
-        """The calibration sequences, int64 [B, T]."""
+    def sequences(self) -> "list[torch.Tensor]":
+        """The calibration sequences, each int64 [T_i]."""
+        if isinstance(self.ids, (list, tuple)):
+            return [t.long() for t in self.ids]
         ids = self.ids.long()
         if ids.dim() == 2:
-            return ids
+            return list(ids)
         n = ids.numel() // self.seq_len
         if n == 0:
-            return ids[None]
-        return ids[:n * self.seq_len].view(n, self.seq_len)
+            return [ids]
+        return list(ids[:n * self.seq_len].view(n, self.seq_len))
 
     @property
     def tokens(self) -> int:
-        return self.sequences().numel()
+        return sum(t.numel() for t in self.sequences())
 
 
 def calibration_ids(tokenizer: Any, text: "str | None" = None, tokens: "int | None" = None) -> torch.Tensor:
@@ -125,6 +136,35 @@ def calibration_ids(tokenizer: Any, text: "str | None" = None, tokens: "int | No
     if ids.numel() == 0:
         raise ValueError("calibration text gives no tokens")
     return ids
+
+
+def calibration_sentences(tokenizer: Any, text: "str | None" = None, tokens: "int | None" = None,
+                          max_len: int = 128) -> list[torch.Tensor]:
+    """Calibration data for an encoder: `text` (default: fp8linear.lm_eval's text) split into sentences
+    and lines, each tokenized with the tokenizer's special tokens ([CLS] ... [SEP]) and cut at max_len,
+    as an encoder sees its inputs; sentences until `tokens` (default CALIBRATION_TOKENS) are reached.
+    Returns 1-D int64 tensors, one a sentence (Calibration takes the list)."""
+    import re
+
+    from .lm_eval import CALIBRATION_TOKENS, eval_text
+
+    tokens = CALIBRATION_TOKENS if tokens is None else tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int; got {tokens!r}")
+    out: list[torch.Tensor] = []
+    total = 0
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", eval_text() if text is None else text):
+        sentence = sentence.strip()
+        if len(sentence) < 3:
+            continue
+        ids = tokenizer(sentence, truncation=True, max_length=max_len)["input_ids"]
+        out.append(torch.tensor(ids, dtype=torch.long))
+        total += len(ids)
+        if total >= tokens:
+            break
+    if not out:
+        raise ValueError("calibration text gives no sentences")
+    return out
 
 
 # -- one matrix ---------------------------------------------------------------------------------------
@@ -254,7 +294,7 @@ def _forward_model(model: nn.Module, ids: torch.Tensor) -> None:
         model(input_ids=ids)
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, sequences: torch.Tensor, device: torch.device
+def _capture_block_inputs(model: nn.Module, block: nn.Module, sequences: "list[torch.Tensor]", device: torch.device
                           ) -> list[tuple[tuple, dict]]:
     """(args, kwargs) of `block`'s call for each calibration sequence, the model stopped right there."""
     calls: list[tuple[tuple, dict]] = []
@@ -272,9 +312,9 @@ def _capture_block_inputs(model: nn.Module, block: nn.Module, sequences: torch.T
                 pass
     finally:
         handle.remove()
-    if len(calls) != sequences.shape[0]:
+    if len(calls) != len(sequences):
         raise RuntimeError(f"calibration: the model's forward did not reach {type(block).__name__} for every "
-                           f"calibration sequence ({len(calls)} of {sequences.shape[0]})")
+                           f"calibration sequence ({len(calls)} of {len(sequences)})")
     return calls
 
 
@@ -411,7 +451,7 @@ def calibrate_linears(model: nn.Module, targets: Mapping[str, tuple[nn.Module, s
             del calls, hidden
         rest = [n for n in targets if n not in result]
         if rest:  # outside the blocks: calibrated on full forwards of the model as it is now
-            calibrate_stage(lambda i: _forward_model(model, sequences[i][None].to(device)), sequences.shape[0], rest)
+            calibrate_stage(lambda i: _forward_model(model, sequences[i][None].to(device)), len(sequences), rest)
     finally:
         bar.close()
         model.train(training)

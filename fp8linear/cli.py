@@ -3,8 +3,10 @@
     fp8linear demo                                   built-in Llama, seeded weights: bf16 vs FP8 side by side
     fp8linear generate --model PATH [--prompt ...]   text and tokens/s, original vs FP8
     fp8linear eval --model PATH|minilm|smollm2 [--out DIR]   per-layer SNR table, CSV and PNG; skip-list options;
-                                                     smollm2 adds perplexity, agreement, KL and generations
-    fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized
+                                                     smollm2 adds perplexity, agreement, KL and generations;
+                                                     --calibrate adds a calibrated copy beside the plain one
+    fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized; --calibrate rounds the
+                                                     weights against calibration text (fp8linear.calibrate)
 
 Each command is a short function over the library (fp8linear.hf, .convert, .checkpoint, .accuracy);
 everything is offline (model paths are local folders). Every error is one line on stderr,
@@ -325,7 +327,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     out = _out_folder("--out", args.out) if args.out else None
-    _check_calibration_args(args)
+    calib_text = _calibration_text(args)
     user_skip = _skip_args(args)
     name = args.model
     tokenizer = None
@@ -378,7 +380,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     candidates = {args.quant_dtype: fp8}
     if args.calibrate:
-        calibration = _calibration(args, tokenizer or _byte_tokenizer(ref.config, name), ref, say)
+        calibration = _calibration(args, calib_text, tokenizer or _byte_tokenizer(ref.config, name), ref, say)
         calibrated = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
                                     backend=args.backend, progress=not args.no_progress, calibration=calibration)
         label = f"{args.quant_dtype}-calibrated"
@@ -429,7 +431,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import quantize_model
 
     out = _quantize_out(args.model, args.out)
-    _check_calibration_args(args)
+    calib_text = _calibration_text(args)
     device = _device(args.device)
     _check_backend(args, device)
     skip = _skip_args(args)
@@ -440,7 +442,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     calibration = None
     if args.calibrate:
         tokenizer = hf.load_tokenizer(args.model) or _byte_tokenizer(model.config, args.model)
-        calibration = _calibration(args, tokenizer, model, say)
+        calibration = _calibration(args, calib_text, tokenizer, model, say)
     model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                            progress=not args.no_progress, calibration=calibration)
     say(_quant_line(model.fp8linear_summary, dtype))
@@ -460,8 +462,9 @@ def _byte_tokenizer(config: Any, model: str) -> Any:
     return hf.ByteTokenizer()
 
 
-def _check_calibration_args(args: argparse.Namespace) -> None:
-    """--calib-text / --calib-tokens without --calibrate would be ignored: refused before any work."""
+def _calibration_text(args: argparse.Namespace) -> "str | None":
+    """--calib-text's content (None: the default text), read before any model loads; --calib-text or
+    --calib-tokens without --calibrate would be ignored, so they are refused."""
     from .lm_eval import CALIBRATION_TOKENS
 
     given = [flag for flag, value in (("--calib-text", args.calib_text is not None),
@@ -469,24 +472,32 @@ def _check_calibration_args(args: argparse.Namespace) -> None:
     if given and not args.calibrate:
         raise CLIError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} the calibration data: add "
                        "--calibrate")
+    if args.calib_text is None:
+        return None
+    try:
+        return args.calib_text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--calib-text {args.calib_text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def _calibration(args: argparse.Namespace, tokenizer: Any, model: torch.nn.Module, say: Callable[[str], None]) -> Any:
-    """--calibrate's data: the first --calib-tokens tokens of --calib-text (else of the eval text, whose
-    first tokens are never scored), as a fp8linear.calibrate.Calibration for `model`."""
-    from .calibrate import Calibration, calibration_ids
+def _calibration(args: argparse.Namespace, text: "str | None", tokenizer: Any, model: torch.nn.Module,
+                 say: Callable[[str], None]) -> Any:
+    """--calibrate's data: the first --calib-tokens tokens of `text` (None: the eval text, whose first
+    tokens are never scored), as a fp8linear.calibrate.Calibration for `model`."""
+    from . import hf
+    from .calibrate import Calibration, calibration_ids, calibration_sentences
     from .lm_eval import text_name
 
-    text = None
-    if args.calib_text is not None:
-        try:
-            text = args.calib_text.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise CLIError(f"--calib-text {args.calib_text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    ids = calibration_ids(tokenizer, text, args.calib_tokens)
-    # Sequences no longer than the model's positions (BERT's 512).
-    seq_len = min(Calibration.seq_len, getattr(model.config, "max_position_embeddings", None) or Calibration.seq_len)
     source = str(args.calib_text) if text is not None else f"{text_name()} (its first tokens, never scored)"
+    if not hf.is_causal_lm(model) and getattr(tokenizer, "cls_token_id", None) is not None:
+        # An encoder sees sentences between [CLS] and [SEP]: a 512-token stream without them calibrated
+        # all-MiniLM-L6-v2 worse than plain rounding (docs/calibration.md).
+        calibration = Calibration(calibration_sentences(tokenizer, text, args.calib_tokens))
+        say(f"calibration: {calibration.tokens:,} tokens of {source}, {len(calibration.ids)} sentences")
+        return calibration
+    ids = calibration_ids(tokenizer, text, args.calib_tokens)
+    # Sequences no longer than the model's positions.
+    seq_len = min(Calibration.seq_len, getattr(model.config, "max_position_embeddings", None) or Calibration.seq_len)
     say(f"calibration: {ids.numel():,} tokens of {source}, sequences of {seq_len}")
     return Calibration(ids, seq_len=seq_len)
 

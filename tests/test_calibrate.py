@@ -266,3 +266,19 @@ def test_cli_calibration_arguments_are_checked(tmp_path, plain_folder, capsys):
                  "--calib-text", str(text)]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_encoder_sentences_calibrate_a_bert():
+    """An encoder calibrates on sentences of different lengths (a list of 1-D ids), the pooler included."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=64)
+    ref = BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    sentences = [torch.randint(3, 256, (n,), generator=g) for n in (9, 17, 33, 12)]
+    q = fp8linear.quantize_model(copy.deepcopy(ref), progress=False, calibration=Calibration(sentences))
+    assert "13 of 13 nn.Linear rounded" in str(q.fp8linear_summary)  # 6 a layer, and the pooler
+    with pytest.raises(ValueError, match="entry 1 is torch.float32"):
+        Calibration([sentences[0], sentences[1].float()])
