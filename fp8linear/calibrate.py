@@ -36,6 +36,8 @@ on held-out text than the plain sequential GPTQ here.
     calibrate_linears(model, targets, ...)     the work, for quantize_model(..., calibration=...)
     gptq_quantize_weight(weight, hessian, ...) one matrix: (q, weight_scale_inv)
     calibration_ids(tokenizer, text)           the default data: the first CALIBRATION_TOKENS tokens
+    keep_for_ppl_target(reference, quantized, calibration, target_ppl_delta)
+                                               the fewest layers to leave unquantized for a perplexity target
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ from torch import nn
 from .reference import QMAX
 from .weights import expand_block_scales, quantize_weight_blockwise
 
-__all__ = ["Calibration", "calibrate_linears", "gptq_quantize_weight", "calibration_ids", "calibration_sentences"]
+__all__ = ["Calibration", "calibrate_linears", "gptq_quantize_weight", "calibration_ids", "calibration_sentences",
+           "KeptLayers", "layer_sensitivity", "keep_for_ppl_target"]
 
 log = logging.getLogger("fp8linear")
 
@@ -459,3 +462,206 @@ def calibrate_linears(model: nn.Module, targets: Mapping[str, tuple[nn.Module, s
     if missed:
         log.warning("fp8linear.calibrate: no calibration forward reached %s; rounded plainly", ", ".join(missed))
     return result
+
+
+# -- a perplexity target: the fewest layers left unquantized -------------------------------------------
+
+@dataclasses.dataclass
+class KeptLayers:
+    """keep_for_ppl_target's answer.
+
+    kept: the layers to leave in the original dtype, most sensitive first (a skip list for quantize_model).
+    sensitivity: every quantized layer of the model searched -> its estimated share of the perplexity loss
+        (nats/token, layer_sensitivity), most sensitive first.
+    quantized_elements, total_elements: weight elements of the searched layers left quantized, and of all
+        of them (the layers quantize_model quantized: lm_head and the other recipe skips are in neither).
+    reference_nll, nll: mean next-token NLL (nats) of the original model and of the quantized one with
+        `kept` restored, on the calibration sequences (where the choice was made).
+    """
+
+    kept: list[str]
+    sensitivity: dict[str, float]
+    quantized_elements: int
+    total_elements: int
+    reference_nll: float
+    nll: float
+
+    @property
+    def weight_share(self) -> float:
+        """The quantized share of the searched layers' weight elements, in [0, 1]."""
+        return self.quantized_elements / self.total_elements if self.total_elements else 0.0
+
+    @property
+    def ppl_delta(self) -> float:
+        """Perplexity change on the calibration sequences with `kept` restored, in percent."""
+        return 100.0 * math.expm1(self.nll - self.reference_nll)
+
+
+def _check_ppl_delta(target_ppl_delta: Any) -> float:
+    if (isinstance(target_ppl_delta, bool) or not isinstance(target_ppl_delta, (int, float))
+            or not math.isfinite(target_ppl_delta) or target_ppl_delta <= 0):
+        raise ValueError(f"target_ppl_delta must be a positive number of percent (0.6: perplexity at most 0.6% above "
+                         f"the original's); got {target_ppl_delta!r}")
+    return float(target_ppl_delta)
+
+
+def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from .linear import FP8Linear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def _mean_nll(model: nn.Module, sequences: "list[torch.Tensor]", device: torch.device) -> float:
+    """Mean next-token NLL (nats) of a causal LM over the sequences, every position but each last scored."""
+    from .lm_eval import next_token_nll
+
+    total, count = 0.0, 0
+    for row in sequences:
+        ids = row[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        total += next_token_nll(logits, ids).double().sum().item()
+        count += ids.shape[1] - 1
+    return total / count
+
+
+def layer_sensitivity(reference: nn.Module, quantized: nn.Module, sequences: "list[torch.Tensor]"
+                      ) -> dict[str, float]:
+    """Each FP8Linear of `quantized`: an estimate of the NLL (nats/token) its rounding adds, on the
+    calibration sequences, from one backward of the reference and one forward of the quantized model:
+
+        0.5 * mean over tokens t of (g_t . e_t)^2
+
+    g_t = d(sum of the sequence's NLL) / d(layer output at t) in the reference (its empirical Fisher
+    information, per position), e_t = the FP8Linear's output minus the original layer's on the same input
+    x_t (the input the quantized model gives it: activation rounding and upstream drift included). The
+    second-order term of the loss around the reference, positions taken apart: a ranking, not a
+    prediction. Both models are left as they were; reference and quantized must share layer names.
+    """
+    from .lm_eval import next_token_nll
+
+    layers = _quantized_linears(quantized)
+    ref_modules = dict(reference.named_modules())
+    missing = [n for n in layers if not isinstance(ref_modules.get(n), nn.Linear)]
+    if missing:
+        raise ValueError(f"layer_sensitivity: the reference has no nn.Linear named {', '.join(missing[:3])}; pass the "
+                         "model the quantized one was made from")
+    device = next(reference.parameters()).device
+    score = {n: 0.0 for n in layers}
+    tokens = 0
+    requires = {p: p.requires_grad for p in reference.parameters()}
+    training = reference.training, quantized.training
+    reference.eval()
+    quantized.eval()
+    try:
+        for p in requires:
+            p.requires_grad_(False)
+        for row in sequences:
+            ids = row[None].to(device)
+            grads: dict[str, torch.Tensor] = {}
+
+            def keep_grad(module, args, out, name=None):
+                out.register_hook(lambda g: grads.__setitem__(name, g.detach()))
+
+            def embed_grad(module, args, out):
+                return out.requires_grad_(True)  # the graph starts here: no parameter gradients needed
+
+            handles = [ref_modules[n].register_forward_hook(lambda m, a, o, n=n: keep_grad(m, a, o, n)) for n in layers]
+            handles.append(reference.get_input_embeddings().register_forward_hook(embed_grad))
+            try:
+                with torch.enable_grad():
+                    logits = reference(input_ids=ids, use_cache=False).logits
+                    next_token_nll(logits, ids).sum().backward()
+            finally:
+                for h in handles:
+                    h.remove()
+            del logits
+
+            def measure(module, args, out, name=None):
+                ref = ref_modules[name]
+                e = out.float() - torch.nn.functional.linear(args[0].float(), ref.weight.float(),
+                                                             None if ref.bias is None else ref.bias.float())
+                score[name] += 0.5 * (grads[name].float() * e).sum(-1).pow(2).sum().item()
+
+            handles = [m.register_forward_hook(lambda m, a, o, n=n: measure(m, a, o, n)) for n, m in layers.items()]
+            try:
+                with torch.no_grad():
+                    quantized(input_ids=ids, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            tokens += ids.shape[1]
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)
+        reference.train(training[0])
+        quantized.train(training[1])
+    return dict(sorted(((n, s / tokens) for n, s in score.items()), key=lambda kv: -kv[1]))
+
+
+@torch.no_grad()
+def keep_for_ppl_target(reference: nn.Module, quantized: nn.Module, calibration: "Calibration | torch.Tensor",
+                        target_ppl_delta: float, *, log: "Callable[[str], None] | None" = None) -> KeptLayers:
+    """The fewest layers of `quantized` (a causal LM from quantize_model) to leave in the original dtype
+    so that its perplexity on the calibration sequences is within target_ppl_delta percent of reference's.
+
+    Layers are ranked by layer_sensitivity, then the k most sensitive restored, k found by doubling and
+    then bisection (about 2 log2(layers) perplexity passes over the calibration sequences; perplexity
+    is taken to fall as k grows). The choice is made on calibration data only: check held-out text
+    afterwards (fp8linear eval does). For the final model, quantize the original again with
+    skip=kept (and the same calibration), so that the layers after a kept one are calibrated on the
+    inputs they will see. `quantized` is left as it was.
+    """
+    target = _check_ppl_delta(target_ppl_delta)
+    if isinstance(calibration, torch.Tensor):
+        calibration = Calibration(calibration)
+    say = log or (lambda msg: None)
+    sequences = calibration.sequences()
+    layers = _quantized_linears(quantized)
+    if not layers:
+        raise ValueError("keep_for_ppl_target: the model holds no FP8Linear layers; quantize it first")
+    ref_modules = dict(reference.named_modules())
+    device = next(reference.parameters()).device
+    reference_nll = _mean_nll(reference.eval(), sequences, device)
+    sensitivity = layer_sensitivity(reference, quantized, sequences)
+    order = list(sensitivity)
+    budget = reference_nll + math.log1p(target / 100.0)
+
+    def put(name: str, module: nn.Module) -> None:
+        parent, _, attr = name.rpartition(".")
+        setattr(quantized.get_submodule(parent) if parent else quantized, attr, module)
+
+    nll_of: dict[int, float] = {}
+
+    def nll_with(k: int) -> float:
+        if k not in nll_of:
+            for n in order[:k]:
+                put(n, ref_modules[n])
+            try:
+                nll_of[k] = _mean_nll(quantized, sequences, device)
+            finally:
+                for n in order[:k]:
+                    put(n, layers[n])
+            say(f"{k} kept: calibration perplexity {100 * math.expm1(nll_of[k] - reference_nll):+.2f}%")
+        return nll_of[k]
+
+    training = quantized.training
+    quantized.eval()
+    try:
+        if nll_with(0) <= budget:
+            k = 0
+        else:
+            lo, hi = 0, 1  # lo misses the target; hi is tried next
+            while hi < len(order) and nll_with(hi) > budget:
+                lo, hi = hi, min(2 * hi, len(order))
+            # every layer restored is the reference itself: the target holds at len(order)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if nll_with(mid) > budget else (lo, mid)
+            k = hi
+        nll = nll_of[k] if k in nll_of else reference_nll
+    finally:
+        quantized.train(training)
+    kept = order[:k]
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    total = sum(sizes.values())
+    return KeptLayers(kept, sensitivity, total - sum(sizes[n] for n in kept), total, reference_nll, nll)

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -380,6 +381,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
 
     candidates = {args.quant_dtype: fp8}
     if args.calibrate:
+        _check_ppl_target_model(args, ref)
         calibration = _calibration(args, calib_text, tokenizer or _byte_tokenizer(ref.config, name), ref, say)
         calibrated = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
                                     backend=args.backend, progress=not args.no_progress, calibration=calibration)
@@ -388,10 +390,25 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
         for line in accuracy.evaluate(ref, calibrated, batch, kind).model.lines():
             say("   " + line)
         candidates[label] = calibrated
+        if args.target_ppl_delta is not None:
+            keep = _keep_for_ppl_target(args, ref, calibrated, calibration, say)
+            kept = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype],
+                                  skip=(user_skip + keep.kept) or None, backend=args.backend,
+                                  progress=not args.no_progress, calibration=calibration)
+            target_label = f"{label}-ppl{args.target_ppl_delta:g}"
+            say(f"-- {target_label}: calibrated again with those {len(keep.kept)} layers left unquantized")
+            for line in accuracy.evaluate(ref, kept, batch, kind).model.lines():
+                say("   " + line)
+            candidates[target_label] = kept
     if name == "smollm2":
-        lm_eval.run_lm_eval(ref, candidates, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
-                            count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
-                            progress=not args.no_progress)
+        scores = lm_eval.run_lm_eval(ref, candidates, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
+                                     count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
+                                     progress=not args.no_progress)
+        if args.target_ppl_delta is not None:
+            held_out = 100 * (scores[target_label].perplexity / scores[_DTYPE_NAMES[dtype]].perplexity - 1)
+            say(f"--target-ppl-delta {args.target_ppl_delta:g} on the held-out windows: {held_out:+.2f}% "
+                f"({'met' if held_out <= args.target_ppl_delta else 'MISSED'}; the layers were chosen on the "
+                "calibration text)")
 
     timings: dict[str, float] = {}
     if device.type == "cuda":
@@ -443,12 +460,44 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     if args.calibrate:
         tokenizer = hf.load_tokenizer(args.model) or _byte_tokenizer(model.config, args.model)
         calibration = _calibration(args, calib_text, tokenizer, model, say)
+    _check_ppl_target_model(args, model)
+    if args.target_ppl_delta is not None:
+        calibrated = quantize_model(copy.deepcopy(model), dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
+                                    progress=not args.no_progress, calibration=calibration)
+        skip = skip + _keep_for_ppl_target(args, model, calibrated, calibration, say).kept
+        del calibrated  # quantized again below with the kept layers skipped: the layers after them calibrate
+        # on the inputs they will see
     model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                            progress=not args.no_progress, calibration=calibration)
     say(_quant_line(model.fp8linear_summary, dtype))
     path = save_quantized(model, out, max_shard_size=args.max_shard_size, format=args.format)
     say(f"wrote {path}")
     return 0
+
+
+def _check_ppl_target_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--target-ppl-delta targets perplexity: refused, before any calibration, for a model without one."""
+    from . import hf
+
+    if args.target_ppl_delta is not None and not hf.is_causal_lm(model):
+        raise CLIError(f"--target-ppl-delta needs a causal language model (it targets perplexity); "
+                       f"{type(model).__name__} is not one: drop the option")
+
+
+def _keep_for_ppl_target(args: argparse.Namespace, ref: torch.nn.Module, calibrated: torch.nn.Module,
+                         calibration: Any, say: Callable[[str], None]) -> Any:
+    """--target-ppl-delta: the layers to leave unquantized (fp8linear.calibrate.keep_for_ppl_target), said."""
+    from .calibrate import keep_for_ppl_target
+
+    say(f"--target-ppl-delta {args.target_ppl_delta:g}: ranking layers by estimated loss on the calibration text, "
+        "then restoring the most sensitive until its perplexity is within target")
+    keep = keep_for_ppl_target(ref, calibrated, calibration, args.target_ppl_delta,
+                               log=(lambda m: say("   " + m)) if args.verbose else None)
+    say(f"kept unquantized ({len(keep.kept)}): {', '.join(keep.kept) if keep.kept else 'none'}")
+    say(f"{args.quant_dtype.upper()} weight share: {keep.weight_share:.2%} ({keep.quantized_elements:,} of "
+        f"{keep.total_elements:,} weight elements of the layers plain quantization converts); calibration "
+        f"perplexity {keep.ppl_delta:+.2f}% (target {args.target_ppl_delta:g}%)")
+    return keep
 
 
 def _byte_tokenizer(config: Any, model: str) -> Any:
@@ -472,6 +521,9 @@ def _calibration_text(args: argparse.Namespace) -> "str | None":
     if given and not args.calibrate:
         raise CLIError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} the calibration data: add "
                        "--calibrate")
+    if args.target_ppl_delta is not None and not args.calibrate:
+        raise CLIError(f"--target-ppl-delta {args.target_ppl_delta:g} chooses layers to keep on top of calibrated "
+                       "rounding: add --calibrate")
     if args.calib_text is None:
         return None
     try:
@@ -564,6 +616,17 @@ def _shard_size(text: str) -> int:
             f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}") from None
 
 
+def _ppl_delta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 0.6; got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite percentage (0.6: within 0.6%% of the original's "
+                                         f"perplexity); got {text!r}")
+    return value
+
+
 def _text_file(text: str) -> Path:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text!r} is not a file (UTF-8 text to calibrate on)")
@@ -580,6 +643,10 @@ def _calibration_options(p: argparse.ArgumentParser, what: str) -> None:
                         "the smollm2 eval never scores)")
     p.add_argument("--calib-tokens", type=_positive_int, default=CALIBRATION_TOKENS,
                    help="--calibrate: how many tokens of the text")
+    p.add_argument("--target-ppl-delta", type=_ppl_delta, default=None, metavar="P",
+                   help="--calibrate, causal LMs: leave the fewest layers unquantized so that perplexity on the "
+                        "calibration text is within P%% of the original's (layers ranked by estimated loss, "
+                        "chosen on calibration data; docs/calibration.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

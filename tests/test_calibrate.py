@@ -282,3 +282,117 @@ def test_encoder_sentences_calibrate_a_bert():
     assert "13 of 13 nn.Linear rounded" in str(q.fp8linear_summary)  # 6 a layer, and the pooler
     with pytest.raises(ValueError, match="entry 1 is torch.float32"):
         Calibration([sentences[0], sentences[1].float()])
+
+
+# -- --target-ppl-delta: the fewest layers left unquantized ----------------------------------------------
+
+def _sharp_llama_and_its_samples():
+    """A tiny fp32 Llama whose weights are scaled up (sharp predictions, so rounding costs perplexity) and
+    4 x 128 tokens sampled from it: on its own samples any change to the model raises perplexity in
+    expectation (by the KL), as on real text for a trained model."""
+    ref = tiny_model("llama_odd", torch.float32)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    torch.manual_seed(11)
+    start = torch.randint(3, 256, (4, 1), generator=torch.Generator().manual_seed(12))
+    ids = ref.generate(start, do_sample=True, top_k=0, max_new_tokens=127, min_new_tokens=127,
+                       pad_token_id=0)
+    return ref, Calibration(ids)
+
+
+def test_keep_for_ppl_target_keeps_the_fewest_layers_in_the_original_dtype():
+    from fp8linear.calibrate import keep_for_ppl_target
+
+    ref, calib = _sharp_llama_and_its_samples()
+    quantized = fp8linear.quantize_model(copy.deepcopy(ref), progress=False, calibration=calib)
+    everything = keep_for_ppl_target(ref, quantized, calib, 1000.0)
+    assert everything.kept == [] and everything.weight_share == 1.0
+    loss = everything.ppl_delta
+    assert loss > 0, loss  # rounding costs this model perplexity on its own samples
+
+    keep = keep_for_ppl_target(ref, quantized, calib, loss / 3)
+    assert keep.ppl_delta <= loss / 3 and 0 < len(keep.kept) < len(keep.sensitivity) == 14
+    assert keep.kept == list(keep.sensitivity)[:len(keep.kept)]  # the most sensitive first
+    # The share adds up: the quantized layers' weight elements over all the searched layers'.
+    sizes = {n: ref.get_submodule(n).weight.numel() for n in keep.sensitivity}
+    assert keep.total_elements == sum(sizes.values())
+    assert keep.quantized_elements == sum(v for n, v in sizes.items() if n not in keep.kept)
+    assert keep.weight_share == pytest.approx(keep.quantized_elements / keep.total_elements)
+    # The searched model is left as it was.
+    assert all(isinstance(quantized.get_submodule(n), FP8Linear) for n in keep.sensitivity)
+
+    final = fp8linear.quantize_model(copy.deepcopy(ref), progress=False, calibration=calib, skip=keep.kept)
+    for name in keep.sensitivity:
+        layer = final.get_submodule(name)
+        if name in keep.kept:  # the original layer, in the original dtype, with the original values
+            assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+            assert torch.equal(layer.weight, ref.get_submodule(name).weight)
+        else:
+            assert isinstance(layer, FP8Linear)
+    assert set(keep.kept) <= set(final.fp8linear_summary.modules_to_not_convert)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), True, "0.6"])
+def test_keep_for_ppl_target_refuses_bad_targets(bad):
+    from fp8linear.calibrate import keep_for_ppl_target
+
+    ref = tiny_model("llama", torch.float32)
+    ids = torch.randint(3, 256, (128,), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="target_ppl_delta must be a positive number of percent"):
+        keep_for_ppl_target(ref, copy.deepcopy(ref), ids, bad)
+
+
+def test_cli_target_ppl_delta_quantize_and_eval(tmp_path, plain_folder, capsys):
+    """quantize writes the kept layers into modules_to_not_convert; eval reports them and the share."""
+    import json
+
+    from fp8linear.cli import main
+
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(out), "--calibrate", "--calib-tokens", "512",
+                 "--target-ppl-delta", "0.0001", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    kept_line = next(line for line in printed.splitlines() if line.startswith("kept unquantized ("))
+    kept = kept_line.split(": ", 1)[1].split(", ")
+    assert "FP8 weight share: " in printed and "calibration perplexity" in printed
+    not_converted = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert kept != ["none"] and set(kept) <= set(not_converted), (kept, not_converted)
+    loaded = fp8linear.load_quantized(out, device="cpu", dtype=torch.float32)
+    assert all(type(loaded.get_submodule(n)) is nn.Linear for n in kept)
+
+    assert main(["eval", "--model", str(plain_folder), "--out", "", "--calibrate", "--calib-tokens", "256",
+                 "--target-ppl-delta", "5", "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "kept unquantized (" in printed and "FP8 weight share: " in printed
+    assert "-- fp8-calibrated-ppl5: calibrated again with those" in printed
+
+
+def test_cli_target_ppl_delta_is_checked(tmp_path, plain_folder, capsys):
+    from fp8linear.cli import main
+
+    for bad in ("0", "-1", "nan", "inf", "abc"):
+        with pytest.raises(SystemExit):
+            main(["quantize", "--model", str(plain_folder), "--out", str(tmp_path / "o"), "--calibrate",
+                  "--target-ppl-delta", bad])
+        assert "--target-ppl-delta" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(plain_folder), "--out", str(tmp_path / "o"), "--target-ppl-delta",
+                 "0.6"]) == 2
+    assert "--target-ppl-delta 0.6 chooses layers to keep on top of calibrated rounding: add --calibrate" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_target_ppl_delta_refuses_an_encoder(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from fp8linear.cli import main
+
+    cfg = BertConfig(vocab_size=512, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(tmp_path / "bert"))
+    assert main(["quantize", "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "o"), "--calibrate",
+                 "--target-ppl-delta", "1", "--no-progress"]) == 2
+    assert "--target-ppl-delta needs a causal language model (it targets perplexity); BertModel is not one" in (
+        capsys.readouterr().err)
