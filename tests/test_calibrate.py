@@ -124,6 +124,42 @@ def test_tiny_llama_layers_beat_plain_rounding_on_unseen_ids(dtype):
     assert sum(c < p for p, c in errs.values()) >= 12, errs
 
 
+def test_sequential_inputs_are_those_the_quantized_model_feeds(monkeypatch):
+    """Each group's H is taken on exactly the inputs its first layer gets in the finished model (earlier
+    blocks and groups already quantized, their activations rounded per 1x128 group as FP8Linear runs them)."""
+    from fp8linear import calibrate
+
+    model = tiny_model("llama_odd", torch.float32)
+    names = {id(m): n for n, m in model.named_modules() if type(m) is nn.Linear}
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = calibrate._inputs_of
+
+    def spy(layer, run, count):
+        xs = real(layer, run, count)
+        seen[names[id(layer)]] = [x.clone() for x in xs]
+        return xs
+
+    monkeypatch.setattr(calibrate, "_inputs_of", spy)
+    ids = torch.randint(3, 256, (256,), generator=torch.Generator().manual_seed(4))
+    calib = Calibration(ids, seq_len=128)
+    fp8linear.quantize_model(model, progress=False, calibration=calib)
+    assert len(seen) == 8  # per block: q/k/v, o, gate/up, down
+    final: dict[str, list[torch.Tensor]] = {n: [] for n in seen}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: final[n].append(a[0].clone()))
+             for n in seen]
+    with torch.no_grad():
+        for row in calib.sequences():
+            model(input_ids=row[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    for name in seen:
+        assert isinstance(model.get_submodule(name), FP8Linear)
+        for a, b in zip(seen[name], final[name], strict=True):
+            # Equal on this CPU; a different input (plain activations, an unquantized earlier group) is
+            # off by about 1e-2 of its norm.
+            assert (a - b).norm() <= 1e-5 * b.norm(), name
+
+
 def test_checkpoint_loads_with_load_quantized_and_transformers(tmp_path):
     """The calibrated checkpoint is the standard one: byte-exact through save/load_quantized, and
     transformers' FineGrainedFP8 reads it (on CPU it dequantizes) to the same logits."""
