@@ -456,11 +456,11 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     dtype = model.dtype
     say(f"{args.model}: {type(model).__name__} in {_dtype_name(dtype)} "
         f"({'--dtype' if args.dtype else 'its own dtype'}) on {device}")
+    _check_ppl_target_model(args, model)
     calibration = None
     if args.calibrate:
         tokenizer = hf.load_tokenizer(args.model) or _byte_tokenizer(model.config, args.model)
         calibration = _calibration(args, calib_text, tokenizer, model, say)
-    _check_ppl_target_model(args, model)
     if args.target_ppl_delta is not None:
         calibrated = quantize_model(copy.deepcopy(model), dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
                                     progress=not args.no_progress, calibration=calibration)
@@ -490,13 +490,14 @@ def _keep_for_ppl_target(args: argparse.Namespace, ref: torch.nn.Module, calibra
     from .calibrate import keep_for_ppl_target
 
     say(f"--target-ppl-delta {args.target_ppl_delta:g}: ranking layers by estimated loss on the calibration text, "
-        "then restoring the most sensitive until its perplexity is within target")
+        "then restoring the most sensitive until its KL to the original is within log(1 + P%)")
     keep = keep_for_ppl_target(ref, calibrated, calibration, args.target_ppl_delta,
                                log=(lambda m: say("   " + m)) if args.verbose else None)
     say(f"kept unquantized ({len(keep.kept)}): {', '.join(keep.kept) if keep.kept else 'none'}")
     say(f"{args.quant_dtype.upper()} weight share: {keep.weight_share:.2%} ({keep.quantized_elements:,} of "
-        f"{keep.total_elements:,} weight elements of the layers plain quantization converts); calibration "
-        f"perplexity {keep.ppl_delta:+.2f}% (target {args.target_ppl_delta:g}%)")
+        f"{keep.total_elements:,} weight elements of the layers plain quantization converts); on the calibration "
+        f"text KL {keep.kl:.3e} nats/token (target: <= log(1 + {args.target_ppl_delta:g}%) = "
+        f"{math.log1p(args.target_ppl_delta / 100):.3e}), perplexity {keep.ppl_delta:+.2f}%")
     return keep
 
 
@@ -622,7 +623,7 @@ def _ppl_delta(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentage such as 0.6; got {text!r}") from None
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite percentage (0.6: within 0.6%% of the original's "
+        raise argparse.ArgumentTypeError(f"must be a positive, finite percentage (0.6: within 0.6% of the original's "
                                          f"perplexity); got {text!r}")
     return value
 
@@ -644,9 +645,9 @@ def _calibration_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--calib-tokens", type=_positive_int, default=CALIBRATION_TOKENS,
                    help="--calibrate: how many tokens of the text")
     p.add_argument("--target-ppl-delta", type=_ppl_delta, default=None, metavar="P",
-                   help="--calibrate, causal LMs: leave the fewest layers unquantized so that perplexity on the "
-                        "calibration text is within P%% of the original's (layers ranked by estimated loss, "
-                        "chosen on calibration data; docs/calibration.md)")
+                   help="--calibrate, causal LMs: leave the fewest layers unquantized so that perplexity is "
+                        "within P%% of the original's, judged on the calibration text by KL <= log(1 + P%%) "
+                        "(layers ranked by estimated loss; docs/calibration.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ loadable by load_quantized and by transformers; int8 too; bad arguments named.""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -345,11 +346,12 @@ def test_keep_for_ppl_target_keeps_the_fewest_layers_in_the_original_dtype():
     quantized = fp8linear.quantize_model(copy.deepcopy(ref), progress=False, calibration=calib)
     everything = keep_for_ppl_target(ref, quantized, calib, 1000.0)
     assert everything.kept == [] and everything.weight_share == 1.0
-    loss = everything.ppl_delta
-    assert loss > 0, loss  # rounding costs this model perplexity on its own samples
+    assert everything.ppl_delta > 0 and everything.kl > 0  # rounding costs this model on its own samples
 
-    keep = keep_for_ppl_target(ref, quantized, calib, loss / 3)
-    assert keep.ppl_delta <= loss / 3 and 0 < len(keep.kept) < len(keep.sensitivity) == 14
+    # A target a third of the all-quantized KL: held by KL <= log(1 + P/100), with some layers kept.
+    target = 100 * math.expm1(everything.kl / 3)
+    keep = keep_for_ppl_target(ref, quantized, calib, target)
+    assert keep.kl <= math.log1p(target / 100) and 0 < len(keep.kept) < len(keep.sensitivity) == 14
     assert keep.kept == list(keep.sensitivity)[:len(keep.kept)]  # the most sensitive first
     # The share adds up: the quantized layers' weight elements over all the searched layers'.
     sizes = {n: ref.get_submodule(n).weight.numel() for n in keep.sensitivity}
@@ -380,19 +382,26 @@ def test_keep_for_ppl_target_refuses_bad_targets(bad):
         keep_for_ppl_target(ref, copy.deepcopy(ref), ids, bad)
 
 
-def test_cli_target_ppl_delta_quantize_and_eval(tmp_path, plain_folder, capsys):
+def test_cli_target_ppl_delta_quantize_and_eval(tmp_path, capsys):
     """quantize writes the kept layers into modules_to_not_convert; eval reports them and the share."""
     import json
 
     from fp8linear.cli import main
 
+    model = tiny_model("llama", torch.float32, vocab_size=512)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)  # sharp predictions: rounding costs a measurable KL
+    plain_folder = tmp_path / "sharp"
+    model.save_pretrained(str(plain_folder))
     out = tmp_path / "fp8"
     assert main(["quantize", "--model", str(plain_folder), "--out", str(out), "--calibrate", "--calib-tokens", "512",
                  "--target-ppl-delta", "0.0001", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     kept_line = next(line for line in printed.splitlines() if line.startswith("kept unquantized ("))
     kept = kept_line.split(": ", 1)[1].split(", ")
-    assert "FP8 weight share: " in printed and "calibration perplexity" in printed
+    assert "FP8 weight share: " in printed and "on the calibration text KL" in printed
     not_converted = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
     assert kept != ["none"] and set(kept) <= set(not_converted), (kept, not_converted)
     loaded = fp8linear.load_quantized(out, device="cpu", dtype=torch.float32)
