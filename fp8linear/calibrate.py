@@ -633,7 +633,10 @@ def keep_for_ppl_target(reference: nn.Module, quantized: nn.Module, calibration:
     if isinstance(calibration, torch.Tensor):
         calibration = Calibration(calibration)
     say = log or (lambda msg: None)
-    sequences = calibration.sequences()
+    sequences = [t for t in calibration.sequences() if t.numel() >= 2]  # a 1-token sequence scores nothing
+    if not sequences:
+        raise ValueError("keep_for_ppl_target: the calibration sequences must hold at least 2 tokens (one scored "
+                         "position) to measure perplexity")
     layers = _quantized_linears(quantized)
     if not layers:
         raise ValueError("keep_for_ppl_target: the model holds no FP8Linear layers; quantize it first")

@@ -382,6 +382,16 @@ def test_keep_for_ppl_target_refuses_bad_targets(bad):
         keep_for_ppl_target(ref, copy.deepcopy(ref), ids, bad)
 
 
+def test_keep_for_ppl_target_needs_a_scored_position():
+    from fp8linear.calibrate import keep_for_ppl_target
+
+    ref = tiny_model("llama", torch.float32)
+    ids = torch.randint(3, 256, (64,), generator=torch.Generator().manual_seed(1))
+    quantized = fp8linear.quantize_model(copy.deepcopy(ref), progress=False, calibration=Calibration(ids, seq_len=32))
+    with pytest.raises(ValueError, match="calibration sequences must hold at least 2 tokens"):
+        keep_for_ppl_target(ref, quantized, Calibration(ids[:1]), 1.0)
+
+
 def test_cli_target_ppl_delta_quantize_and_eval(tmp_path, capsys):
     """quantize writes the kept layers into modules_to_not_convert; eval reports them and the share."""
     import json
