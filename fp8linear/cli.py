@@ -3,8 +3,10 @@
     fp8linear demo [--model demo-moe]                built-in Llama (or Qwen3-MoE), seeded weights: bf16 vs FP8
     fp8linear generate --model PATH [--prompt ...]   text and tokens/s, original vs FP8
     fp8linear eval --model PATH|minilm|smollm2 [--out DIR]   per-layer SNR table, CSV and PNG; skip-list options;
-                                                     smollm2 adds perplexity, agreement, KL and generations
-    fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized
+                                                     smollm2 adds perplexity, agreement, KL and generations;
+                                                     --calibrate adds a calibrated copy beside the plain one
+    fp8linear quantize --model PATH --out PATH       quantize_model + save_quantized; --calibrate rounds the
+                                                     weights against calibration text (fp8linear.calibrate)
 
 Each command is a short function over the library (fp8linear.hf, .convert, .checkpoint, .accuracy);
 everything is offline (model paths are local folders). Every error is one line on stderr,
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -363,6 +366,7 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     _check_backend(args, device)
     dtype = _dtype(args.dtype, device)
     out = _out_folder("--out", args.out) if args.out else None
+    calib_text = _calibration_text(args)
     user_skip = _skip_args(args)
     name = args.model
     tokenizer = None
@@ -413,10 +417,36 @@ def cmd_eval(args: argparse.Namespace, say: Callable[[str], None]) -> int:
                 raise
             say(f"wrote {out / 'layers.csv'}; no {out / 'snr.png'}: {exc}")
 
+    candidates = {args.quant_dtype: fp8}
+    if args.calibrate:
+        _check_ppl_target_model(args, ref)
+        calibration = _calibration(args, calib_text, tokenizer or _byte_tokenizer(ref.config, name), ref, say)
+        calibrated = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype], skip=user_skip or None,
+                                    backend=args.backend, progress=not args.no_progress, calibration=calibration)
+        label = f"{args.quant_dtype}-calibrated"
+        say(f"-- {label}: the same layers, rounded with error compensation (fp8linear.calibrate)")
+        for line in accuracy.evaluate(ref, calibrated, batch, kind).model.lines():
+            say("   " + line)
+        candidates[label] = calibrated
+        if args.target_ppl_delta is not None:
+            keep = _keep_for_ppl_target(args, ref, calibrated, calibration, say)
+            kept = quantize_model(copy.deepcopy(ref), dtype=_QUANT_DTYPES[args.quant_dtype],
+                                  skip=(user_skip + keep.kept) or None, backend=args.backend,
+                                  progress=not args.no_progress, calibration=calibration)
+            target_label = f"{label}-ppl{args.target_ppl_delta:g}"
+            say(f"-- {target_label}: calibrated again with those {len(keep.kept)} layers left unquantized")
+            for line in accuracy.evaluate(ref, kept, batch, kind).model.lines():
+                say("   " + line)
+            candidates[target_label] = kept
     if name == "smollm2":
-        lm_eval.run_lm_eval(ref, {args.quant_dtype: fp8}, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
-                            count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
-                            progress=not args.no_progress)
+        scores = lm_eval.run_lm_eval(ref, candidates, tokenizer, say, reference_name=_DTYPE_NAMES[dtype],
+                                     count=None if args.full_text else lm_eval.DEFAULT_WINDOWS, out=out,
+                                     progress=not args.no_progress)
+        if args.target_ppl_delta is not None:
+            held_out = 100 * (scores[target_label].perplexity / scores[_DTYPE_NAMES[dtype]].perplexity - 1)
+            say(f"--target-ppl-delta {args.target_ppl_delta:g} on the held-out windows: {held_out:+.2f}% "
+                f"({'met' if held_out <= args.target_ppl_delta else 'MISSED'}; the layers were chosen on the "
+                "calibration text)")
 
     timings: dict[str, float] = {}
     if device.type == "cuda":
@@ -456,6 +486,7 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     from .convert import quantize_model
 
     out = _quantize_out(args.model, args.out)
+    calib_text = _calibration_text(args)
     device = _device(args.device)
     _check_backend(args, device)
     skip = _skip_args(args)
@@ -463,12 +494,103 @@ def cmd_quantize(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     dtype = model.dtype
     say(f"{args.model}: {type(model).__name__} in {_dtype_name(dtype)} "
         f"({'--dtype' if args.dtype else 'its own dtype'}) on {device}")
+    _check_ppl_target_model(args, model)
+    calibration = None
+    if args.calibrate:
+        tokenizer = hf.load_tokenizer(args.model) or _byte_tokenizer(model.config, args.model)
+        calibration = _calibration(args, calib_text, tokenizer, model, say)
+    if args.target_ppl_delta is not None:
+        calibrated = quantize_model(copy.deepcopy(model), dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
+                                    progress=not args.no_progress, calibration=calibration)
+        skip = skip + _keep_for_ppl_target(args, model, calibrated, calibration, say).kept
+        del calibrated  # quantized again below with the kept layers skipped: the layers after them calibrate
+        # on the inputs they will see
     model = quantize_model(model, dtype=_QUANT_DTYPES[args.quant_dtype], skip=skip or None,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, calibration=calibration)
     say(_quant_line(model.fp8linear_summary, dtype))
     path = save_quantized(model, out, max_shard_size=args.max_shard_size, format=args.format)
     say(f"wrote {path}")
     return 0
+
+
+def _check_ppl_target_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--target-ppl-delta targets perplexity: refused, before any calibration, for a model without one."""
+    from . import hf
+
+    if args.target_ppl_delta is not None and not hf.is_causal_lm(model):
+        raise CLIError(f"--target-ppl-delta needs a causal language model (it targets perplexity); "
+                       f"{type(model).__name__} is not one: drop the option")
+
+
+def _keep_for_ppl_target(args: argparse.Namespace, ref: torch.nn.Module, calibrated: torch.nn.Module,
+                         calibration: Any, say: Callable[[str], None]) -> Any:
+    """--target-ppl-delta: the layers to leave unquantized (fp8linear.calibrate.keep_for_ppl_target), said."""
+    from .calibrate import keep_for_ppl_target
+
+    say(f"--target-ppl-delta {args.target_ppl_delta:g}: ranking layers by estimated loss on the calibration text, "
+        "then restoring the most sensitive until its KL to the original is within log(1 + P%)")
+    keep = keep_for_ppl_target(ref, calibrated, calibration, args.target_ppl_delta,
+                               log=(lambda m: say("   " + m)) if args.verbose else None)
+    say(f"kept unquantized ({len(keep.kept)}): {', '.join(keep.kept) if keep.kept else 'none'}")
+    say(f"{args.quant_dtype.upper()} weight share: {keep.weight_share:.2%} ({keep.quantized_elements:,} of "
+        f"{keep.total_elements:,} weight elements of the layers plain quantization converts); on the calibration "
+        f"text KL {keep.kl:.3e} nats/token (target: <= log(1 + {args.target_ppl_delta:g}%) = "
+        f"{math.log1p(args.target_ppl_delta / 100):.3e}), perplexity {keep.ppl_delta:+.2f}%")
+    return keep
+
+
+def _byte_tokenizer(config: Any, model: str) -> Any:
+    """Byte ids for calibrating a model that has no tokenizer files, when its vocabulary holds them."""
+    from . import hf
+
+    vocab = getattr(config, "vocab_size", 0) or 0
+    if vocab < hf.ByteTokenizer.offset + 256:
+        raise CLIError(f"--calibrate: {model} has no tokenizer files and its vocab_size {vocab} is too small for "
+                       f"byte ids (needs >= {hf.ByteTokenizer.offset + 256}); add the tokenizer files to the folder")
+    return hf.ByteTokenizer()
+
+
+def _calibration_text(args: argparse.Namespace) -> "str | None":
+    """--calib-text's content (None: the default text), read before any model loads; --calib-text or
+    --calib-tokens without --calibrate would be ignored, so they are refused."""
+    from .lm_eval import CALIBRATION_TOKENS
+
+    given = [flag for flag, value in (("--calib-text", args.calib_text is not None),
+                                      ("--calib-tokens", args.calib_tokens != CALIBRATION_TOKENS)) if value]
+    if given and not args.calibrate:
+        raise CLIError(f"{' and '.join(given)} choose{'s' if len(given) == 1 else ''} the calibration data: add "
+                       "--calibrate")
+    if args.target_ppl_delta is not None and not args.calibrate:
+        raise CLIError(f"--target-ppl-delta {args.target_ppl_delta:g} chooses layers to keep on top of calibrated "
+                       "rounding: add --calibrate")
+    if args.calib_text is None:
+        return None
+    try:
+        return args.calib_text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--calib-text {args.calib_text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _calibration(args: argparse.Namespace, text: "str | None", tokenizer: Any, model: torch.nn.Module,
+                 say: Callable[[str], None]) -> Any:
+    """--calibrate's data: the first --calib-tokens tokens of `text` (None: the eval text, whose first
+    tokens are never scored), as a fp8linear.calibrate.Calibration for `model`."""
+    from . import hf
+    from .calibrate import Calibration, calibration_ids, calibration_sentences
+    from .lm_eval import text_name
+
+    source = str(args.calib_text) if text is not None else f"{text_name()} (its first tokens, never scored)"
+    if not hf.is_causal_lm(model) and getattr(tokenizer, "cls_token_id", None) is not None:
+        # An encoder sees sentences between [CLS] and [SEP]: a 512-token stream without them calibrated
+        # all-MiniLM-L6-v2 worse than plain rounding (docs/calibration.md).
+        calibration = Calibration(calibration_sentences(tokenizer, text, args.calib_tokens))
+        say(f"calibration: {calibration.tokens:,} tokens of {source}, {len(calibration.ids)} sentences")
+        return calibration
+    ids = calibration_ids(tokenizer, text, args.calib_tokens)
+    # Sequences no longer than the model's positions.
+    seq_len = min(Calibration.seq_len, getattr(model.config, "max_position_embeddings", None) or Calibration.seq_len)
+    say(f"calibration: {ids.numel():,} tokens of {source}, sequences of {seq_len}")
+    return Calibration(ids, seq_len=seq_len)
 
 
 def _fuse(model) -> None:
@@ -531,6 +653,39 @@ def _shard_size(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a positive size with a unit, like 5GB, 500MB or 2GiB; got {text!r}") from None
+
+
+def _ppl_delta(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 0.6; got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite percentage (0.6: within 0.6% of the original's "
+                                         f"perplexity); got {text!r}")
+    return value
+
+
+def _text_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file (UTF-8 text to calibrate on)")
+    return Path(text)
+
+
+def _calibration_options(p: argparse.ArgumentParser, what: str) -> None:
+    from .lm_eval import CALIBRATION_TOKENS
+
+    p.add_argument("--calibrate", action="store_true", help=f"{what}: weights rounded with error compensation "
+                   "against calibration text (GPTQ-style, block by block; the same checkpoint format and scales)")
+    p.add_argument("--calib-text", type=_text_file, default=None, metavar="FILE",
+                   help="--calibrate: UTF-8 text to calibrate on (default: the start of pydoc_data.topics, which "
+                        "the smollm2 eval never scores)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=CALIBRATION_TOKENS,
+                   help="--calibrate: how many tokens of the text")
+    p.add_argument("--target-ppl-delta", type=_ppl_delta, default=None, metavar="P",
+                   help="--calibrate, causal LMs: leave the fewest layers unquantized so that perplexity is "
+                        "within P%% of the original's, judged on the calibration text by KL <= log(1 + P%%) "
+                        "(layers ranked by estimated loss; docs/calibration.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -608,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--full-text", action="store_true", help="smollm2: perplexity over the whole text after its "
                    f"calibration tokens (default: {DEFAULT_WINDOWS} windows of {WINDOW} tokens)")
+    _calibration_options(p, "also evaluate a calibrated copy")
     p.set_defaults(func=cmd_eval)
 
     p = command("quantize", "quantize a model folder and write an FP8 checkpoint")
@@ -624,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format: fp8 (DeepSeek-V3's weight_scale_inv and quant_method 'fp8') or "
                         "compressed-tensors (llm-compressor's FP8_BLOCK: weight_scale, config_groups; fp8 with exact "
                         "scales only)")
+    _calibration_options(p, "calibrated quantization")
     p.set_defaults(func=cmd_quantize)
     return parser
 

@@ -32,12 +32,15 @@ import logging
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Pattern, Union
+from typing import TYPE_CHECKING, Any, Iterable, Pattern, Union
 
 import torch
 from torch import nn
 
 from .config import FP8Config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .calibrate import Calibration
 
 __all__ = ["quantize_model", "dequantize_model", "read_skip_list", "QuantizeSummary", "models_dir", "recipe_rules", "SkipRule"]
 
@@ -189,6 +192,7 @@ def quantize_model(
     progress: bool = True,
     fuse_mlp: bool = False,
     fuse_norm: bool = False,
+    calibration: "Calibration | torch.Tensor | None" = None,
 ) -> nn.Module:
     """Replace `model`'s nn.Linear layers with FP8Linear (128x128-block weights, 1x128 activations) and its
     fused MoE experts modules with fp8linear.moe.FP8Experts (the same quantization per expert).
@@ -212,6 +216,11 @@ def quantize_model(
         fuse_norm: also swap each decoder layer's RMSNorms for fp8linear.norm.FP8RMSNorm: one kernel
             computes the norm and quantizes its output for the FP8Linear layers that read it (q/k/v,
             gate/up), which then skip their own quantization. Report in `fp8linear_fused_norms`.
+        calibration: round the nn.Linear weights with error compensation against these calibration
+            inputs instead of to nearest (fp8linear.calibrate: GPTQ-style, sequential over the decoder
+            blocks): token ids, int64 [T] or [B, T], or a fp8linear.calibrate.Calibration (ids plus
+            seq_len, damp, act_order). The model must take `input_ids` (a language model or encoder).
+            Same format and scales as plain rounding; MoE experts are rounded plainly.
 
     Returns the model (the same object, swapped in place; a new FP8Linear if `model` itself is an
     nn.Linear). The summary (QuantizeSummary) is logged at INFO and attached as `fp8linear_summary`.
@@ -221,6 +230,17 @@ def quantize_model(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if calibration is not None:
+        from .calibrate import Calibration
+
+        if isinstance(calibration, torch.Tensor):
+            calibration = Calibration(calibration)
+        elif not isinstance(calibration, Calibration):
+            raise TypeError(f"calibration must be token ids (an int64 tensor) or a fp8linear.calibrate.Calibration; "
+                            f"got {type(calibration).__name__}")
+        if isinstance(model, nn.Linear):
+            raise ValueError("quantize_model: calibration needs a model that takes input_ids (a language model or "
+                             "encoder); model itself is an nn.Linear")
     shorthands = {k: v for k, v in (("dtype", dtype), ("backend", backend)) if v is not None}
     if config is None:
         # FP8Config validates, before the model is touched, so a typo fails fast and leaves it intact.
@@ -286,6 +306,16 @@ def quantize_model(
         rule.spec for i, rule in enumerate(user) if i not in used_user_rules
     ]
 
+    calibrated: dict[str, nn.Module] = {}
+    if calibration is not None:
+        from .calibrate import calibrate_linears
+
+        targets = {name: (parent, attr, module) for parent, attr, name, module in todo
+                   if isinstance(module, nn.Linear) and parent is not None}
+        calibrated = calibrate_linears(model, targets, calibration, options, progress=progress)
+        summary.notes.append(f"{len(calibrated)} of {len(targets)} nn.Linear rounded with error compensation against "
+                             f"{calibration.tokens:,} calibration tokens (fp8linear.calibrate)")
+
     from tqdm.auto import tqdm
 
     result = model
@@ -293,7 +323,9 @@ def quantize_model(
         parent, attr, name, original = todo[i]
         todo[i] = None  # type: ignore[call-overload]  # drop our reference: each original frees once swapped
         if isinstance(original, nn.Linear):
-            new = FP8Linear.from_linear(original, **options)
+            new = calibrated.pop(name, None)
+            if new is None:
+                new = FP8Linear.from_linear(original, **options)
             summary.swapped.append(name or "<root>")
         else:
             new = FP8Experts.from_experts(original, **experts_options)
