@@ -95,12 +95,6 @@ def _parse_size(size: "int | str") -> int:
     raise ValueError(f"max_shard_size must be an int (bytes) or a string like '5GB' / '500MiB'; got {size!r}")
 
 
-def _fp8_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .linear import FP8Linear
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
-
-
 def _modules_to_not_convert(model: nn.Module) -> list[str]:
     """Full names of every weight-holding module left unquantized: nn.Linear layers and fused experts."""
     from .convert import _fused_weight_reason
@@ -119,7 +113,9 @@ def _modules_to_not_convert(model: nn.Module) -> list[str]:
 def _state_to_save(model: nn.Module, scale_name: str = "weight_scale_inv") -> dict[str, torch.Tensor]:
     """The model's state_dict with tied duplicates dropped (the first name wins, as transformers does),
     FP8Linear modules reduced to TENSOR_NAMES and their scales named `scale_name`."""
-    fp8 = _fp8_modules(model)
+    from .linear import fp8_linears
+
+    fp8 = fp8_linears(model)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -145,8 +141,9 @@ def _state_to_save(model: nn.Module, scale_name: str = "weight_scale_inv") -> di
 def _quantization_config(model: nn.Module, format: str = "fp8") -> dict[str, Any]:
     from . import compressed_tensors
     from .config import FP8Config
+    from .linear import fp8_linears
 
-    fp8 = _fp8_modules(model)
+    fp8 = fp8_linears(model)
     if not fp8:
         raise ValueError("save_quantized: the model has no FP8Linear layer; run fp8linear.quantize_model first")
     first = next(iter(fp8.values())).config

@@ -58,7 +58,7 @@ from .layouts import ScaleLayout
 from .ops import gemm_buffers
 from .weights import quantize_weight_blockwise
 
-__all__ = ["FP8Linear", "InputLayout"]
+__all__ = ["FP8Linear", "InputLayout", "fp8_linears"]
 
 log = logging.getLogger(__name__)
 
@@ -391,3 +391,8 @@ class FP8Linear(nn.Module):
             f"dtype={dtype_short_str(self.dtype)}, block_size={bn}x{bk}, scale_ue8m0={self.scale_ue8m0}, "
             f"backend={self._backend_str()}"
         )
+
+
+def fp8_linears(model: nn.Module) -> "dict[str, FP8Linear]":
+    """Every FP8Linear of `model` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}

@@ -45,7 +45,7 @@ norms and lm_head stay replicated.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -424,12 +424,6 @@ def shard_model(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fp8_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    from .linear import FP8Linear
-
-    return ((name, m) for name, m in model.named_modules() if isinstance(m, FP8Linear))
-
-
 def _module_device(name: str, module: nn.Module) -> torch.device:
     tensors = [t for t in (module.weight, module.weight_scale_inv, module.bias) if t is not None]
     devices = {t.device for t in tensors}
@@ -443,8 +437,10 @@ def _module_device(name: str, module: nn.Module) -> torch.device:
 
 def check_devices(model: nn.Module) -> dict[torch.device, list[str]]:
     """{device: names of the FP8Linear layers on it}; raises ValueError for a layer split across devices."""
+    from .linear import fp8_linears
+
     placement: dict[torch.device, list[str]] = {}
-    for name, module in _fp8_modules(model):
+    for name, module in fp8_linears(model).items():
         placement.setdefault(_module_device(name, module), []).append(name)
     return placement
 
@@ -472,8 +468,10 @@ def guard_devices(model: nn.Module) -> dict[torch.device, list[str]]:
     override, so `copy.deepcopy` and `torch.save` of the model keep working). The device is read at
     each call, so a later `.to(device)` is honoured. Costs one device switch per layer call.
     """
+    from .linear import fp8_linears
+
     placement = check_devices(model)
-    for _, module in _fp8_modules(model):
+    for module in fp8_linears(model).values():
         if getattr(module, "_fp8linear_device_guards", None) is not None:
             continue
         module._fp8linear_device_guards = []
