@@ -117,15 +117,23 @@ class Calibration:
         return sum(t.numel() for t in self.sequences())
 
 
-def calibration_ids(tokenizer: Any, text: "str | None" = None, tokens: "int | None" = None) -> torch.Tensor:
-    """Token ids [T] (int64) for calibration: `text` (default: fp8linear.lm_eval's text, whose first
-    CALIBRATION_TOKENS tokens are never scored) through `tokenizer`, the first `tokens` of them
-    (default: CALIBRATION_TOKENS)."""
-    from .lm_eval import CALIBRATION_TOKENS, tokenize_text
+def _token_count(tokens: "int | None") -> int:
+    """`tokens` of the calibration helpers, validated (None: CALIBRATION_TOKENS)."""
+    from .lm_eval import CALIBRATION_TOKENS
 
     tokens = CALIBRATION_TOKENS if tokens is None else tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive int; got {tokens!r}")
+    return tokens
+
+
+def calibration_ids(tokenizer: Any, text: "str | None" = None, tokens: "int | None" = None) -> torch.Tensor:
+    """Token ids [T] (int64) for calibration: `text` (default: fp8linear.lm_eval's text, whose first
+    CALIBRATION_TOKENS tokens are never scored) through `tokenizer`, the first `tokens` of them
+    (default: CALIBRATION_TOKENS)."""
+    from .lm_eval import tokenize_text
+
+    tokens = _token_count(tokens)
     if text is not None and not text.strip():
         raise ValueError("calibration text is empty")
     from .hf import ByteTokenizer
@@ -149,11 +157,9 @@ def calibration_sentences(tokenizer: Any, text: "str | None" = None, tokens: "in
     Returns 1-D int64 tensors, one a sentence (Calibration takes the list)."""
     import re
 
-    from .lm_eval import CALIBRATION_TOKENS, eval_text
+    from .lm_eval import eval_text
 
-    tokens = CALIBRATION_TOKENS if tokens is None else tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"tokens must be a positive int; got {tokens!r}")
+    tokens = _token_count(tokens)
     out: list[torch.Tensor] = []
     total = 0
     for sentence in re.split(r"(?<=[.!?])\s+|\n+", eval_text() if text is None else text):
@@ -297,28 +303,34 @@ def _forward_model(model: nn.Module, ids: torch.Tensor) -> None:
         model(input_ids=ids)
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, sequences: "list[torch.Tensor]", device: torch.device
-                          ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of `block`'s call for each calibration sequence, the model stopped right there."""
+def _stopped_calls(module: nn.Module, run: Callable[[int], Any], count: int, what: str) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of `module`'s first call in each run(i), i < count, each run stopped right there."""
     calls: list[tuple[tuple, dict]] = []
 
     def pre_hook(module, args, kwargs):
         calls.append((args, kwargs))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        for row in sequences:
+        for i in range(count):
             try:
-                _forward_model(model, row[None].to(device))
+                run(i)
             except _Stop:
                 pass
     finally:
         handle.remove()
-    if len(calls) != len(sequences):
-        raise RuntimeError(f"calibration: the model's forward did not reach {type(block).__name__} for every "
-                           f"calibration sequence ({len(calls)} of {len(sequences)})")
+    if len(calls) != count:
+        raise RuntimeError(f"calibration: {what} was reached in {len(calls)} of {count} calibration forwards, "
+                           "expected every one")
     return calls
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, sequences: "list[torch.Tensor]", device: torch.device
+                          ) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of `block`'s call for each calibration sequence, the model stopped right there."""
+    return _stopped_calls(block, lambda i: _forward_model(model, sequences[i][None].to(device)), len(sequences),
+                          f"the model's {type(block).__name__}")
 
 
 def _run_block(block: nn.Module, calls: list[tuple[tuple, dict]], hidden: list[torch.Tensor], i: int) -> torch.Tensor:
@@ -369,24 +381,7 @@ def _groups(run: Callable[[int], Any], layers: Mapping[str, nn.Module]) -> list[
 
 def _inputs_of(layer: nn.Module, run: Callable[[int], Any], count: int) -> list[torch.Tensor]:
     """layer's input for each sequence i, each run(i) stopped right after the layer is reached."""
-    xs: list[torch.Tensor] = []
-
-    def pre_hook(module, args):
-        xs.append(args[0].detach())
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(pre_hook)
-    try:
-        for i in range(count):
-            try:
-                run(i)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if len(xs) != count:
-        raise RuntimeError("calibration: a layer seen in the first pass was not reached again")
-    return xs
+    return [args[0].detach() for args, _ in _stopped_calls(layer, run, count, "a layer seen in the first pass")]
 
 
 @torch.no_grad()
@@ -508,12 +503,6 @@ def _check_ppl_delta(target_ppl_delta: Any) -> float:
     return float(target_ppl_delta)
 
 
-def _quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from .linear import FP8Linear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-
-
 def _nll_and_kl(model: nn.Module, reference: nn.Module, sequences: "list[torch.Tensor]", device: torch.device
                 ) -> tuple[float, float, float]:
     """(reference's mean next-token NLL, model's, mean KL(reference || model)) in nats per scored position
@@ -548,9 +537,10 @@ def layer_sensitivity(reference: nn.Module, quantized: nn.Module, sequences: "li
     second-order term of the loss around the reference, positions taken apart: a ranking, not a
     prediction. Both models are left as they were; reference and quantized must share layer names.
     """
+    from .linear import fp8_linears
     from .lm_eval import next_token_nll
 
-    layers = _quantized_linears(quantized)
+    layers = fp8_linears(quantized)
     ref_modules = dict(reference.named_modules())
     missing = [n for n in layers if not isinstance(ref_modules.get(n), nn.Linear)]
     if missing:
@@ -619,7 +609,7 @@ def keep_for_ppl_target(reference: nn.Module, quantized: nn.Module, calibration:
     Why KL and not the calibration text's own perplexity: a perplexity change of a few tenths of a percent
     on 4,096 tokens moves up and down as layers are restored (SmolLM2-135M: +0.69% with 40 layers kept,
     +0.21% with 41, +0.51% with 42; docs/calibration.md), since its first-order term is the sign of which
-    way a few weights rounded; the KL is the expected NLL increase on text drawn from the model, falls
+    way a few weights rounded; the KL is the expected NLL increase on text drawn from the model,
     falls as layers are restored, and was 0.76-1.9x the held-out NLL increase in the six SmolLM2 FP8 and
     INT8 measurements of docs/benchmarks.md: an estimate of the held-out loss, not a bound.
 
@@ -629,6 +619,8 @@ def keep_for_ppl_target(reference: nn.Module, quantized: nn.Module, calibration:
     model quantize the original again with skip=kept (and the same calibration), so that the layers
     after a kept one are calibrated on the inputs they will see. `quantized` is left as it was.
     """
+    from .linear import fp8_linears
+
     target = _check_ppl_delta(target_ppl_delta)
     if isinstance(calibration, torch.Tensor):
         calibration = Calibration(calibration)
@@ -637,7 +629,7 @@ def keep_for_ppl_target(reference: nn.Module, quantized: nn.Module, calibration:
     if not sequences:
         raise ValueError("keep_for_ppl_target: the calibration sequences must hold at least 2 tokens (one scored "
                          "position) to measure perplexity")
-    layers = _quantized_linears(quantized)
+    layers = fp8_linears(quantized)
     if not layers:
         raise ValueError("keep_for_ppl_target: the model holds no FP8Linear layers; quantize it first")
     ref_modules = dict(reference.named_modules())
