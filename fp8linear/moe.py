@@ -561,13 +561,6 @@ class FP8Experts(nn.Module):
         device = x.device
         grouping = self.grouping_for(T, device)
         b13, b2 = self.backends_for(grouping, device)
-        if device.type == "cuda" and "reference" in (b13.NAME, b2.NAME) and torch.cuda.is_current_stream_capturing():
-            why = backends.grouped_unsupported_reason("triton", E, 2 * I, H, self.dtype, device, grouping)
-            raise RuntimeError(
-                f"FP8Experts (backend={self.backend!r}) runs its {grouping} GEMMs on the grouped reference here, "
-                "which reads the per-expert counts on the host and cannot be captured in a CUDA graph"
-                + (f" (the Triton grouped GEMM: {why})" if why else "")
-                + "; run the model eagerly (fp8linear generate --eager)")
         if grouping == "contiguous":
             r = route(top_k_index, E, grouping, align=max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN))
             if r.rows == 0:  # aligned segments of no pair: every index names no expert

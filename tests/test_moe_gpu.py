@@ -169,6 +169,19 @@ def test_masked_decode_under_cuda_graph_equals_eager(kernels_built, name, T):
             assert_bitwise_equal(out, experts(x2, index2, weights2), f"graph replay {seed} vs eager")
 
 
+def test_capturing_the_reference_says_why_it_cannot(kernels_built):
+    """The grouped reference reads per-expert counts on the host: a capture gets an error naming the way out."""
+    experts = _experts(12, 1024, 512, "reference", "masked")
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
+    index, weights = _routing(2, 12, 4)
+    with torch.inference_mode():
+        experts(x, index, weights)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match=r"reads masked_m on the host.*backend='triton' or 'deepgemm'"):
+            with torch.cuda.graph(graph):
+                experts(x, index, weights)
+
+
 def test_contiguous_routing_pads_to_the_backend_alignment_on_gpu():
     """The padded layout built on the GPU: segments of ceil(count / 128) * 128 rows carrying their expert."""
     index = torch.tensor([[3, 0], [3, 1], [0, 3]], device="cuda")

@@ -57,12 +57,21 @@ def _shape(prepared: Prepared) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
+def _on_host(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as int64 on the CPU: the one host read of each call, refused while a CUDA graph is captured."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"the grouped reference backend reads {name} on the host, which a CUDA graph cannot "
+                           "capture; capture FP8Experts with backend='triton' or 'deepgemm', or run the model "
+                           "eagerly (fp8linear generate --eager)")
+    return t.detach().to("cpu", torch.int64)
+
+
 def segments(m_indices: torch.Tensor, E: int) -> list[tuple[int, int, int]]:
     """(expert, first row, end row) of every non-empty segment of a contiguous layout, read on the host.
 
     Raises ValueError when an expert's rows are not one consecutive segment (the layout's contract) or an
     index is outside [-1, E)."""
-    m = m_indices.detach().to("cpu", torch.int64)
+    m = _on_host(m_indices, "m_indices")
     if m.numel() and (int(m.min()) < -1 or int(m.max()) >= E):
         raise ValueError(f"m_indices must hold experts in [0, {E}) or -1; got values in "
                          f"[{int(m.min())}, {int(m.max())}]")
@@ -93,7 +102,7 @@ def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: Prepared, ma
     """q [E, max_m, Kp], s fp32 [E, max_m, Kp/128] row-major, prepared from `prepare_grouped_weight`, masked_m
     int32 [E] -> y [E, max_m, N]."""
     E, max_m, N = q.shape[0], q.shape[1], _shape(prepared)[1]
-    counts = masked_m.detach().to("cpu", torch.int64).tolist()
+    counts = _on_host(masked_m, "masked_m").tolist()
     if any(c < 0 or c > max_m for c in counts):
         raise ValueError(f"masked_m must lie in [0, max_m={max_m}]; got {counts}")
     y = torch.zeros((E, max_m, N), dtype=out_dtype, device=q.device)
