@@ -349,23 +349,6 @@ def capture(fn):
     return graph, out
 
 
-def _interpreter_index_shim() -> None:
-    """Triton 3.6's interpreter calls int() on 1-element loop bounds, which NumPy >= 2.4 refuses (as
-    tests/conftest.py's triton_interpreter fixture patches for the tests)."""
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_bench_moe_shim", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._bench_moe_shim = True
-    interp._patch_lang_tensor = patched
-
-
 # -- one point ----------------------------------------------------------------------------------------------
 
 def run_point(shape: str, routing: str, T: int, experts, mods: dict, oracle, peer, args, device,
@@ -690,7 +673,9 @@ def main(argv=None) -> int:
     if "auto" not in names:
         names = ["auto"] + names  # the speedups and quant share are fp8:auto's
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        _interpreter_index_shim()
+        from fp8linear.backends.triton_blockwise import patch_interpreter_indexing
+
+        patch_interpreter_indexing()
     logging.getLogger("sglang").setLevel(logging.ERROR)  # its "using the default config" warnings
 
     def log(msg: str) -> None:

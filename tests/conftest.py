@@ -127,13 +127,8 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     import triton.runtime.interpreter as interp
 
-    # Triton 3.6's interpreter turns loop bounds into 1-element arrays and calls int() on them, which
-    # NumPy >= 2.4 refuses for ndim > 0; index the single element instead (interpreter-only shim).
-    original = interp._patch_lang_tensor
+    from fp8linear.backends.triton_blockwise import patch_interpreter_indexing
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    monkeypatch.setattr(interp, "_patch_lang_tensor", interp._patch_lang_tensor)  # restored after the test
+    patch_interpreter_indexing()
     yield

@@ -68,6 +68,24 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def patch_interpreter_indexing() -> None:
+    """Make Triton's interpreter (TRITON_INTERPRET=1) index 1-element loop bounds itself: Triton 3.6 calls
+    int() on them, which NumPy >= 2.4 refuses for arrays of ndim > 0. Idempotent; interpreter-only (tests and
+    CPU smoke runs of scripts/bench_moe.py)."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_fp8linear_index_patch", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._fp8linear_index_patch = True
+    interp._patch_lang_tensor = patched
+
+
 def unsupported_reason(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> "str | None":
     if _IMPORT_ERROR is not None:
         return f"triton not importable ({_IMPORT_ERROR})"
