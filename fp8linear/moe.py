@@ -14,15 +14,21 @@ I % 128 == 0 is required: the gate and up halves then fill whole 128-row blocks,
 quantization is the per-projection one of the published checkpoints, and the down GEMM's K = I is whole
 1x128 groups for the fused SiLU-and-mul quantization. H is free (zero padding along K, as FP8Linear).
 
-forward, as serving engines run it (one pass over the routed (token, slot) pairs, S = T * k of them):
+forward, as serving engines run it (one pass over the routed (token, slot) pairs, S = T * k of them), in
+the indexed layout, where the backends serve it (triton on a GPU, reference on a CPU):
 
-    sort the pairs by expert (stable: tokens in order within an expert)
+    sort the pairs by expert (stable: tokens in order within an expert)     backends.SortedPairs
     q_x, s_x = quantize x [T, H] per 1x128 group, once per token            fp8linear.ops
-    gather q_x, s_x rows into the grouped layout (below)                    bytes, not bf16
-    h    = grouped GEMM gate_up -> [rows, 2I] in x's dtype                  GroupedBackend
+    h    = grouped GEMM gate_up, each row read from its token's q_x row     rows="gather"
+           -> [S, 2I] in x's dtype, in sorted order
     q, s = silu_and_mul_quant(h) in the down backend's scale layout         fp8linear.fused
-    y    = grouped GEMM down -> [rows, H] in x's dtype
-    out[t] = sum_j y[pair (t, j)] * top_k_weights[t, j], then x's dtype     transformers' own combine
+    y    = grouped GEMM down, each row written to its pair's row            rows="scatter"
+           -> [S, H] = [T, k, H] in x's dtype
+    out[t] = sum_j y[t, j] * top_k_weights[t, j], then x's dtype            transformers' own combine
+
+No copy of the activations, no host synchronisation: the same launches at every T, so CUDA graphs
+capture any size. The contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the
+grouped layout first and scatter the outputs after (below).
 
 The combine is what transformers' default experts forward ("grouped_mm") computes: each product in the
 promoted dtype of y and the routing weights (x's dtype for Qwen's routers, fp32 for DeepSeek-V3's), then
@@ -30,14 +36,16 @@ a sum over the k slots (accumulated in fp32 by torch's reduction) rounded once t
 `expert_outputs` returns the per-pair y before the combine.
 
 Grouped layouts (fp8linear.backends.GroupedBackend):
+- indexed (any T): above; backends that serve it implement backends.IndexedGroupedBackend.
 - contiguous (prefill): pairs sorted by expert, each expert's segment padded to the backend's
   CONTIGUOUS_ALIGN rows (DeepGEMM: 128). Where the alignment is 1 (reference, triton) the layout needs
   no host synchronisation; above 1 the row count is read on the host once per forward.
 - masked (decode, CUDA graphs): [E, max_m, K] with masked_m[e] valid rows per expert, max_m from T
   alone, so nothing is read on the host. It holds what top-k routing guarantees, at most T pairs per
   expert (a token naming each expert once); more raise, checked on the device with torch._assert_async.
-`grouping="auto"` takes contiguous where it needs no synchronisation, else masked while a CUDA graph is
-being captured or for T <= MASKED_MAX_TOKENS tokens (decode sizes; not measured yet), contiguous beyond.
+`grouping="auto"` takes indexed where both backends serve it; else contiguous where it needs no
+synchronisation, else masked while a CUDA graph is being captured or for T <= MASKED_MAX_TOKENS tokens
+(decode sizes), contiguous beyond.
 
 Slots whose expert index is outside [0, E) (transformers' expert-parallel sentinel) contribute zero.
 The state dict is the published per-expert layout (`{e}.gate_proj.weight`, `.weight_scale_inv`,
@@ -80,7 +88,7 @@ LEAVES = ("weight", "weight_scale_inv")
 BLOCK = 128
 #: `grouping="auto"` takes the masked layout up to this many tokens when contiguous would synchronise.
 MASKED_MAX_TOKENS = 64
-GROUPINGS = ("auto", "contiguous", "masked")
+GROUPINGS = ("auto", *backends.GROUPINGS)
 
 _EXPERT_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv|weight_scale)")
 
@@ -278,7 +286,7 @@ class FP8Experts(nn.Module):
         backend: "auto" (default) or a grouped backend name: "reference", "triton", "deepgemm"
             (fp8linear.backends.GROUPED_NAMES). One that cannot serve raises BackendUnsupportedError on
             the forward, naming the reason.
-        grouping: "auto" (default), "contiguous" or "masked" (module docstring).
+        grouping: "auto" (default), "indexed", "contiguous" or "masked" (module docstring).
         device: where the parameters live; "meta" costs nothing.
 
     A module built directly holds zero weights and unit scales; fill it with `load_state_dict`, `load_expert_`
@@ -499,6 +507,11 @@ class FP8Experts(nn.Module):
         """The layout a forward of T tokens on `device` runs in (module docstring)."""
         if self.grouping != "auto":
             return self.grouping
+        try:
+            self.backends_for("indexed", device)
+            return "indexed"
+        except backends.BackendUnsupportedError:
+            pass
         b13, b2 = self.backends_for("contiguous", device)
         if max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN) == 1:
             return "contiguous"
@@ -561,6 +574,15 @@ class FP8Experts(nn.Module):
         device = x.device
         grouping = self.grouping_for(T, device)
         b13, b2 = self.backends_for(grouping, device)
+        Hp = padded_k(H)
+        x2d = x if Hp == H else torch.nn.functional.pad(x, (0, Hp - H))  # zero columns (as FP8Linear)
+        if grouping == "indexed":
+            pairs = backends.SortedPairs.of(top_k_index, E)
+            q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, b13.SCALE_LAYOUT, 1)
+            h = b13.grouped_gemm_indexed(q_x, s_x, self._prepared_for("gate_up_proj", b13), pairs, "gather", x.dtype)
+            q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
+            y = b2.grouped_gemm_indexed(q2, s2, self._prepared_for("down_proj", b2), pairs, "scatter", x.dtype)
+            return y.view(T, k, H)
         if grouping == "contiguous":
             r = route(top_k_index, E, grouping, align=max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN))
             if r.rows == 0:  # aligned segments of no pair: every index names no expert
@@ -575,8 +597,6 @@ class FP8Experts(nn.Module):
             r = route(top_k_index, E, grouping, masked_rows=masked_rows)
 
         # Quantize each token once (row scales), then gather its bytes into the grouped layout.
-        Hp = padded_k(H)
-        x2d = x if Hp == H else torch.nn.functional.pad(x, (0, Hp - H))  # zero columns (as FP8Linear)
         q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, ScaleLayout.ROW, 1)
         dest_w, token_w = r.dest[:r.writes], r.token[:r.writes]
         G1 = Hp // BLOCK

@@ -5,8 +5,8 @@ Every provider runs in this process on the same x [T, H] and the same routing (t
 top_k_weights [T, k]), and its output is checked before it is timed:
 
     fp8:<backend>     fp8linear.moe.FP8Experts built from the bf16 experts (from_experts), one module per
-                      --backends name (auto, triton, deepgemm, reference) and --grouping (auto, contiguous,
-                      masked; "fp8:triton/masked"), all sharing one copy of the quantized weights. A backend
+                      --backends name (auto, triton, deepgemm, reference) and --grouping (auto, indexed,
+                      contiguous, masked; "fp8:triton/masked"), all sharing one copy of the quantized weights. A backend
                       that cannot serve the shape on this device is skipped with its reason
                       (fp8linear.backends.grouped_unsupported_reason).
     hf-bf16           transformers' own experts module (Qwen3MoeExperts) in bf16 under each experts
@@ -639,7 +639,7 @@ def main(argv=None) -> int:
     ap.add_argument("--routing", nargs="+", choices=ROUTINGS, default=list(ROUTINGS))
     ap.add_argument("--backends", nargs="+", choices=("auto", "triton", "deepgemm", "reference"),
                     help="FP8Experts backends (default: auto triton deepgemm on CUDA, auto triton reference on CPU)")
-    ap.add_argument("--grouping", nargs="+", choices=("auto", "contiguous", "masked"), default=["auto"])
+    ap.add_argument("--grouping", nargs="+", choices=("auto", "indexed", "contiguous", "masked"), default=["auto"])
     ap.add_argument("--no-hf", action="store_true", help="leave transformers' experts out")
     ap.add_argument("--peer-dir", default=".gpu/moe-peer", help="SGLang's fused MoE peer (moe_peer.py)")
     ap.add_argument("--cuda-graph", action="store_true", help=f"also capture and time each provider at T <= {GRAPH_MAX_T}")

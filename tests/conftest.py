@@ -131,4 +131,14 @@ def triton_interpreter(monkeypatch):
 
     monkeypatch.setattr(interp, "_patch_lang_tensor", interp._patch_lang_tensor)  # restored after the test
     patch_interpreter_indexing()
+    # triton.language's own jitted helpers (tl.sum, tl.cumsum) were made for the compiler when triton was
+    # imported, before TRITON_INTERPRET was set here: give the interpreter its own versions of them.
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for name in ("sum", "cumsum"):
+        fn = getattr(tl, name)
+        if isinstance(fn, JITFunction):
+            monkeypatch.setattr(tl, name, InterpretedFunction(fn.fn))
     yield

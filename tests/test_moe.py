@@ -64,7 +64,7 @@ def per_expert_fp8linear(experts: FP8Experts, x: torch.Tensor, index: torch.Tens
 # -- the expert path, bit for bit --------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 @pytest.mark.parametrize("E,H", [(6, 256), (5, 300)], ids=["E6-H256", "E5-H300-padded"])
 def test_expert_path_is_fp8linear_per_expert_bit_for_bit(dtype, x_dtype, grouping, E, H):
     experts = FP8Experts.from_experts(make_experts(E, H, 256, x_dtype), dtype=dtype, grouping=grouping)
@@ -86,7 +86,7 @@ def test_forward_weights_and_sums_the_slots():
     torch.testing.assert_close(y.double(), expected, rtol=2**-8, atol=1e-6)
 
 
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 def test_close_to_transformers_on_the_dequantized_weights(grouping):
     """Only the activations' 1x128 quantization separates the two: cosine well above 0.999."""
     source = make_experts(E=7, H=384, I=256)
@@ -101,7 +101,7 @@ def test_close_to_transformers_on_the_dequantized_weights(grouping):
 
 
 # -- edge routings -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 def test_edge_routings(grouping):
     E = 7  # not a power of two
     experts = FP8Experts.from_experts(make_experts(E=E), grouping=grouping)
@@ -120,7 +120,7 @@ def test_edge_routings(grouping):
     assert_bitwise_equal(experts.expert_outputs(x, index), per_expert_fp8linear(experts, x, index), "last expert")
 
 
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 def test_slots_naming_no_expert_contribute_zero(grouping):
     """transformers marks pairs of other ranks with index E (expert parallelism): they add nothing."""
     experts = FP8Experts.from_experts(make_experts(E=6), grouping=grouping)
@@ -138,28 +138,42 @@ def test_slots_naming_no_expert_contribute_zero(grouping):
 
 
 def test_repeated_expert_per_token():
-    """A token may name an expert twice: contiguous serves it; masked (T rows per expert) serves it while no
-    expert gets more than T pairs and raises on the device beyond."""
+    """A token may name an expert twice: indexed and contiguous serve it; masked (T rows per expert) serves it
+    while no expert gets more than T pairs and raises on the device beyond."""
     x = torch.randn(3, 256)
     index = torch.tensor([[1, 1], [0, 1], [2, 2]])  # expert 1: 3 pairs = T
-    for grouping in ("contiguous", "masked"):
+    for grouping in ("indexed", "contiguous", "masked"):
         experts = FP8Experts.from_experts(make_experts(E=4), grouping=grouping)
         assert_bitwise_equal(experts.expert_outputs(x, index), per_expert_fp8linear(experts, x, index), grouping)
     with pytest.raises(RuntimeError, match="an expert got more pairs than the layout's max_m rows"):
         experts(x[:2], torch.tensor([[1, 1], [1, 0]]), torch.ones(2, 2))
 
 
-def test_masked_and_contiguous_agree_bit_for_bit():
+def test_the_three_layouts_agree_bit_for_bit():
     experts = FP8Experts.from_experts(make_experts(E=9, H=256, dtype=torch.bfloat16))
     x = torch.randn(13, 256, dtype=torch.bfloat16)
     index, weights = random_routing(13, 9, 4)
-    experts.grouping = "contiguous"
+    assert experts.grouping_for(13, x.device) == "indexed"  # auto on a CPU: the reference serves it
     a = experts(x, index, weights)
-    experts.grouping = "masked"
-    assert_bitwise_equal(experts(x, index, weights), a, "masked vs contiguous")
+    for grouping in ("contiguous", "masked"):
+        experts.grouping = grouping
+        assert_bitwise_equal(experts(x, index, weights), a, f"{grouping} vs indexed")
 
 
 # -- the routing layout ------------------------------------------------------------------------------
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sorted_pairs_order_by_expert_and_bound_each(index_dtype):
+    E, k = 6, 3
+    index = torch.randint(-1, E + 2, (17, k), dtype=index_dtype)  # -1 and E, E+1 name no expert
+    pairs = backends.SortedPairs.of(index, E)
+    flat = index.reshape(-1).tolist()
+    # stable order by expert id, the pairs naming no expert before (negative) and after (>= E) the rest
+    expected = sorted(range(len(flat)), key=lambda p: (flat[p], p))
+    assert pairs.perm.tolist() == expected and pairs.top_k == k
+    assert pairs.bounds.dtype == torch.int32
+    assert pairs.bounds.tolist() == [sum(1 for v in flat if v < e) for e in range(E + 1)]
+
+
 def test_contiguous_layout_pads_each_segment():
     index = torch.tensor([[2, 0], [2, 4], [0, 2]])  # pairs 0..5 -> experts 2, 0, 2, 4, 0, 2
     r = route(index, E=5, grouping="contiguous", align=4)
@@ -612,21 +626,63 @@ def test_triton_grouped_masked_interpreted(triton_interpreter, dtype):
     assert_within_k_tolerance(y.view(-1, N), expected.view(-1, N), q.view(-1, K), s.view(-1, 2), prepared, rows)
 
 
-def test_triton_tile_lists():
-    from fp8linear.backends.triton_grouped import tiles_contiguous, tiles_masked
-
-    m_indices = torch.tensor([0] * 5 + [2] * 2 + [-1], dtype=torch.int32)  # expert 0: rows 0-4, expert 2: 5-6
-    expert, row0, end = tiles_contiguous(m_indices, E=3, block_m=4)
-    # tiles: (0, rows 0-3), (0, row 4), (2, rows 5-6); the list has ceil(8/4) + min(3, 8) = 5 entries
-    assert expert.tolist() == [0, 0, 2, -1, -1]
-    assert row0[:3].tolist() == [0, 4, 5] and end[:3].tolist() == [5, 5, 7]
-    expert, row0, end = tiles_masked(torch.tensor([5, 0, 1], dtype=torch.int32), max_m=6, block_m=4)
-    # per expert 2 tiles of 4 rows: expert 0 rows 0-3, 4; expert 1 none; expert 2 row 12
-    assert expert.tolist() == [0, 0, -1, -1, 2, -1]
-    assert row0.tolist() == [0, 4, 6, 10, 12, 16] and end[[0, 1, 4]].tolist() == [5, 5, 13]
+INDEXED_CONFIGS = [
+    None,  # the default tiles for the shape
+    dict(BLOCK_M=16, BLOCK_N=256, GROUP_M=3, num_warps=4, num_stages=2),  # program groups cut by the tile count
+    dict(BLOCK_M=32, BLOCK_N=16, GROUP_M=1, num_warps=4, num_stages=3),
+]
 
 
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("cfg", INDEXED_CONFIGS, ids=["default", "16x256-g3", "32x16"])
+def test_triton_grouped_indexed_interpreted(triton_interpreter, monkeypatch, dtype, cfg):
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):  # outputs start as NaN: rows the kernel must write cannot pass unwritten
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    E, N, K, T, k = 5, 200, 300, 13, 3  # E not a power of two; partial N and K blocks
+    ref = backends.get_grouped("reference")
+    tri = backends.get_grouped("triton")
+    index = torch.randint(0, E, (T, k))
+    index[:, 0] = 2  # expert 2 gets more rows than one tile
+    index[0] = torch.tensor([-1, E, 4])  # pairs naming no expert sort first and last
+    index[index == 1] = 3  # expert 1 gets none
+    pairs = backends.SortedPairs.of(index, E)
+    q, s, prepared = grouped_operands(E, N, K, T, dtype)
+    gathered = tri.grouped_gemm_indexed(q, s, prepared, pairs, "gather", torch.float32, config=cfg)
+    expected = ref.grouped_gemm_indexed(q, s, ref.prepare_grouped_weight(*prepared), pairs, "gather", torch.float32)
+    assert gathered.shape == (T * k, N)
+    experts = index.reshape(-1)[pairs.perm]
+    rows = [(p, int(e)) for p, e in enumerate(experts) if 0 <= e < E]
+    assert_within_k_tolerance(gathered, expected, q[pairs.perm // k], s[pairs.perm // k], prepared, rows)
+
+    q2, s2, _ = grouped_operands(E, N, K, T * k, dtype, seed=1)
+    y = tri.grouped_gemm_indexed(q2, s2, prepared, pairs, "scatter", torch.float32, config=cfg)
+    expected = ref.grouped_gemm_indexed(q2, s2, ref.prepare_grouped_weight(*prepared), pairs, "scatter",
+                                        torch.float32)
+    pair_rows = [(int(pairs.perm[p]), e) for p, e in rows]
+    inverse = torch.empty_like(pairs.perm)
+    inverse[pairs.perm] = torch.arange(T * k)
+    assert_within_k_tolerance(y, expected, q2[inverse], s2[inverse], prepared, pair_rows)
+    no_expert = (index.reshape(-1) < 0) | (index.reshape(-1) >= E)
+    assert torch.equal(y[no_expert], torch.zeros(int(no_expert.sum()), N))  # written, as zeros
+
+
+def test_triton_grouped_indexed_with_fewer_pairs_than_a_tile(triton_interpreter):
+    E, N, K = 7, 128, 128
+    tri, ref = backends.get_grouped("triton"), backends.get_grouped("reference")
+    index = torch.tensor([[6]])  # one token, one slot, the last expert
+    pairs = backends.SortedPairs.of(index, E)
+    q, s, prepared = grouped_operands(E, N, K, 1, FP8)
+    y = tri.grouped_gemm_indexed(q, s, prepared, pairs, "gather", torch.float32)
+    expected = ref.grouped_gemm_indexed(q, s, ref.prepare_grouped_weight(*prepared), pairs, "gather", torch.float32)
+    assert_within_k_tolerance(y, expected, q, s, prepared, [(0, 6)])
+
+
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 def test_fp8experts_on_the_triton_backend_interpreted(triton_interpreter, grouping):
     source = make_experts(E=5, H=256, I=256)
     on_triton = FP8Experts.from_experts(source, backend="triton", grouping=grouping)

@@ -2,8 +2,8 @@
 
 The grouped Triton and DeepGEMM GEMMs against the grouped reference on the same quantized operands (a
 fp8 tensor-core accumulation bound, then one bf16 rounding), FP8Experts on each backend against the reference backend,
-and decode in the masked layout under CUDA-graph capture, whose output must equal eager's bit for bit
-(same kernels, same inputs). DeepGEMM cases skip, with the reason, where deep_gemm is not importable.
+and decode in the masked and indexed layouts under CUDA-graph capture, whose output must equal eager's bit
+for bit (same kernels, same inputs). DeepGEMM cases skip, with the reason, where deep_gemm is not importable.
 """
 
 from __future__ import annotations
@@ -102,6 +102,42 @@ def test_grouped_masked_matches_reference(name, dtype):
     _assert_close_rows(y.view(-1, N), expected.view(-1, N), q, s, prepared, rows)
 
 
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("rows_per_expert", [1, 40, 90, 600], ids=lambda r: f"{r}-rows")  # each tile config
+def test_grouped_indexed_matches_reference(dtype, rows_per_expert):
+    from fp8linear.backends import triton_grouped
+
+    E, N, K, k = 6, 512, 384, 2
+    _skip_unless_serves("triton", E, N, K, dtype, "indexed")
+    T = max(1, rows_per_expert * E // k)
+    g = torch.Generator().manual_seed(rows_per_expert)
+    index = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    index[index == 1] = 4  # an expert without rows; expert 4 with about twice the others'
+    index[0, 0] = -1  # pairs naming no expert, sorted first and last
+    index[-1, -1] = E
+    index = index.cuda()
+    pairs = backends.SortedPairs.of(index, E)
+    q, s, prepared = _operands(E, N, K, T, dtype)
+    ref = backends.get_grouped("reference")
+    y = triton_grouped.grouped_gemm_indexed(q, s, prepared, pairs, "gather", torch.bfloat16)
+    expected = ref.grouped_gemm_indexed(q, s, ref.prepare_grouped_weight(*prepared), pairs, "gather", torch.float32)
+    experts = index.reshape(-1)[pairs.perm].tolist()
+    tokens = (pairs.perm // k).tolist()
+    rows = [(p, e) for p, e in enumerate(experts) if 0 <= e < E]
+    _assert_close_rows(y, expected, q[tokens], s[tokens], prepared, rows)
+
+    q2, s2, _ = _operands(E, N, K, T * k, dtype, seed=1)
+    y = triton_grouped.grouped_gemm_indexed(q2, s2, prepared, pairs, "scatter", torch.bfloat16)
+    expected = ref.grouped_gemm_indexed(q2, s2, ref.prepare_grouped_weight(*prepared), pairs, "scatter",
+                                        torch.float32)
+    inverse = torch.empty_like(pairs.perm)
+    inverse[pairs.perm] = torch.arange(T * k, device="cuda")
+    pair_rows = [(int(pairs.perm[p]), e) for p, e in rows]
+    _assert_close_rows(y, expected, q2[inverse], s2[inverse], prepared, pair_rows)
+    no_expert = (index.reshape(-1) < 0) | (index.reshape(-1) >= E)
+    assert int((y[no_expert] != 0).sum()) == 0  # written as zeros
+
+
 def _experts(E, H, I, backend, grouping, dtype=FP8, seed=0):
     g = torch.Generator().manual_seed(seed)
     module = FP8Experts(E, H, I, dtype=dtype, backend=backend, grouping=grouping)
@@ -122,7 +158,7 @@ def _routing(T, E, k, seed=0):
 
 
 @pytest.mark.parametrize("name", ("auto", *GROUPED))
-@pytest.mark.parametrize("grouping", ["contiguous", "masked"])
+@pytest.mark.parametrize("grouping", ["indexed", "contiguous", "masked"])
 @pytest.mark.parametrize("T", [1, 37, 300])
 def test_fp8experts_on_gpu_backends_match_the_reference(kernels_built, name, grouping, T):
     E, H, I, k = 12, 1024, 512, 4
@@ -140,12 +176,12 @@ def test_fp8experts_on_gpu_backends_match_the_reference(kernels_built, name, gro
     assert err < 2e-2, f"{name} {grouping} T={T}: relative error {err.item()}"
 
 
-@pytest.mark.parametrize("name", GROUPED)
-@pytest.mark.parametrize("T", [1, 4, 16])
-def test_masked_decode_under_cuda_graph_equals_eager(kernels_built, name, T):
+@pytest.mark.parametrize("name,grouping", [("triton", "masked"), ("deepgemm", "masked"), ("triton", "indexed")])
+@pytest.mark.parametrize("T", [1, 4, 16, 300])
+def test_decode_under_cuda_graph_equals_eager(kernels_built, name, grouping, T):
     E, H, I, k = 12, 1024, 512, 4
-    _skip_unless_serves(name, E, 2 * I, H, FP8, "masked")
-    experts = _experts(E, H, I, name, "masked")
+    _skip_unless_serves(name, E, 2 * I, H, FP8, grouping)
+    experts = _experts(E, H, I, name, grouping)
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     index, weights = _routing(T, E, k)
     static = [x.clone(), index.clone(), weights.clone()]

@@ -25,15 +25,18 @@ Asking for a backend by name that cannot serve a shape raises `BackendUnsupporte
 reason: there is no silent fallback. Only `auto` falls back, in the order of `FALLBACK_ORDER`.
 
 Grouped GEMMs (mixture-of-experts) follow `GroupedBackend`: the same weights and scales with a leading
-expert dimension, the activations either expert-sorted rows with a per-row expert index (contiguous, for
-prefill) or [E, max_m, K] with a per-expert row count (masked, for decode under CUDA graphs), as
-DeepGEMM's `m_grouped_*` GEMMs take them (DESIGN.md "Mixture of experts"). Three serve it, each in its own
+expert dimension, the activations in one of three layouts (GROUPINGS): expert-sorted rows with a per-row
+expert index (contiguous, for prefill) or [E, max_m, K] with a per-expert row count (masked, for decode
+under CUDA graphs), as DeepGEMM's `m_grouped_*` GEMMs take them (DESIGN.md "Mixture of experts"), or the
+(token, slot) pairs sorted by expert and read and written through their order (indexed: no copies, no
+host synchronisation, as the serving engines' fused-MoE kernels run). Three serve it, each in its own
 module: reference (grouped_reference), triton (triton_grouped), deepgemm (deepgemm_grouped);
 `select_grouped` chooses, as `select` does for dense layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import types
 from typing import Any, Protocol, runtime_checkable
@@ -48,6 +51,9 @@ __all__ = [
     "Backend",
     "QuantizedInputBackend",
     "GroupedBackend",
+    "IndexedGroupedBackend",
+    "SortedPairs",
+    "GROUPINGS",
     "NAMES",
     "FALLBACK_ORDER",
     "BackendUnsupportedError",
@@ -125,6 +131,7 @@ class GroupedBackend(Protocol):
     carry -1. Outputs of padding and -1 rows are unspecified.
     Masked layout (decode, CUDA graphs): q [E, max_m, Kp] with max_m = masked_rows(rows needed), the
     first masked_m[e] rows of expert e valid; the host never reads masked_m, so shapes stay fixed.
+    Indexed layout (any size, CUDA graphs): `IndexedGroupedBackend`, where a backend serves it.
 
     No entry point synchronises with the host, except the reference backend's (CPU oracle).
     fp8linear.moe.FP8Experts is the caller; `select_grouped` chooses the module.
@@ -161,6 +168,49 @@ class GroupedBackend(Protocol):
         the device only), expected_m a hint for tile choice (> 0) -> y [E, max_m, N]."""
 
 
+@runtime_checkable
+class IndexedGroupedBackend(GroupedBackend, Protocol):
+    """A grouped backend that also serves the indexed layout (grouped_unsupported_reason(..., "indexed")
+    is None for the shapes it serves): the gather of each token's row and the scatter of each pair's
+    output happen inside its GEMMs."""
+
+    def grouped_gemm_indexed(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, pairs: "SortedPairs",
+                             rows: str, out_dtype: torch.dtype) -> torch.Tensor:
+        """rows="gather": q [T, Kp] (a row per token), s [T, Kp/128] in SCALE_LAYOUT -> y [S, N], row p the
+        product for sorted position p (rows of pairs naming no expert unspecified); rows="scatter": q [S, Kp]
+        in sorted order, s [S, Kp/128] -> y [S, N], row t * top_k + j the product for pair (t, j), zeros for
+        pairs naming no expert."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SortedPairs:
+    """The indexed layout of one forward: the S = T * top_k (token, slot) pairs, flattened t * top_k + j,
+    sorted by their expert (stably: tokens in order within an expert).
+
+    perm    int64 [S]: sorted position -> pair
+    bounds  int32 [E + 1]: expert e's pairs sit at positions [bounds[e], bounds[e+1]); positions before
+            bounds[0] and from bounds[E] on are pairs naming no expert in [0, E) (they sort first or last)
+    top_k   k: pair p belongs to token p // top_k
+    """
+
+    perm: torch.Tensor
+    bounds: torch.Tensor
+    top_k: int
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, E: int, experts: "torch.Tensor | None" = None) -> "SortedPairs":
+        """From top_k_index [T, k] (any integer dtype) over E experts: one sort and one search on the
+        device, no host synchronisation. `experts` may pass arange(E + 1) (int64, on the device) to skip
+        building it."""
+        T, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        if experts is None:
+            experts = torch.arange(E + 1, dtype=sorted_ids.dtype, device=ids.device)
+        bounds = torch.searchsorted(sorted_ids, experts.to(sorted_ids.dtype), out_int32=True)
+        return cls(perm, bounds, k)
+
+
 #: Backend name -> module implementing `Backend`. `auto` is a chooser, not a GEMM.
 _MODULES = {
     "reference": "fp8linear.backends.reference",
@@ -180,6 +230,8 @@ _GROUPED_MODULES = {
     "deepgemm": "fp8linear.backends.deepgemm_grouped",
 }
 GROUPED_NAMES = ("auto", *_GROUPED_MODULES)
+#: The grouped layouts (GroupedBackend): every backend serves the first two, some the third.
+GROUPINGS = ("contiguous", "masked", "indexed")
 #: `auto`'s order for grouped GEMMs on a GPU: DeepGEMM where it serves, as the serving engines do, then our
 #: Triton kernel (not tuned: neither wins at every point, docs/runs/2026-12-06-moe-h100.md); on a CPU
 #: `auto` is the reference.
@@ -294,7 +346,7 @@ def get_grouped(name: str) -> types.ModuleType:
 def grouped_unsupported_reason(name: str, E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
     """None when grouped backend `name` can serve E experts of [N, K] in `dtype` on `device` in `grouping`
-    ("contiguous" or "masked"); else why not."""
+    (one of GROUPINGS); else why not."""
     try:
         module = get_grouped(name)
     except ImportError as exc:
@@ -313,8 +365,8 @@ def select_grouped(name: str, E: int, N: int, K: int, dtype: torch.dtype, device
     """
     device = torch.device(device)
     name = canonical_name(name)
-    if grouping not in ("contiguous", "masked"):
-        raise ValueError(f"grouping must be 'contiguous' or 'masked'; got {grouping!r}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(repr(g) for g in GROUPINGS)}; got {grouping!r}")
     if name == "auto":
         order = ("reference",) if device.type == "cpu" else GROUPED_ORDER
         for candidate in order:

@@ -75,6 +75,8 @@ def api_name() -> str:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
+    if grouping == "indexed":
+        return "DeepGEMM's grouped GEMMs read rows already grouped (contiguous or masked), not through an index"
     why = deepgemm.unsupported_reason(1, N, K, dtype, device)  # the dense GEMM's needs: device, sm90, N, K
     if why is not None:
         return why

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..layouts import ScaleLayout
-from . import reference
+from . import SortedPairs, reference
 
 NAME = "reference"
 SCALE_LAYOUT = ScaleLayout.ROW
@@ -25,7 +25,7 @@ CONTIGUOUS_ALIGN = 1
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
-    return None  # any shape, any device, both layouts
+    return None  # any shape, any device, every layout
 
 
 def masked_rows(max_m: int) -> int:
@@ -109,4 +109,31 @@ def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: Prepared, ma
     for e, n in enumerate(counts):
         if n:
             y[e, :n] = reference.gemm(q[e, :n], s[e, :n], _expert_weight(prepared, e), out_dtype, None)
+    return y
+
+
+def grouped_gemm_indexed(q: torch.Tensor, s: torch.Tensor, prepared: Prepared, pairs: SortedPairs, rows: str,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """rows="gather": q [T, Kp], s fp32 [T, Kp/128] row-major -> y [S, N] in sorted order; rows="scatter":
+    q [S, Kp] in sorted order -> y [S, N] in pair order (fp8linear.backends.IndexedGroupedBackend). Rows it
+    does not compute are zeros."""
+    if rows not in ("gather", "scatter"):
+        raise ValueError(f"rows must be 'gather' or 'scatter'; got {rows!r}")
+    E, N = _shape(prepared)
+    perm = pairs.perm.to(q.device)
+    bounds = _on_host(pairs.bounds, "the pairs' bounds").tolist()
+    S = perm.numel()
+    if len(bounds) != E + 1 or any(b < a for a, b in zip(bounds, bounds[1:])) or bounds[0] < 0 or bounds[-1] > S:
+        raise ValueError(f"pairs.bounds must be {E + 1} non-decreasing positions in [0, {S}]; got {bounds}")
+    y = torch.zeros((S, N), dtype=out_dtype, device=q.device)
+    for e in range(E):
+        first, end = bounds[e], bounds[e + 1]
+        if first == end:
+            continue
+        if rows == "gather":
+            src = torch.div(perm[first:end], pairs.top_k, rounding_mode="floor")
+            y[first:end] = reference.gemm(q[src], s[src], _expert_weight(prepared, e), out_dtype, None)
+        else:
+            y[perm[first:end]] = reference.gemm(q[first:end], s[first:end], _expert_weight(prepared, e), out_dtype,
+                                                None)
     return y

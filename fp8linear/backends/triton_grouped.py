@@ -5,29 +5,33 @@ scales s, one per row and 128-column group) and its expert e(r),
 
     y[r, n] = sum_kb  s[r, kb] * weight_scale_inv[e, n // 128, kb] * sum_{k in block kb} q[r, k] * weight[e, n, k]
 
-The kernel is the dense one's (fp8linear.backends.triton_blockwise: one [BLOCK_M, BLOCK_N] output tile per
-program, a loop over 128-wide K blocks, fp32 accumulation, exact int32 for int8) on a list of row tiles:
-each tile holds rows of one expert only, so it multiplies by one expert's weight. The host side turns
-either layout into that list with a few tensor ops on the device (no host synchronisation, so CUDA
-graphs capture it):
+One kernel serves the three layouts: one [BLOCK_M, BLOCK_N] output tile per program, a loop over 128-wide K
+blocks, fp32 accumulation (exact int32 for int8), each tile holding rows of one expert only. The layout
+is described to the kernel by per-group row ranges, and each program finds its own tile from them (a
+prefix sum over the groups' tile counts, in registers): no tile list is built, no host synchronisation
+happens, so CUDA graphs capture every layout.
 
-    contiguous (m_indices [M_all]): expert e owns rows [start_e, start_e + count_e); its tiles are
-        ceil(count_e / BLOCK_M) blocks of BLOCK_M rows from start_e, the last one cut at the segment's end.
-        Segments need no alignment. At most ceil(M_all / BLOCK_M) + min(E, M_all) tiles; the surplus
-        entries of that fixed-size list say "no tile" (expert -1) and their programs exit at once.
-    masked (masked_m [E], q [E, max_m, Kp]): expert e's tiles start at row e * max_m, every BLOCK_M rows,
-        those at or past masked_m[e] empty.
+    contiguous (m_indices [M_all]): expert e's rows are [bounds[e], bounds[e+1]), bounds found on the
+        device with one searchsorted; no alignment needed; -1 rows after the last segment are skipped.
+    masked (masked_m [E], q [E, max_m, Kp]): expert e's rows are [e * max_m, e * max_m + masked_m[e]).
+    indexed (SortedPairs: perm [S], bounds [E + 1]): position p of the pairs sorted by expert belongs to
+        expert e for bounds[e] <= p < bounds[e+1]. rows="gather": the tile reads q row perm[p] // top_k
+        (the token: no gathered copy of the activations) and writes y row p; rows="scatter": reads q row
+        p and writes y row perm[p] (the (token, slot) pair: no scatter afterwards), and writes zeros for
+        the positions before bounds[0] and from bounds[E] on (pairs naming no expert).
 
-    tile t: (expert, first row, end row)    programs: tile t x column block n, t fastest, so programs
-                                            that run together share an expert's weight columns in L2
+    tiles: group by group, ceil(rows / BLOCK_M) each, the last one cut at the group's end; at most
+           ceil(rows / BLOCK_M) + min(E, rows) of them (+ 2 zero groups when scattering). Programs walk
+           GROUP_M consecutive tiles (those of one expert, mostly) across every column block before the
+           next GROUP_M, so an expert's weight columns are read about once and the rows stay in L2.
 
-Rows past a tile's end are masked on load and store: rows of other experts, padding and -1 rows are
-never written (their output is unspecified, as the protocol allows). Pointer offsets are 64-bit (E * N * K
-passes 2^31 at DeepSeek-V3's 256 experts of 4096 x 7168).
+Rows past a tile's end are masked on load and store: other experts' rows and -1 rows are never written
+(their output is unspecified, as the protocol allows). Pointer offsets are 64-bit (E * N * K passes 2^31
+at DeepSeek-V3's 256 experts of 4096 x 7168).
 
-Tiles come from `triton_blockwise.config_for` at the expected rows per expert (fixed per shape, as for
-dense layers: no autotuning, which would break CUDA-graph capture). Set TRITON_INTERPRET=1 to run it on
-CPU tensors with Triton's interpreter (slow; tests only).
+Tiles come from `config_for`, by the expected rows per expert (fixed per shape: no autotuning, which
+would break CUDA-graph capture). Set TRITON_INTERPRET=1 to run it on CPU tensors with Triton's
+interpreter (slow; tests only).
 """
 
 # (no `from __future__ import annotations`: triton.jit reads the tl.constexpr annotations as objects)
@@ -38,7 +42,7 @@ import os
 import torch
 
 from ..layouts import ScaleLayout
-from . import triton_blockwise
+from . import SortedPairs
 from .triton_blockwise import tl, triton
 
 NAME = "triton"
@@ -47,6 +51,9 @@ DTYPES = (torch.float8_e4m3fn, torch.int8)
 CONTIGUOUS_ALIGN = 1
 BLOCK_K = 128
 
+# The kernel's LAYOUT argument.
+_CONTIGUOUS, _MASKED, _GATHER, _SCATTER = 0, 1, 2, 3
+
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -54,7 +61,9 @@ def _interpret() -> bool:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
-    return triton_blockwise.unsupported_reason(1, N, K, dtype, device)  # the same kernel, the same needs
+    from . import triton_blockwise
+
+    return triton_blockwise.unsupported_reason(1, N, K, dtype, device)  # the same needs as the dense kernel
 
 
 def masked_rows(max_m: int) -> int:
@@ -70,9 +79,10 @@ def prepare_grouped_weight(weight: torch.Tensor, weight_scale_inv: torch.Tensor)
 def _kernel_source(
     # pointers
     q_ptr, s_ptr, w_ptr, ws_ptr, y_ptr,
-    tile_expert_ptr, tile_row0_ptr, tile_end_ptr,  # int64 [num_tiles]: the tile list (module docstring)
-    # sizes: y [rows, N] = q [rows, Kp] x w[e] [N, K]^T per tile
-    num_tiles, N, K,
+    groups_ptr,  # int32: bounds [E + 1] (contiguous, indexed) or masked_m [E] (masked)
+    perm_ptr,  # int64 [S]: sorted position -> pair (indexed only)
+    # sizes: y rows = q rows x w[e] [N, K]^T per tile
+    num_tiles, E, rows, N, K, max_m, top_k,
     # strides, in elements
     stride_qm, stride_qk,
     stride_sm, stride_sk,
@@ -80,27 +90,66 @@ def _kernel_source(
     stride_wse, stride_wsn, stride_wsk,
     stride_ym, stride_yn,
     # compile-time
-    IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LAYOUT: tl.constexpr, IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUPS_POW2: tl.constexpr,
 ):
+    # Program -> (tile, column block): GROUP_M tiles at a time across every column block.
     pid = tl.program_id(0)
-    tile = pid % num_tiles
-    pid_n = pid // num_tiles
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert < 0:
-        return
-    row0 = tl.load(tile_row0_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    width = GROUP_M * num_n
+    first = (pid // width) * GROUP_M
+    size = tl.minimum(num_tiles - first, GROUP_M)
+    tile = first + (pid % width) % size
+    pid_n = (pid % width) // size
 
-    rm = row0 + tl.arange(0, BLOCK_M).to(tl.int64)  # [BM] rows of this tile (int64: row0 is)
+    # Tile -> (group, first row, end row). Groups 0..E-1 are the experts; when scattering, group E holds
+    # the positions from bounds[E] on and group E+1 those before bounds[0] (pairs naming no expert).
+    g = tl.arange(0, GROUPS_POW2)
+    if LAYOUT == 1:
+        count = tl.load(groups_ptr + g, mask=g < E, other=0)
+        lo = g * max_m
+    else:
+        lo = tl.load(groups_ptr + g, mask=g <= E, other=0)
+        hi = tl.load(groups_ptr + g + 1, mask=g < E, other=0)
+        if LAYOUT == 3:
+            first_row = tl.load(groups_ptr)
+            hi = tl.where(g == E, rows, tl.where(g == E + 1, first_row, hi))
+            lo = tl.where(g == E + 1, 0, lo)
+            count = tl.where(g <= E + 1, hi - lo, 0)
+        else:
+            count = tl.where(g < E, hi - lo, 0)
+    n_tiles = (count + BLOCK_M - 1) // BLOCK_M
+    end_tile = tl.cumsum(n_tiles, axis=0)
+    group = tl.sum((end_tile <= tile).to(tl.int32), axis=0)
+    if group >= GROUPS_POW2:  # past the last tile
+        return
+    here = g == group
+    row0 = tl.sum(tl.where(here, lo + (tile - (end_tile - n_tiles)) * BLOCK_M, 0), axis=0)
+    row_end = tl.sum(tl.where(here, lo + count, 0), axis=0)
+
+    rm = row0 + tl.arange(0, BLOCK_M)  # [BM] rows (positions, when indexed) of this tile
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output columns
     rk = tl.arange(0, BLOCK_K)  # [BK]
     m_ok = rm < row_end
     n_ok = rn < N
-    w_base = w_ptr + expert * stride_we  # int64: expert is
+    a_rows = rm.to(tl.int64)
+    y_rows = rm.to(tl.int64)
+    if LAYOUT == 2:
+        a_rows = tl.load(perm_ptr + rm, mask=m_ok, other=0) // top_k
+    if LAYOUT == 3:
+        y_rows = tl.load(perm_ptr + rm, mask=m_ok, other=0)
+    y_ptrs = y_ptr + y_rows[:, None] * stride_ym + rn[None, :] * stride_yn
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if group >= E:  # scattering the pairs that name no expert: zeros
+        tl.store(y_ptrs, tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32).to(y_ptr.dtype.element_ty), mask=y_mask)
+        return
+
+    expert = group.to(tl.int64)
+    w_base = w_ptr + expert * stride_we
     ws_base = ws_ptr + expert * stride_wse
-    q_ptrs = q_ptr + rm[:, None] * stride_qm + rk[None, :] * stride_qk  # [BM, BK]
+    q_ptrs = q_ptr + a_rows[:, None] * stride_qm + rk[None, :] * stride_qk  # [BM, BK]
     w_ptrs = w_base + rn[None, :] * stride_wn + rk[:, None] * stride_wk  # [BK, BN]: w^T tile
-    s_ptrs = s_ptr + rm * stride_sm  # [BM], column kb added per step
+    s_ptrs = s_ptr + a_rows * stride_sm  # [BM], column kb added per step
     ONE_WS_ROW: tl.constexpr = 128 % BLOCK_N == 0  # the tile sits in one weight-block row
     ws_row = ws_base + ((pid_n * BLOCK_N) // 128) * stride_wsn
     ws_cols = ws_base + (rn // 128) * stride_wsn  # [BN]
@@ -126,8 +175,7 @@ def _kernel_source(
         q_ptrs += BLOCK_K * stride_qk
         w_ptrs += BLOCK_K * stride_wk
 
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,79 +184,75 @@ def _kernel(interpret: bool):
     return triton.jit(_kernel_source)
 
 
-# -- the tile lists -----------------------------------------------------------------------------------
-def tiles_contiguous(m_indices: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """(expert, first row, end row) int64 tensors of the fixed length ceil(M_all / block_m) + min(E, M_all)
-    for a contiguous layout; entries past the real tiles have expert -1."""
-    M_all = m_indices.numel()
-    device = m_indices.device
-    valid = m_indices >= 0
-    ids = torch.where(valid, m_indices.long(), torch.zeros((), dtype=torch.int64, device=device))
-    rows = torch.arange(M_all, device=device)
-    counts = torch.zeros(E, dtype=torch.int64, device=device).scatter_add_(0, ids, valid.long())
-    # First row of each expert's segment (M_all for an expert without rows: it has no tiles anyway).
-    start = torch.full((E,), M_all, dtype=torch.int64, device=device).scatter_reduce_(
-        0, ids, torch.where(valid, rows, torch.full_like(rows, M_all)), "amin")
-    n_tiles = (counts + block_m - 1) // block_m
-    end_tile = torch.cumsum(n_tiles, 0)  # tiles of expert e: [end_tile[e] - n_tiles[e], end_tile[e])
-    t = torch.arange(-(-M_all // block_m) + min(E, M_all), device=device)
-    expert = torch.searchsorted(end_tile, t, right=True)  # the expert whose tile range holds t; E: none
-    has = expert < E
-    e = expert.clamp(max=E - 1)
-    row0 = start[e] + (t - (end_tile[e] - n_tiles[e])) * block_m
-    return torch.where(has, e, torch.full_like(e, -1)), row0, start[e] + counts[e]
-
-
-def tiles_masked(masked_m: torch.Tensor, max_m: int, block_m: int) -> tuple[torch.Tensor, ...]:
-    """(expert, first row, end row) int64 tensors of length E * ceil(max_m / block_m) for a masked layout
-    viewed as [E * max_m] rows; tiles at or past masked_m[e] have expert -1."""
-    E = masked_m.numel()
-    per = -(-max_m // block_m)
-    t = torch.arange(E * per, device=masked_m.device)
-    e, j = t // per, t % per
-    count = masked_m.long()[e]
-    row0 = e * max_m + j * block_m
-    return torch.where(j * block_m < count, e, torch.full_like(e, -1)), row0, e * max_m + count
-
-
 # -- the launch ---------------------------------------------------------------------------------------
-def _launch(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-            tiles: tuple[torch.Tensor, ...], out_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
-    """q [rows, Kp], s [rows, Kp/128] (row-major), weight [E, N, K] -> y [rows, N] (unlisted rows unwritten)."""
+def _launch(layout: int, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+            groups: torch.Tensor, perm: "torch.Tensor | None", y: torch.Tensor, num_groups: int, busy_groups: int,
+            max_m: int, top_k: int, cfg: dict) -> torch.Tensor:
+    """The kernel over `groups` (int32 bounds or masked_m, module docstring) into the preallocated y
+    [rows, N]. num_groups: groups the layout has; busy_groups: at most how many hold rows."""
     if q.dtype != weight.dtype:
         raise TypeError(f"q's dtype {q.dtype} must match the weight's {weight.dtype}")
-    rows, N, K = q.shape[0], weight.shape[1], weight.shape[2]
-    y = torch.empty((rows, N), dtype=out_dtype, device=q.device)
-    num_tiles = tiles[0].numel()
+    rows, N, K = y.shape[0], weight.shape[1], weight.shape[2]
+    bm = cfg["BLOCK_M"]
+    num_tiles = -(-rows // bm) + busy_groups if layout != _MASKED else num_groups * -(-max_m // bm)
     if rows == 0 or num_tiles == 0:
         return y
     grid = (num_tiles * triton.cdiv(N, cfg["BLOCK_N"]),)
     _kernel(_interpret())[grid](
-        q, s, weight, weight_scale_inv, y, *tiles,
-        num_tiles, N, K,
+        q, s, weight, weight_scale_inv, y, groups, perm if perm is not None else groups,
+        num_tiles, weight.shape[0], rows, N, K, max_m, top_k,
         q.stride(0), q.stride(1),
         s.stride(0), s.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2),
         weight_scale_inv.stride(0), weight_scale_inv.stride(1), weight_scale_inv.stride(2),
         y.stride(0), y.stride(1),
-        IS_INT8=q.dtype == torch.int8, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K,
+        LAYOUT=layout, IS_INT8=q.dtype == torch.int8, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K,
+        GROUP_M=cfg["GROUP_M"], GROUPS_POW2=triton.next_power_of_2(num_groups + 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
 
-def _config(rows_per_expert: int, N: int, dtype: torch.dtype, device: torch.device) -> dict:
-    return triton_blockwise.config_for(max(1, rows_per_expert), N, dtype, device)
+#: Tiles by expected rows per expert, the first row whose bound holds (docs/benchmarks.md "MoE").
+_CONFIGS = (
+    (16, dict(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, num_warps=4, num_stages=4)),
+    (48, dict(BLOCK_M=32, BLOCK_N=128, GROUP_M=4, num_warps=4, num_stages=4)),
+    (96, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=3)),
+    (None, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)),
+)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
+
+
+def config_for(rows_per_expert: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """The tiles for about `rows_per_expert` rows in each expert's group (`_CONFIGS`)."""
+    for bound, cfg in _CONFIGS:
+        if bound is None or rows_per_expert <= bound:
+            return dict(cfg)
+    raise AssertionError("unreachable: the last row has no bound")
+
+
+def _config(config: "dict | None", rows_per_expert: int, weight: torch.Tensor) -> dict:
+    if config is None:
+        return config_for(max(1, rows_per_expert), weight.shape[1], weight.shape[2], weight.dtype)
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config lacks {missing}; it needs {CONFIG_KEYS}")
+    return config
 
 
 def grouped_gemm_contiguous(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
                             m_indices: torch.Tensor, out_dtype: torch.dtype, config: "dict | None" = None) -> torch.Tensor:
     """q [M_all, Kp] fp8/int8, s fp32 [M_all, Kp/128] (`row`), m_indices int32 [M_all] -> y [M_all, N].
-    `config` (triton_blockwise.CONFIG_KEYS) overrides the tiles (tests)."""
+    `config` (CONFIG_KEYS) overrides the tiles (tests, tuning)."""
     weight, weight_scale_inv = prepared
     E, N = weight.shape[0], weight.shape[1]
-    cfg = config or _config(-(-q.shape[0] // E), N, q.dtype, q.device)
-    return _launch(q, s, weight, weight_scale_inv, tiles_contiguous(m_indices, E, cfg["BLOCK_M"]), out_dtype, cfg)
+    M_all = q.shape[0]
+    # Segments in increasing expert order with -1 rows after the last: sorted once -1 reads as E.
+    keys = torch.where(m_indices < 0, E, m_indices).to(torch.int32)
+    bounds = torch.searchsorted(keys, torch.arange(E + 1, dtype=torch.int32, device=q.device), out_int32=True)
+    y = torch.empty((M_all, N), dtype=out_dtype, device=q.device)
+    cfg = _config(config, -(-M_all // E), weight)
+    return _launch(_CONTIGUOUS, q, s, weight, weight_scale_inv, bounds, None, y, E, min(E, M_all), 0, 1, cfg)
 
 
 def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
@@ -218,7 +262,28 @@ def grouped_gemm_masked(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.
     weight, weight_scale_inv = prepared
     E, max_m, Kp = q.shape
     N = weight.shape[1]
-    cfg = config or _config(min(expected_m, max_m), N, q.dtype, q.device)
-    tiles = tiles_masked(masked_m, max_m, cfg["BLOCK_M"])
-    y = _launch(q.reshape(E * max_m, Kp), s.reshape(E * max_m, -1), weight, weight_scale_inv, tiles, out_dtype, cfg)
+    y = torch.empty((E * max_m, N), dtype=out_dtype, device=q.device)
+    cfg = _config(config, min(expected_m, max_m), weight)
+    _launch(_MASKED, q.reshape(E * max_m, Kp), s.reshape(E * max_m, -1), weight, weight_scale_inv,
+            masked_m.to(torch.int32), None, y, E, E, max_m, 1, cfg)
     return y.view(E, max_m, N)
+
+
+def grouped_gemm_indexed(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
+                         pairs: SortedPairs, rows: str, out_dtype: torch.dtype,
+                         config: "dict | None" = None) -> torch.Tensor:
+    """rows="gather": q [T, Kp] (one row per token), s fp32 [T, Kp/128] -> y [S, N] in sorted order;
+    rows="scatter": q [S, Kp] in sorted order, s [S, Kp/128] -> y [S, N] in pair order, zeros for pairs
+    naming no expert (fp8linear.backends.SortedPairs)."""
+    weight, weight_scale_inv = prepared
+    E, N = weight.shape[0], weight.shape[1]
+    S = pairs.perm.numel()
+    if rows not in ("gather", "scatter"):
+        raise ValueError(f"rows must be 'gather' or 'scatter'; got {rows!r}")
+    y = torch.empty((S, N), dtype=out_dtype, device=q.device)
+    cfg = _config(config, -(-S // E), weight)
+    if rows == "gather":
+        return _launch(_GATHER, q, s, weight, weight_scale_inv, pairs.bounds, pairs.perm, y, E, min(E, S), 0,
+                       pairs.top_k, cfg)
+    return _launch(_SCATTER, q, s, weight, weight_scale_inv, pairs.bounds, pairs.perm, y, E + 2, min(E, S) + 2, 0,
+                   pairs.top_k, cfg)
