@@ -123,11 +123,18 @@ class Timer:
         return 1e3 * ms
 
 
+def host_generator(seed: int = 0) -> torch.Generator:
+    """Inputs are drawn on the host and copied over: a peer whose CUDA-graph capture fails (reported, not
+    fatal) can leave the CUDA generator inside a capture that never ended, after which every draw from it
+    raises ("Offset increment outside graph capture encountered unexpectedly", torch 2.11, H100)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def copy_us(timer: Timer, nbytes: int) -> float:
     """A device-to-device copy moving `nbytes` in total (half read, half written): the median of three
     timings, since one copy timing at ~50 MB moved by up to 20% between calls (19.0 vs 22.8 us for 50.5 and
     50.9 MB in the 2026-11-25 run)."""
-    src = torch.randint(0, 256, (max(nbytes // 2, 16),), dtype=torch.uint8, device=DEVICE)
+    src = torch.randint(0, 256, (max(nbytes // 2, 16),), dtype=torch.uint8, generator=host_generator()).to(DEVICE)
     dst = torch.empty_like(src)
     return statistics.median(timer.us(lambda: dst.copy_(src)) for _ in range(3))
 
@@ -344,7 +351,9 @@ def run(args) -> int:
                     stopped = True
                     break
                 # Never zeros: normal values with a per-row magnitude spread, as activations have.
-                x = (torch.randn(M, K, device=DEVICE) * torch.exp2(torch.randint(-4, 5, (M, 1), device=DEVICE))).bfloat16()
+                g = host_generator(M * 100003 + K)
+                x = (torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-4, 5, (M, 1), generator=g))).to(
+                    DEVICE, torch.bfloat16)
                 rot = Rotating(x)
                 for dtype, layout in configs:
                     nbytes = moved_bytes(M, K, layout)
