@@ -232,9 +232,10 @@ _GROUPED_MODULES = {
 GROUPED_NAMES = ("auto", *_GROUPED_MODULES)
 #: The grouped layouts (GroupedBackend): every backend serves the first two, some the third.
 GROUPINGS = ("contiguous", "masked", "indexed")
-#: `auto`'s order for grouped GEMMs on a GPU: DeepGEMM where it serves, as the serving engines do, then our
-#: Triton kernel (not tuned: neither wins at every point, docs/runs/2026-12-06-moe-h100.md); on a CPU
-#: `auto` is the reference.
+#: `auto`'s order for grouped GEMMs on a GPU, per layout: DeepGEMM where it serves (contiguous, masked),
+#: then our Triton kernel, which alone serves the indexed layout FP8Experts prefers (faster than DeepGEMM's
+#: grouped GEMMs with their gathers at every point measured, docs/runs/2026-12-06-moe-indexed-h100.md); on a
+#: CPU `auto` is the reference.
 GROUPED_ORDER = ("deepgemm", "triton", "reference")
 
 #: What `auto` tries, in this order, when its table (or heuristic) names no backend that can serve a
