@@ -314,7 +314,8 @@ class FP8Experts(nn.Module):
             raise ValueError(f"grouping must be one of {', '.join(repr(g) for g in GROUPINGS)}; got {grouping!r}")
         self.grouping = grouping
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self._choice: dict[tuple, tuple[types.ModuleType, types.ModuleType]] = {}
+        # (grouping, device) -> the backends' pair, or why none serves (asked again on every auto forward)
+        self._choice: dict[tuple, "tuple[types.ModuleType, types.ModuleType] | str"] = {}
         self._prepared: dict[tuple[str, str], tuple[tuple, Any]] = {}
         self._source: "tuple[type, Any] | None" = None  # (transformers class, its config): for `dequantize`
 
@@ -491,16 +492,22 @@ class FP8Experts(nn.Module):
         return prepared
 
     def backends_for(self, grouping: str, device: torch.device) -> tuple[types.ModuleType, types.ModuleType]:
-        """(gate_up's backend, down's backend) for `grouping` on `device`, chosen once and cached."""
+        """(gate_up's backend, down's backend) for `grouping` on `device`, chosen once and cached (as is a
+        BackendUnsupportedError's reason, raised again on every call)."""
         key = (grouping, device)
         pair = self._choice.get(key)
         if pair is None:
             E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-            pair = (backends.select_grouped(self.backend, E, 2 * I, H, self.dtype, device, grouping),
-                    backends.select_grouped(self.backend, E, H, I, self.dtype, device, grouping))
-            log.debug("FP8Experts(E=%d, H=%d, I=%d, %s) %s on %s: gate_up %s, down %s (backend=%s)", E, H, I,
-                      dtype_short_str(self.dtype), grouping, device, pair[0].NAME, pair[1].NAME, self.backend)
+            try:
+                pair = (backends.select_grouped(self.backend, E, 2 * I, H, self.dtype, device, grouping),
+                        backends.select_grouped(self.backend, E, H, I, self.dtype, device, grouping))
+                log.debug("FP8Experts(E=%d, H=%d, I=%d, %s) %s on %s: gate_up %s, down %s (backend=%s)", E, H, I,
+                          dtype_short_str(self.dtype), grouping, device, pair[0].NAME, pair[1].NAME, self.backend)
+            except backends.BackendUnsupportedError as exc:
+                pair = str(exc)
             self._choice[key] = pair
+        if isinstance(pair, str):
+            raise backends.BackendUnsupportedError(pair)
         return pair
 
     def grouping_for(self, T: int, device: torch.device) -> str:

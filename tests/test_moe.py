@@ -288,6 +288,31 @@ def test_explicit_backend_that_cannot_serve_raises(monkeypatch):
         backends.get_grouped("cublaslt")
 
 
+def test_auto_grouping_without_an_indexed_layout_takes_contiguous(monkeypatch):
+    """A backend that serves contiguous and masked but not indexed (DeepGEMM's case): auto takes contiguous,
+    gives the same outputs, and asks the backend about the indexed layout once, not on every forward."""
+    ref = backends.get_grouped("reference")
+    asked = []
+
+    def no_indexed(E, N, K, dtype, device, grouping):
+        asked.append(grouping)
+        return "no indexed layout here" if grouping == "indexed" else None
+
+    experts = FP8Experts.from_experts(make_experts(E=5))
+    x = torch.randn(7, 256)
+    index, weights = random_routing(7, 5, 2)
+    expected = experts(x, index, weights)
+    monkeypatch.setattr(ref, "grouped_unsupported_reason", no_indexed)
+    fresh = FP8Experts.from_experts(make_experts(E=5), backend="reference")
+    fresh.load_state_dict(experts.state_dict())
+    for _ in range(3):
+        assert fresh.grouping_for(7, x.device) == "contiguous"
+        assert_bitwise_equal(fresh(x, index, weights), expected, "contiguous vs indexed")
+    assert asked.count("indexed") == 1  # gate_up's refusal, cached with its reason
+    with pytest.raises(BackendUnsupportedError, match="no indexed layout here"):
+        fresh.backends_for("indexed", x.device)
+
+
 @pytest.mark.parametrize("name", backends.GROUPED_NAMES[1:])
 def test_every_grouped_backend_satisfies_the_protocol(name):
     module = backends.get_grouped(name)
