@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .reference import QMAX
-from .weights import expand_block_scales, quantize_weight_blockwise
+from .weights import expand_block_scales, quantize_weight_blockwise, saturate_
 
 __all__ = ["Calibration", "calibrate_linears", "gptq_quantize_weight", "calibration_ids", "calibration_sentences",
            "KeptLayers", "layer_sensitivity", "keep_for_ppl_target"]
@@ -178,13 +178,6 @@ def calibration_sentences(tokenizer: Any, text: "str | None" = None, tokens: "in
 
 # -- one matrix ---------------------------------------------------------------------------------------
 
-def _round_scaled(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x already divided by its scale -> the nearest representable value, in fp32 (weights.py's rounding)."""
-    if dtype == torch.int8:
-        return x.round().clamp_(-128.0, 127.0)
-    return x.clamp(-QMAX[dtype], QMAX[dtype]).to(dtype).float()
-
-
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper cholesky(H^-1) of H + damp * mean(diag H) * I (H is modified), retried with 10x the
     dampening while H is not numerically positive definite."""
@@ -257,7 +250,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, dtype: tor
         E1 = torch.empty_like(W1)  # [N, c2 - c1] scaled errors
         for i in range(c2 - c1):
             w, s = W1[:, i], S1[:, i]
-            q = _round_scaled(w / s, dtype)
+            q = saturate_(w / s, dtype).to(dtype).float()  # the nearest representable value, in fp32
             Q[:, c1 + i] = q
             e = (w - q * s) / U1[i, i]
             W1[:, i + 1:].sub_(e[:, None] * U1[i, i + 1:][None, :])

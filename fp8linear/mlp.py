@@ -38,7 +38,7 @@ from torch import nn
 from .fused import silu_and_mul_quant
 from .linear import FP8Linear
 
-__all__ = ["FP8GatedMLP", "fuse_gated_mlps", "unsupported_reason"]
+__all__ = ["FP8GatedMLP", "fuse_gated_mlps", "unsupported_reason", "is_silu"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,9 @@ _SILU_NAMES = ("SiLU", "SiLUActivation")
 _SILU_ACTS = ("silu", "swish")
 
 
-def _is_silu(act: Any) -> bool:
+def is_silu(act: Any) -> bool:
+    """Whether `act` is SiLU in one of its spellings (nn.SiLU, transformers' SiLUActivation, F.silu): the
+    activation fp8linear.fused fuses with the quantization (FP8GatedMLP and FP8Experts ask)."""
     return isinstance(act, nn.SiLU) or type(act).__name__ in _SILU_NAMES or act is torch.nn.functional.silu
 
 
@@ -69,7 +71,7 @@ def unsupported_reason(mlp: nn.Module) -> "str | None":
         return "already an FP8GatedMLP"
     gate, up, down = (getattr(mlp, name) for name in _PROJECTIONS)
     act = getattr(mlp, "act_fn", None)
-    if not _is_silu(act):
+    if not is_silu(act):
         return f"act_fn is {type(act).__name__}, not SiLU (only silu(gate) * up is fused)"
     config = getattr(mlp, "config", None)
     hidden_act = getattr(config, "hidden_act", None)

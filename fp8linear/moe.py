@@ -71,7 +71,7 @@ from .backends import padded_k
 from .config import FP8Config, dtype_short_str
 from .fused import silu_and_mul_quant
 from .layouts import ScaleLayout, empty_scales
-from .mlp import _is_silu
+from .mlp import is_silu
 from .ops import quantize_for_gemm
 from .weights import dequantize_weight_blockwise, quantize_weight_blockwise
 
@@ -174,7 +174,7 @@ def unsupported_reason(experts: nn.Module) -> "str | None":
     if getattr(experts, "_is_expert_parallel", False):
         return f"{name} is expert-parallel (not supported)"
     act = getattr(experts, "act_fn", None)
-    if not _is_silu(act):
+    if not is_silu(act):
         return f"act_fn is {type(act).__name__}, not SiLU (only silu(gate) * up is fused)"
     gate_fn = getattr(type(experts), "_apply_gate", None)
     if gate_fn is not None and getattr(gate_fn, "__name__", "") != "_default_apply_gate":

@@ -62,14 +62,18 @@ def quantize_weight_blockwise(
     scale_inv = amax / torch.full_like(amax, QMAX[dtype])
     if scale_ue8m0:
         scale_inv = ceil_to_power_of_two(scale_inv)
-    q = blocks / scale_inv[:, None, :, None]  # [nb, bn, kb, bk], a new tensor: clamped in place below
-    qmax = QMAX[dtype]
-    if dtype == torch.int8:
-        q = q.round_().clamp_(-128.0, 127.0)
-    else:
-        q = q.clamp_(-qmax, qmax)
+    q = saturate_(blocks / scale_inv[:, None, :, None], dtype)  # [nb, bn, kb, bk], a new tensor
     out = torch.empty((N, K), dtype=dtype, device=w.device)
     return out.copy_(q.reshape(nb * bn, kb * bk)[:N, :K]), scale_inv  # copy_ rounds as .to(dtype) does
+
+
+def saturate_(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp32, already divided by its scale), in place, ready for the cast to `dtype`: int8 rounded half to
+    even and clamped to [-128, 127]; fp8 clamped to +-QMAX, the cast rounding it (to nearest, ties even).
+    The one rounding of weights: quantize_weight_blockwise and fp8linear.calibrate use it."""
+    if dtype == torch.int8:
+        return x.round_().clamp_(-128.0, 127.0)
+    return x.clamp_(-QMAX[dtype], QMAX[dtype])
 
 
 def dequantize_weight_blockwise(
