@@ -198,17 +198,13 @@ class SortedPairs:
     top_k: int
 
     @classmethod
-    def of(cls, top_k_index: torch.Tensor, E: int, experts: "torch.Tensor | None" = None) -> "SortedPairs":
+    def of(cls, top_k_index: torch.Tensor, E: int) -> "SortedPairs":
         """From top_k_index [T, k] (any integer dtype) over E experts: one sort and one search on the
-        device, no host synchronisation. `experts` may pass arange(E + 1) (int64, on the device) to skip
-        building it."""
+        device, no host synchronisation."""
         T, k = top_k_index.shape
-        ids = top_k_index.reshape(-1)
-        sorted_ids, perm = torch.sort(ids, stable=True)
-        if experts is None:
-            experts = torch.arange(E + 1, dtype=sorted_ids.dtype, device=ids.device)
-        bounds = torch.searchsorted(sorted_ids, experts.to(sorted_ids.dtype), out_int32=True)
-        return cls(perm, bounds, k)
+        sorted_ids, perm = torch.sort(top_k_index.reshape(-1), stable=True)
+        experts = torch.arange(E + 1, dtype=sorted_ids.dtype, device=sorted_ids.device)
+        return cls(perm, torch.searchsorted(sorted_ids, experts, out_int32=True), k)
 
 
 #: Backend name -> module implementing `Backend`. `auto` is a chooser, not a GEMM.
