@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .config import FP8Config
+from .hf import models_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibrate import Calibration
@@ -47,21 +48,6 @@ __all__ = ["quantize_model", "dequantize_model", "read_skip_list", "QuantizeSumm
 log = logging.getLogger("fp8linear")
 
 SkipSpec = Union[str, Pattern[str]]
-
-
-def models_dir() -> Path:
-    """Where the built-in model configs and recipes live: `<repo>/models` in a checkout or editable install,
-    `fp8linear/_models` inside a wheel (the build maps the folder in, as it does for kernels/)."""
-    here = Path(__file__).resolve().parent
-    tried = [here.parent / "models", here / "_models"]
-    for path in tried:
-        if (path / "recipes.json").is_file():
-            return path
-    raise FileNotFoundError(
-        "fp8linear's models/ folder (recipes.json, demo model configs) was not found; tried "
-        + ", ".join(str(p) for p in tried)
-        + ". A wheel must ship it as fp8linear/_models"
-    )
 
 
 @dataclasses.dataclass(frozen=True)

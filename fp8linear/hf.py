@@ -248,10 +248,23 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 # -- the built-in demo model --------------------------------------------------------------------------
 
+def models_dir() -> Path:
+    """Where the built-in model configs and recipes live: `<repo>/models` in a checkout or editable install,
+    `fp8linear/_models` inside a wheel (the build maps the folder in, as it does for kernels/)."""
+    here = Path(__file__).resolve().parent
+    tried = [here.parent / "models", here / "_models"]
+    for path in tried:
+        if (path / "recipes.json").is_file():
+            return path
+    raise FileNotFoundError(
+        "fp8linear's models/ folder (recipes.json, demo model configs) was not found; tried "
+        + ", ".join(str(p) for p in tried)
+        + ". A wheel must ship it as fp8linear/_models"
+    )
+
+
 def demo_config(name: str = "demo-llama"):
     """The transformers config of models/<name>/config.json."""
-    from .convert import models_dir
-
     folder = models_dir() / name
     if not (folder / "config.json").is_file():
         available = sorted(p.name for p in models_dir().iterdir() if (p / "config.json").is_file())
