@@ -19,6 +19,7 @@ from fp8linear.linear import FP8Linear  # noqa: E402
 from fp8linear.weights import quantize_weight_blockwise  # noqa: E402
 
 from conftest import assert_bitwise_equal  # noqa: E402
+from test_checkpoint import loaded_by_transformers  # noqa: E402
 from test_hf_models import tiny_model  # noqa: E402
 
 DTYPES = [torch.float8_e4m3fn, torch.int8]
@@ -179,18 +180,11 @@ def test_checkpoint_loads_with_load_quantized_and_transformers(tmp_path):
             plain_scale = quantize_weight_blockwise(ref.get_submodule(name).weight, module.dtype)[1]
             assert_bitwise_equal(module.weight_scale_inv, plain_scale, name)
 
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True)
+    theirs, cos = loaded_by_transformers(q, tmp_path, torch.randint(3, 256, (1, 32)))
     layer = theirs.model.layers[0].mlp.down_proj
     ours = q.model.layers[0].mlp.down_proj
     if hasattr(layer, "weight_scale_inv"):  # transformers kept the FP8 layer: the same bytes and scales
         assert_bitwise_equal(layer.weight, ours.weight, "transformers' down_proj.weight")
-    test_ids = torch.randint(3, 256, (1, 32))
-    with torch.no_grad():
-        a, b = q(test_ids).logits.float(), theirs(test_ids).logits.float()
-    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
     assert cos > 0.99, cos
 
 

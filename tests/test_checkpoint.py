@@ -276,18 +276,23 @@ def test_save_errors(tmp_path):
         fp8linear.save_quantized(q, tmp_path)
 
 
-def test_transformers_reads_our_folder(tmp_path, quantized_llama):
-    """transformers' FineGrainedFP8 loads what we write (on CPU it dequantizes to bf16; needs accelerate)."""
+def loaded_by_transformers(ours, folder, ids):
+    """(transformers' AutoModelForCausalLM read from `folder`, the cosine of its logits for `ids` against
+    `ours`'). Skips without accelerate, which transformers' FineGrainedFP8 loading needs."""
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM
 
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), theirs(ids).logits.float()
+    return theirs, torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_transformers_reads_our_folder(tmp_path, quantized_llama):
+    """transformers' FineGrainedFP8 loads what we write (on CPU it dequantizes to bf16; needs accelerate)."""
     ref, q = quantized_llama
     fp8linear.save_quantized(q, tmp_path)
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True)
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        a, b = q(ids).logits.float(), theirs(ids).logits.float()
-    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    _, cos = loaded_by_transformers(q, tmp_path, torch.randint(0, 256, (1, 16)))
     assert cos > 0.99, cos
 
 

@@ -42,7 +42,7 @@ import os
 import torch
 
 from ..layouts import ScaleLayout
-from . import SortedPairs
+from . import SortedPairs, triton_blockwise
 from .triton_blockwise import tl, triton
 
 NAME = "triton"
@@ -61,8 +61,6 @@ def _interpret() -> bool:
 
 def grouped_unsupported_reason(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                                grouping: str) -> "str | None":
-    from . import triton_blockwise
-
     return triton_blockwise.unsupported_reason(1, N, K, dtype, device)  # the same needs as the dense kernel
 
 
