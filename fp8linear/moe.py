@@ -24,15 +24,18 @@ the indexed layout, where the backends serve it (triton on a GPU, reference on a
     q, s = silu_and_mul_quant(h) in the down backend's scale layout         fp8linear.fused
     y    = grouped GEMM down, each row written to its pair's row            rows="scatter"
            -> [S, H] = [T, k, H] in x's dtype
-    out[t] = sum_j y[t, j] * top_k_weights[t, j], then x's dtype            transformers' own combine
+    out[t] = sum_j y[t, j] * top_k_weights[t, j], then x's dtype            fp8linear.moe_combine
 
 No copy of the activations, no host synchronisation: the same launches at every T, so CUDA graphs
-capture any size. The contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the
+capture any size. Up to PAIRWISE_MAX_PAIRS pairs (a decode step of a few tokens), backends that serve
+it (backends.PairwiseGroupedBackend: triton) skip the sort and run each pair through its expert, with the
+combine inside the down GEMM: four launches instead of six, the same bits. The contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the
 grouped layout first and scatter the outputs after (below).
 
 The combine is what transformers' default experts forward ("grouped_mm") computes: each product in the
 promoted dtype of y and the routing weights (x's dtype for Qwen's routers, fp32 for DeepSeek-V3's), then
-a sum over the k slots (accumulated in fp32 by torch's reduction) rounded once to x's dtype.
+a sum over the k slots accumulated in fp32 and rounded once to x's dtype; fp8linear.moe_combine fixes the
+sum's order (slot by slot) and runs it as one Triton kernel on a GPU.
 `expert_outputs` returns the per-pair y before the combine.
 
 Grouped layouts (fp8linear.backends.GroupedBackend):
@@ -72,6 +75,8 @@ from .config import FP8Config, dtype_short_str
 from .fused import silu_and_mul_quant
 from .layouts import ScaleLayout, empty_scales
 from .mlp import is_silu
+from .moe_combine import combine_slots
+from .moe_routing import sort_pairs
 from .ops import quantize_for_gemm
 from .weights import dequantize_weight_blockwise, quantize_weight_blockwise
 
@@ -269,6 +274,15 @@ def route(top_k_index: torch.Tensor, E: int, grouping: str, align: int = 1,
     dest = torch.where(valid_sorted, expert * max_m + rank, E * max_m + rank.clamp(max=max_m - 1))
     return Routing(perm, token, valid_sorted, dest, S, grouping, max_m, None, counts[:E].to(torch.int32),
                    expected_m)
+
+
+def _pairwise_max_pairs(b13: types.ModuleType, b2: types.ModuleType) -> int:
+    """The most pairs both backends run pairwise (0 unless both are PairwiseGroupedBackends), asked by
+    attribute: an isinstance against the runtime-checkable protocol costs tens of microseconds, a good part
+    of an eager decode step's host time."""
+    if not all(hasattr(b, "grouped_gemm_pairwise") for b in (b13, b2)):
+        return 0
+    return min(b13.PAIRWISE_MAX_PAIRS, b2.PAIRWISE_MAX_PAIRS)
 
 
 # -- the module ----------------------------------------------------------------------------------------------
@@ -556,9 +570,37 @@ class FP8Experts(nn.Module):
         """hidden_states [T, H] bf16/fp16/fp32, top_k_index [T, k] (experts, any integer dtype), top_k_weights
         [T, k] -> [T, H] in hidden_states' dtype: sum_j weight[t, j] * expert_{index[t, j]}(x[t])."""
         self._check_inputs(hidden_states, top_k_index, top_k_weights)
+        pairwise = self._pairwise_backends(hidden_states, top_k_index, top_k_weights)
+        if pairwise is not None:
+            return self._pairwise_forward(hidden_states, top_k_index, top_k_weights, *pairwise)
         y = self._outputs(hidden_states, top_k_index)  # [T, k, H]
-        # transformers' combine (module docstring): products in the promoted dtype, a sum over the k slots.
-        return (y * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
+        return combine_slots(y, top_k_weights, hidden_states.dtype)  # transformers' combine, one pass
+
+    def _pairwise_backends(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                           ) -> "tuple[types.ModuleType, types.ModuleType] | None":
+        """(gate_up's, down's) backend where this forward runs pairwise (module docstring), else None."""
+        T, k = top_k_index.shape
+        if T * k == 0 or self.grouping_for(T, x.device) != "indexed":
+            return None
+        b13, b2 = self.backends_for("indexed", x.device)
+        if T * k > _pairwise_max_pairs(b13, b2):
+            return None
+        P = torch.promote_types(x.dtype, top_k_weights.dtype)
+        return (b13, b2) if P in (torch.float32, x.dtype) else None
+
+    def _pairwise_forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                          b13: types.ModuleType, b2: types.ModuleType) -> torch.Tensor:
+        if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return self._pairwise_forward(x, top_k_index, top_k_weights, b13, b2)
+        Hp = padded_k(self.hidden_size)
+        x2d = x if Hp == self.hidden_size else torch.nn.functional.pad(x, (0, Hp - self.hidden_size))
+        q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, b13.SCALE_LAYOUT, 1)
+        h = b13.grouped_gemm_pairwise(q_x, s_x, self._prepared_for("gate_up_proj", b13), top_k_index, "tokens",
+                                      x.dtype)
+        q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
+        return b2.grouped_gemm_pairwise(q2, s2, self._prepared_for("down_proj", b2), top_k_index, "pairs", x.dtype,
+                                        combine_weights=top_k_weights)
 
     def expert_outputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """[T, k, H] in hidden_states' dtype: expert index[t, j] applied to token t, before the routing weights
@@ -584,7 +626,7 @@ class FP8Experts(nn.Module):
         Hp = padded_k(H)
         x2d = x if Hp == H else torch.nn.functional.pad(x, (0, Hp - H))  # zero columns (as FP8Linear)
         if grouping == "indexed":
-            pairs = backends.SortedPairs.of(top_k_index, E)
+            pairs = sort_pairs(top_k_index, E)
             q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, b13.SCALE_LAYOUT, 1)
             h = b13.grouped_gemm_indexed(q_x, s_x, self._prepared_for("gate_up_proj", b13), pairs, "gather", x.dtype)
             q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)

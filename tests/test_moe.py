@@ -719,3 +719,69 @@ def test_fp8experts_on_the_triton_backend_interpreted(triton_interpreter, groupi
     # fp32 outputs: the GEMMs differ in summation order only; the second GEMM's quantization may flip a
     # rounding, so compare as layer outputs
     torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [FP8, INT8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("out_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32w"])
+def test_triton_pairwise_equals_its_sorted_gemms_and_combine(triton_interpreter, monkeypatch, dtype, out_dtype,
+                                                             w_dtype):
+    """The decode path (no sort, combine inside the down GEMM) against the sorted path's kernels, bit for bit:
+    the same tiles per row, the same combine arithmetic (under the interpreter both truncate to bf16 alike)."""
+    from fp8linear.moe_combine import combine_slots
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                          else t)(real_empty(*a, **kw)))
+    E, N, K, T, k = 5, 200, 300, 3, 4  # partial N and K blocks
+    tri = backends.get_grouped("triton")
+    assert isinstance(tri, backends.PairwiseGroupedBackend)
+    index = torch.tensor([[0, 4, -1, 2], [2, 2, 1, 5], [3, 0, 4, 1]])  # a pair naming no expert at each end
+    valid = ((index >= 0) & (index < E)).reshape(-1)
+    pairs = backends.SortedPairs.of(index, E)
+    q, s, prepared = grouped_operands(E, N, K, T, dtype)
+    h = tri.grouped_gemm_pairwise(q, s, prepared, index, "tokens", out_dtype)
+    sorted_h = tri.grouped_gemm_indexed(q, s, prepared, pairs, "gather", out_dtype)
+    in_pair_order = torch.empty_like(sorted_h)
+    in_pair_order[pairs.perm] = sorted_h
+    assert h.shape == (T * k, N)
+    assert_bitwise_equal(h[valid], in_pair_order[valid])
+    assert torch.equal(h[~valid], torch.zeros(int((~valid).sum()), N, dtype=out_dtype))
+
+    q2, s2, _ = grouped_operands(E, N, K, T * k, dtype, seed=1)
+    y = tri.grouped_gemm_pairwise(q2, s2, prepared, index, "pairs", out_dtype)
+    scattered = tri.grouped_gemm_indexed(q2[pairs.perm], s2[pairs.perm], prepared, pairs, "scatter", out_dtype)
+    assert_bitwise_equal(y, scattered)
+    weights = torch.softmax(torch.randn(T, k), dim=-1).to(w_dtype)
+    combined = tri.grouped_gemm_pairwise(q2, s2, prepared, index, "pairs", out_dtype, combine_weights=weights)
+    assert combined.shape == (T, N)
+    assert_bitwise_equal(combined, combine_slots(scattered.view(T, k, N), weights, out_dtype))
+
+
+def test_triton_pairwise_refuses_bad_arguments(triton_interpreter):
+    tri = backends.get_grouped("triton")
+    q, s, prepared = grouped_operands(3, 128, 128, 4, FP8)
+    index = torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="rows must be 'tokens' or 'pairs'; got 'gather'"):
+        tri.grouped_gemm_pairwise(q, s, prepared, index, "gather", torch.float32)
+    with pytest.raises(ValueError, match="combine_weights must be \\[T, k\\] = \\[2, 2\\]"):
+        tri.grouped_gemm_pairwise(q, s, prepared, index, "pairs", torch.float32, combine_weights=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="combine_weights must be .* with rows='pairs'"):
+        tri.grouped_gemm_pairwise(q, s, prepared, index, "tokens", torch.float32, combine_weights=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("T", [1, 4, 5])  # 4 tokens x 2 slots: pairwise; 5 x 2 with the limit at 8: sorted
+def test_fp8experts_pairwise_forward_equals_the_sorted_one(triton_interpreter, monkeypatch, T):
+    from fp8linear.backends import triton_grouped
+    from fp8linear.moe_combine import combine_slots
+
+    monkeypatch.setattr(triton_grouped, "PAIRWISE_MAX_PAIRS", 8)
+    experts = FP8Experts.from_experts(make_experts(E=5, H=256, I=256), backend="triton")
+    x = torch.randn(T, 256)
+    index, weights = random_routing(T, 5, 2)
+    index[0, 1] = -1  # transformers' expert-parallel sentinel
+    runs = experts._pairwise_backends(x, index, weights) is not None
+    assert runs == (T * 2 <= 8)
+    y = experts(x, index, weights)
+    sorted_path = combine_slots(experts.expert_outputs(x, index), weights, x.dtype)
+    assert_bitwise_equal(y, sorted_path)

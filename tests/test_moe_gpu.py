@@ -231,3 +231,44 @@ def test_contiguous_routing_pads_to_the_backend_alignment_on_gpu():
 def test_deepgemm_api_is_named():
     what = backends.get_grouped("deepgemm").api_name()
     assert what in ("current", "legacy") or "deep_gemm" in what
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float16), (torch.float32, torch.float32)],
+                         ids=["bf16", "bf16-fp32", "fp16", "fp32"])
+@pytest.mark.parametrize("T", [1, 300])
+def test_combine_kernel_equals_the_cpu_path(dtypes, T):
+    from fp8linear.moe_combine import combine_slots
+
+    y_dtype, w_dtype = dtypes
+    y = (torch.randn(T, 8, 7168) * 4).to(y_dtype)
+    w = torch.softmax(torch.randn(T, 8), dim=-1).to(w_dtype)
+    out = combine_slots(y.cuda(), w.cuda(), y_dtype)
+    assert_bitwise_equal(out.cpu(), combine_slots(y, w, y_dtype))
+
+
+@pytest.mark.parametrize("T,k,E", [(1, 8, 128), (64, 8, 256), (256, 8, 60), (300, 2, 7)])
+def test_sort_pairs_kernel_equals_torch_sort(T, k, E):
+    from fp8linear.moe_routing import sort_pairs
+
+    index = torch.randint(-1, E + 1, (T, k), device="cuda")
+    got, expected = sort_pairs(index, E), backends.SortedPairs.of(index, E)
+    assert torch.equal(got.perm, expected.perm) and torch.equal(got.bounds, expected.bounds)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["bf16-weights", "fp32-weights"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_pairwise_forward_equals_the_sorted_one(kernels_built, w_dtype, T):
+    """The decode path (no sort, the combine inside the down GEMM) gives the sorted path's bits on the GPU:
+    the same tiles per row, the same combine arithmetic (no fused multiply-add where the combine has none)."""
+    from fp8linear.moe_combine import combine_slots
+
+    E, H, I, k = 128, 2048, 768, 8  # Qwen3-30B-A3B's experts
+    experts = _experts(E, H, I, "triton", "indexed")
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    index, weights = _routing(T, E, k)
+    index[0, 3] = -1  # a pair naming no expert
+    weights = weights.to(w_dtype)
+    assert experts._pairwise_backends(x, index, weights) is not None
+    sorted_path = combine_slots(experts.expert_outputs(x, index), weights, x.dtype)
+    assert_bitwise_equal(experts(x, index, weights), sorted_path, "pairwise vs sorted")

@@ -52,6 +52,7 @@ __all__ = [
     "QuantizedInputBackend",
     "GroupedBackend",
     "IndexedGroupedBackend",
+    "PairwiseGroupedBackend",
     "SortedPairs",
     "GROUPINGS",
     "NAMES",
@@ -180,6 +181,25 @@ class IndexedGroupedBackend(GroupedBackend, Protocol):
         product for sorted position p (rows of pairs naming no expert unspecified); rows="scatter": q [S, Kp]
         in sorted order, s [S, Kp/128] -> y [S, N], row t * top_k + j the product for pair (t, j), zeros for
         pairs naming no expert."""
+
+
+@runtime_checkable
+class PairwiseGroupedBackend(IndexedGroupedBackend, Protocol):
+    """An indexed backend that also runs each (token, slot) pair through its expert without sorting the
+    pairs, and the down GEMM with the routing weights' combine inside: FP8Experts takes it up to
+    PAIRWISE_MAX_PAIRS pairs (an eager decode step, bound by its launches). Per row, the same bits as its
+    indexed GEMMs (the same tiles)."""
+
+    #: The most pairs (T * k) FP8Experts runs through grouped_gemm_pairwise.
+    PAIRWISE_MAX_PAIRS: int
+
+    def grouped_gemm_pairwise(self, q: torch.Tensor, s: torch.Tensor, prepared: Any, top_k_index: torch.Tensor,
+                              rows: str, out_dtype: torch.dtype,
+                              combine_weights: "torch.Tensor | None" = None) -> torch.Tensor:
+        """rows="tokens": q [T, Kp], s [T, Kp/128] in SCALE_LAYOUT -> y [T * k, N], row t * k + j the product
+        for pair (t, j); rows="pairs": q [T * k, Kp] (a row per pair) -> y [T * k, N], or with
+        combine_weights [T, k] the [T, N] of fp8linear.moe_combine.combine_slots over those rows. Pairs
+        naming no expert give zero rows."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,7 +268,7 @@ def _gemm_impl(
         return y
     cfg = config if config is not None else config_for(M, N, q.dtype, q.device)
     meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "GROUP_M")}
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)  # not triton.cdiv: a jitted helper, slow from Python
     _kernel(_interpret())[grid](
         q, s, weight, weight_scale_inv, bias if bias is not None else y, y,
         M, N, K,

@@ -45,6 +45,11 @@ from ..layouts import ScaleLayout
 from . import SortedPairs, triton_blockwise
 from .triton_blockwise import tl, triton
 
+try:
+    from triton.language.extra import libdevice
+except Exception:  # no triton, or a build without it: the pairwise kernel is then never compiled
+    libdevice = None
+
 NAME = "triton"
 SCALE_LAYOUT = ScaleLayout.ROW
 DTYPES = (torch.float8_e4m3fn, torch.int8)
@@ -176,10 +181,88 @@ def _kernel_source(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def _pairwise_kernel_source(
+    q_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, ids_ptr, rw_ptr,
+    N, K, E, top_k, slots,
+    stride_qm, stride_sm, stride_we, stride_wn, stride_wse, stride_wsn, stride_ym,
+    stride_it, stride_ij, stride_rt, stride_rj,
+    A_ROWS_ARE_TOKENS: tl.constexpr, COMBINE: tl.constexpr, P_IS_FP32: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_INT8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program per (unit, column block): a unit is one (token, slot) pair (slots == 1) or one token and
+    # its top_k pairs (slots == top_k, COMBINE). Each pair is a BLOCK_M-row tile of which only row 0 is
+    # real: the same dot shapes, K loop and scale order as _kernel_source's tiles of BLOCK_M rows, so each
+    # row comes out bit for bit as there.
+    unit = tl.program_id(0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    row0 = tl.arange(0, BLOCK_M) == 0
+    n_ok = rn < N
+    ONE_WS_ROW: tl.constexpr = 128 % BLOCK_N == 0
+    total = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for j in range(0, slots):
+        pair = unit * slots + j
+        token = pair // top_k
+        expert = tl.load(ids_ptr + token * stride_it + (pair % top_k) * stride_ij).to(tl.int64)
+        valid = (expert >= 0) & (expert < E)
+        expert = tl.where(valid, expert, 0)
+        a_row = token if A_ROWS_ARE_TOKENS else pair
+        m_ok = tl.arange(0, BLOCK_M) < tl.where(valid, 1, 0)  # row 0, if the pair names an expert
+        n_live = rn < tl.where(valid, N, 0)  # (comparisons, not `&` with a scalar: the interpreter's dtype)
+        q_ptrs = q_ptr + a_row * stride_qm + tl.full((BLOCK_M, 1), 0, dtype=tl.int64) + rk[None, :]
+        w_ptrs = w_ptr + expert * stride_we + rn[None, :] * stride_wn + rk[:, None]
+        s_row = s_ptr + a_row * stride_sm + tl.full((BLOCK_M,), 0, dtype=tl.int64)
+        ws_base = ws_ptr + expert * stride_wse
+        ws_row = ws_base + ((tl.program_id(1) * BLOCK_N) // 128) * stride_wsn
+        ws_cols = ws_base + (rn // 128) * stride_wsn
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // BLOCK_K
+            k_ok = (k0 + rk) < K
+            a = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_live[None, :], other=0.0)
+            if IS_INT8:
+                part = tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+            else:
+                part = tl.dot(a, b, out_dtype=tl.float32)
+            s_a = tl.load(s_row + kb, mask=m_ok, other=0.0)
+            if ONE_WS_ROW:
+                s_w = tl.load(ws_row + kb)
+                acc += part * (s_a[:, None] * s_w)
+            else:
+                s_w = tl.load(ws_cols + kb, mask=n_ok, other=0.0)
+                acc += part * (s_a[:, None] * s_w[None, :])
+            q_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y = acc.to(y_ptr.dtype.element_ty)  # the expert's output row in y's dtype (zeros for no expert)
+        if COMBINE:  # fp8linear.moe_combine's arithmetic: P(y * w), an fp32 sum in slot order, rounded to P
+            w = tl.load(rw_ptr + token * stride_rt + (pair % top_k) * stride_rj).to(tl.float32)
+            if P_IS_FP32:
+                if INTERPRET:
+                    total += y.to(tl.float32) * w
+                else:
+                    total += libdevice.mul_rn(y.to(tl.float32), w)  # never contracted into an fma
+            else:
+                total += (y.to(tl.float32) * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            tl.store(y_ptr + pair * stride_ym + rn[None, :] + tl.full((BLOCK_M, 1), 0, dtype=tl.int64), y,
+                     mask=row0[:, None] & n_ok[None, :])
+    if COMBINE:
+        if not P_IS_FP32:
+            total = total.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + unit * stride_ym + rn[None, :] + tl.full((BLOCK_M, 1), 0, dtype=tl.int64),
+                 total.to(y_ptr.dtype.element_ty), mask=row0[:, None] & n_ok[None, :])
+
+
 @functools.lru_cache(maxsize=2)
 def _kernel(interpret: bool):
     # Jitted on first use (see triton_blockwise._kernel).
     return triton.jit(_kernel_source)
+
+
+@functools.lru_cache(maxsize=2)
+def _pairwise_kernel(interpret: bool):
+    return triton.jit(_pairwise_kernel_source)
 
 
 # -- the launch ---------------------------------------------------------------------------------------
@@ -195,31 +278,32 @@ def _launch(layout: int, q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor,
     num_tiles = -(-rows // bm) + busy_groups if layout != _MASKED else num_groups * -(-max_m // bm)
     if rows == 0 or num_tiles == 0:
         return y
-    grid = (num_tiles * triton.cdiv(N, cfg["BLOCK_N"]),)
+    # Plain integer arithmetic and one stride() per tensor: at decode sizes the host is the bottleneck, and
+    # triton.cdiv / next_power_of_2 are jitted helpers that cost microseconds per call from Python.
+    grid = (num_tiles * -(-N // cfg["BLOCK_N"]),)
+    sq, ss, sw, sws, sy = q.stride(), s.stride(), weight.stride(), weight_scale_inv.stride(), y.stride()
     _kernel(_interpret())[grid](
         q, s, weight, weight_scale_inv, y, groups, perm if perm is not None else groups,
         num_tiles, weight.shape[0], rows, N, K, max_m, top_k,
-        q.stride(0), q.stride(1),
-        s.stride(0), s.stride(1),
-        weight.stride(0), weight.stride(1), weight.stride(2),
-        weight_scale_inv.stride(0), weight_scale_inv.stride(1), weight_scale_inv.stride(2),
-        y.stride(0), y.stride(1),
+        sq[0], sq[1], ss[0], ss[1], sw[0], sw[1], sw[2], sws[0], sws[1], sws[2], sy[0], sy[1],
         LAYOUT=layout, IS_INT8=q.dtype == torch.int8, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K,
-        GROUP_M=cfg["GROUP_M"], GROUPS_POW2=triton.next_power_of_2(num_groups + 1),
+        GROUP_M=cfg["GROUP_M"], GROUPS_POW2=1 << num_groups.bit_length(),  # the power of 2 >= num_groups + 1
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y
 
 
 #: Tiles by expected rows per expert, the first row whose bound holds: the fastest of scripts/tune_grouped.py's
-#: candidates at nearly every point of both MoE shapes on the H100 (docs/benchmarks.md, "MoE layer").
+#: candidates at nearly every point of both MoE shapes on the H100 (docs/benchmarks.md, "MoE layer"); from
+#: 512 rows per expert (DeepSeek-V3 at 16384 tokens) 128-row tiles of two warpgroups win by 5-10%.
 #: Triton multiplies BLOCK_M < 64 tiles with mma.sync and larger ones with wgmma, which round a 128-wide
 #: block's fp8 sum differently: the 32-row band's outputs differ from the 64-row band's in the last bits
-#: (within each band, every candidate's outputs were equal bit for bit).
+#: (within each band, every candidate's outputs were equal bit for bit: 64- and 128-row tiles agree).
 _CONFIGS = (
     (16, dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)),
     (48, dict(BLOCK_M=32, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)),
-    (None, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)),
+    (384, dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)),
+    (None, dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)),
 )
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "num_warps", "num_stages")
 
@@ -288,3 +372,56 @@ def grouped_gemm_indexed(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch
                        pairs.top_k, cfg)
     return _launch(_SCATTER, q, s, weight, weight_scale_inv, pairs.bounds, pairs.perm, y, E + 2, min(E, S) + 2, 0,
                    pairs.top_k, cfg)
+
+
+#: Up to this many (token, slot) pairs FP8Experts runs the pairwise GEMMs (decode: no sort, the combine
+#: inside the down GEMM; two launches fewer, which is what an eager step of a few tokens is bound by).
+#: Beyond, pairs of one expert share its weight tiles only in the sorted layout.
+PAIRWISE_MAX_PAIRS = 32
+_PAIRWISE_TILES = _CONFIGS[0][1]  # the tiles of the sorted layout at these sizes: the same bits per row
+
+
+def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def grouped_gemm_pairwise(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor],
+                          top_k_index: torch.Tensor, rows: str, out_dtype: torch.dtype,
+                          combine_weights: "torch.Tensor | None" = None) -> torch.Tensor:
+    """Each (token, slot) pair of top_k_index [T, k] through its expert, unsorted (PairwiseGroupedBackend).
+    rows="tokens": q [T, Kp], s [T, Kp/128] -> y [T * k, N], row t * k + j for pair (t, j); rows="pairs":
+    q [T * k, Kp] (a row per pair), s [T * k, Kp/128] -> y [T * k, N], or with combine_weights [T, k] the
+    combined [T, N] (fp8linear.moe_combine's arithmetic). Pairs naming no expert give zero rows."""
+    weight, weight_scale_inv = prepared
+    E, N, K = weight.shape
+    T, k = top_k_index.shape
+    if rows not in ("tokens", "pairs"):
+        raise ValueError(f"rows must be 'tokens' or 'pairs'; got {rows!r}")
+    if q.dtype != weight.dtype:
+        raise TypeError(f"q's dtype {q.dtype} must match the weight's {weight.dtype}")
+    combine = combine_weights is not None
+    P = torch.promote_types(out_dtype, combine_weights.dtype) if combine else out_dtype
+    if combine and (rows != "pairs" or tuple(combine_weights.shape) != (T, k) or P not in (torch.float32, out_dtype)):
+        raise ValueError(f"combine_weights must be [T, k] = {[T, k]} with rows='pairs', and promote with out_dtype "
+                         f"{out_dtype} to it or to float32; got {combine_weights.dtype} "
+                         f"{list(combine_weights.shape)} with rows={rows!r}")
+    units, slots = (T, k) if combine else (T * k, 1)
+    y = torch.empty((units, N), dtype=out_dtype, device=q.device)
+    if units == 0 or N == 0:
+        return y
+    q, s = _unit_inner_stride(q), _unit_inner_stride(s)
+    weight, weight_scale_inv = _unit_inner_stride(weight), _unit_inner_stride(weight_scale_inv)
+    rw = combine_weights if combine else top_k_index
+    cfg = _PAIRWISE_TILES
+    sq, ss, sw, sws, si, sr = q.stride(), s.stride(), weight.stride(), weight_scale_inv.stride(), \
+        top_k_index.stride(), rw.stride()
+    _pairwise_kernel(_interpret())[(units, -(-N // cfg["BLOCK_N"]))](
+        q, s, weight, weight_scale_inv, y, top_k_index, rw,
+        N, K, E, k, slots,
+        sq[0], ss[0], sw[0], sw[1], sws[0], sws[1], N,
+        si[0], si[1], sr[0], sr[1],
+        A_ROWS_ARE_TOKENS=rows == "tokens", COMBINE=combine, P_IS_FP32=P == torch.float32, INTERPRET=_interpret(),
+        IS_INT8=q.dtype == torch.int8, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_K,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
