@@ -15,7 +15,8 @@ top_k_weights [T, k]), and its output is checked before it is timed:
                       column is the fastest at that point, named. transformers' default is grouped_mm.
     bf16-grouped      torch._grouped_mm in bf16: sort the (token, slot) pairs by expert, gather, gate_up
                       grouped GEMM (offsets: int32 cumulative ends), silu(gate) * up, down grouped GEMM,
-                      the routing weights and the sum over k as transformers' combine. No host sync.
+                      the rows back in (token, slot) order, and the routing weights and the sum over k
+                      by FP8Experts' own one-pass combine (fp8linear.moe_combine). No host sync.
     dg-bf16-grouped   DeepGEMM 2.x's m_grouped_bf16_gemm_nt_contiguous in the same pipeline (segments
                       padded to DeepGEMM's alignment: one host sync), where `deep_gemm` exposes it.
     sglang-fp8        SGLang 0.5.23's block-FP8 fused-MoE Triton kernel, standalone, from --peer-dir
@@ -188,10 +189,13 @@ def hf_fn(experts, impl: str, x, idx, w):
 
 
 def _combine(y_sorted: torch.Tensor, perm: torch.Tensor, w: torch.Tensor, T: int, k: int, dtype) -> torch.Tensor:
-    """transformers' combine: rows back to (token, slot) order, times the routing weight, summed over k."""
+    """Rows back to (token, slot) order, then FP8Experts' own combine (fp8linear.moe_combine: transformers'
+    weighted sum over k in one kernel), so that the bf16 pipelines differ from FP8Experts in their GEMMs."""
+    from fp8linear.moe_combine import combine_slots
+
     out = torch.empty_like(y_sorted)
     out[perm] = y_sorted
-    return (out.view(T, k, -1) * w.unsqueeze(-1)).sum(dim=1).to(dtype)
+    return combine_slots(out.view(T, k, -1), w, dtype)
 
 
 def bf16_grouped_fn(experts, x, idx, w):

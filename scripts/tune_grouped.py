@@ -9,7 +9,9 @@ candidate's output must equal the built-in tiles' bit for bit (the K loop's orde
 tiling differs), else it is refused there: tiles below 64 rows multiply with mma.sync and larger ones
 with wgmma, which round differently, so candidates of another band than the built-in tiles' are refused. Timing: bench_linear.bench_us (do_bench medians, L2
 flushed). Prints, per point, the built-in tiles' time and the best candidate's, and writes the rows as
-JSON with --out: the evidence behind `triton_grouped._CONFIGS`.
+JSON with --out: the evidence behind `triton_grouped._CONFIGS`. With --deepgemm, DeepGEMM's contiguous
+grouped GEMM is timed beside at each point on the same pairs (each expert's segment padded to its 128
+rows, random operands: the GEMM alone, without the gathers FP8Experts would need around it).
 
     python scripts/tune_grouped.py                                  # both shapes, T in 1 16 128 1024 4096 16384
     python scripts/tune_grouped.py --shape deepseek-v3 --tokens 4096 --out /tmp/grouped-tiles.json
@@ -42,8 +44,8 @@ CANDIDATES = (
           (16, 256, 1, 8, 3)]),
     (96, [(32, 64, 8, 4, 4), (32, 128, 8, 4, 4), (64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (32, 256, 8, 8, 3),
           (64, 256, 8, 8, 3)]),
-    (None, [(64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (128, 128, 8, 4, 3), (128, 256, 8, 8, 3),
-            (64, 256, 8, 8, 3), (128, 128, 32, 8, 3), (128, 64, 8, 4, 4)]),
+    (None, [(64, 128, 8, 4, 3), (64, 128, 8, 4, 4), (128, 128, 8, 8, 3), (128, 128, 8, 8, 4), (128, 128, 8, 4, 3),
+            (128, 256, 8, 8, 3), (64, 256, 8, 8, 3), (128, 128, 32, 8, 3), (128, 128, 16, 8, 4), (128, 64, 8, 4, 4)]),
 )
 
 
@@ -66,6 +68,27 @@ def experts(E: int, N: int, K: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return weight, scale
 
 
+def deepgemm_reason() -> "str | None":
+    from fp8linear.backends import deepgemm_grouped
+
+    return deepgemm_grouped.grouped_unsupported_reason(8, 256, 256, torch.float8_e4m3fn, torch.device("cuda"),
+                                                       "contiguous")
+
+
+def deepgemm_us(index: torch.Tensor, E: int, K: int, weight: tuple[torch.Tensor, torch.Tensor],
+                rep_ms: float) -> float:
+    """DeepGEMM's contiguous grouped GEMM alone on the pairs of `index`, segments padded to its alignment."""
+    from fp8linear.backends import deepgemm_grouped
+    from fp8linear.moe import route
+
+    r = route(index, E, "contiguous", align=deepgemm_grouped.CONTIGUOUS_ALIGN)
+    q, s = quantize_for_gemm(torch.randn(r.rows, K, device="cuda", dtype=torch.bfloat16), 128, torch.float8_e4m3fn,
+                             False, deepgemm_grouped.SCALE_LAYOUT, 1)
+    prepared = deepgemm_grouped.prepare_grouped_weight(*weight)
+    return bench_linear.bench_us(
+        lambda: deepgemm_grouped.grouped_gemm_contiguous(q, s, prepared, r.m_indices, torch.bfloat16), rep_ms=rep_ms)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", choices=[s for s in SHAPES if s != "tiny"],
@@ -73,12 +96,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     ap.add_argument("--rep-ms", type=float, default=20.0)
     ap.add_argument("--out", help="write the rows here (JSON)")
+    ap.add_argument("--deepgemm", action="store_true", help="also time DeepGEMM's contiguous grouped GEMM alone")
     args = ap.parse_args()
     dtype = torch.float8_e4m3fn
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| shape | T | GEMM | rows/expert | built-in tiles | us | best tiles | us | gain |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    dg_why = deepgemm_reason() if args.deepgemm else "not asked (--deepgemm)"
+    if args.deepgemm and dg_why:
+        print(f"DeepGEMM skipped: {dg_why}")
+    print("| shape | T | GEMM | rows/expert | built-in tiles | us | best tiles | us | gain | DeepGEMM contiguous us |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for shape in args.shape:
         E, k, H, I = SHAPES[shape]
         gemms = {"gate_up": (2 * I, H, "gather"), "down": (H, I, "scatter")}
@@ -113,11 +140,13 @@ def main() -> None:
                     t = bench_linear.bench_us(lambda: run(cfg), rep_ms=args.rep_ms)
                     if t < t_best:
                         best, t_best = cfg, t
+                t_dg = None if dg_why else deepgemm_us(index, E, K, weights[name], args.rep_ms)
                 short = "{BLOCK_M}x{BLOCK_N} g{GROUP_M} w{num_warps} s{num_stages}"
                 print(f"| {shape} | {T} | {name} | {per_expert} | {short.format(**builtin)} | {t_builtin:.1f} | "
-                      f"{short.format(**best)} | {t_best:.1f} | {t_builtin / t_best:.2f}x |", flush=True)
+                      f"{short.format(**best)} | {t_best:.1f} | {t_builtin / t_best:.2f}x | "
+                      f"{'-' if t_dg is None else f'{t_dg:.1f}'} |", flush=True)
                 rows.append(dict(shape=shape, T=T, gemm=name, rows_per_expert=per_expert, builtin=builtin,
-                                 builtin_us=t_builtin, best=best, best_us=t_best))
+                                 builtin_us=t_builtin, best=best, best_us=t_best, deepgemm_us=t_dg))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
