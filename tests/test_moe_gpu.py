@@ -263,7 +263,7 @@ def test_pairwise_forward_equals_the_sorted_one(kernels_built, w_dtype, T):
     the same tiles per row, the same combine arithmetic (no fused multiply-add where the combine has none)."""
     from fp8linear.moe_combine import combine_slots
 
-    E, H, I, k = 128, 2048, 768, 8  # Qwen3-30B-A3B's experts
+    E, H, I, k = 16, 2048, 768, 8  # Qwen3-30B-A3B's expert shape and top-8 (fewer experts: built on the CPU)
     experts = _experts(E, H, I, "triton", "indexed")
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     index, weights = _routing(T, E, k)
