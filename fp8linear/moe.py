@@ -27,10 +27,11 @@ the indexed layout, where the backends serve it (triton on a GPU, reference on a
     out[t] = sum_j y[t, j] * top_k_weights[t, j], then x's dtype            fp8linear.moe_combine
 
 No copy of the activations, no host synchronisation: the same launches at every T, so CUDA graphs
-capture any size. Up to PAIRWISE_MAX_PAIRS pairs (a decode step of a few tokens), backends that serve
-it (backends.PairwiseGroupedBackend: triton) skip the sort and run each pair through its expert, with the
-combine inside the down GEMM: four launches instead of six, the same bits. The contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the
-grouped layout first and scatter the outputs after (below).
+capture any size. Up to the backends' PAIRWISE_MAX_PAIRS pairs (a decode step of a few tokens), backends
+that serve it (backends.PairwiseGroupedBackend: triton) skip the sort and run each pair through its
+expert, with the combine inside the down GEMM: four launches instead of six, the same bits. The
+contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the grouped layout first and
+scatter the outputs after (below).
 
 The combine is what transformers' default experts forward ("grouped_mm") computes: each product in the
 promoted dtype of y and the routing weights (x's dtype for Qwen's routers, fp32 for DeepSeek-V3's), then
@@ -576,6 +577,13 @@ class FP8Experts(nn.Module):
         y = self._outputs(hidden_states, top_k_index)  # [T, k, H]
         return combine_slots(y, top_k_weights, hidden_states.dtype)  # transformers' combine, one pass
 
+    def _quantize_tokens(self, x: torch.Tensor, layout: ScaleLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's row of x [T, H] quantized once per 1x128 group, H padded with zero columns to whole
+        groups (as FP8Linear pads): (q [T, Hp], scales in `layout`)."""
+        Hp = padded_k(self.hidden_size)
+        x2d = x if Hp == self.hidden_size else torch.nn.functional.pad(x, (0, Hp - self.hidden_size))
+        return quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, layout, 1)
+
     def _pairwise_backends(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                            ) -> "tuple[types.ModuleType, types.ModuleType] | None":
         """(gate_up's, down's) backend where this forward runs pairwise (module docstring), else None."""
@@ -593,9 +601,7 @@ class FP8Experts(nn.Module):
         if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
             with torch.cuda.device(x.device):
                 return self._pairwise_forward(x, top_k_index, top_k_weights, b13, b2)
-        Hp = padded_k(self.hidden_size)
-        x2d = x if Hp == self.hidden_size else torch.nn.functional.pad(x, (0, Hp - self.hidden_size))
-        q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, b13.SCALE_LAYOUT, 1)
+        q_x, s_x = self._quantize_tokens(x, b13.SCALE_LAYOUT)
         h = b13.grouped_gemm_pairwise(q_x, s_x, self._prepared_for("gate_up_proj", b13), top_k_index, "tokens",
                                       x.dtype)
         q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
@@ -624,10 +630,9 @@ class FP8Experts(nn.Module):
         grouping = self.grouping_for(T, device)
         b13, b2 = self.backends_for(grouping, device)
         Hp = padded_k(H)
-        x2d = x if Hp == H else torch.nn.functional.pad(x, (0, Hp - H))  # zero columns (as FP8Linear)
         if grouping == "indexed":
             pairs = sort_pairs(top_k_index, E)
-            q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, b13.SCALE_LAYOUT, 1)
+            q_x, s_x = self._quantize_tokens(x, b13.SCALE_LAYOUT)
             h = b13.grouped_gemm_indexed(q_x, s_x, self._prepared_for("gate_up_proj", b13), pairs, "gather", x.dtype)
             q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
             y = b2.grouped_gemm_indexed(q2, s2, self._prepared_for("down_proj", b2), pairs, "scatter", x.dtype)
@@ -646,7 +651,7 @@ class FP8Experts(nn.Module):
             r = route(top_k_index, E, grouping, masked_rows=masked_rows)
 
         # Quantize each token once (row scales), then gather its bytes into the grouped layout.
-        q_x, s_x = quantize_for_gemm(x2d.contiguous(), BLOCK, self.dtype, self.scale_ue8m0, ScaleLayout.ROW, 1)
+        q_x, s_x = self._quantize_tokens(x, ScaleLayout.ROW)
         dest_w, token_w = r.dest[:r.writes], r.token[:r.writes]
         G1 = Hp // BLOCK
         if grouping == "contiguous":

@@ -81,6 +81,7 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype
     if not _interpret():
         launch["enable_fp_fusion"] = False
     sy, sw = y.stride(), weights.stride()
-    _kernel(_interpret())[(T, -(-H // BLOCK_H))](y, weights, out, H, k, sy[0], sy[1], sy[2], sw[0], sw[1], H, 1, **launch)
+    _kernel(_interpret())[(T, -(-H // BLOCK_H))](
+        y, weights, out, H, k, sy[0], sy[1], sy[2], sw[0], sw[1], H, 1, **launch)
     return out
 

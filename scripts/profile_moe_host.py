@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: profile_linear, bench_moe
 
-from bench_moe import SHAPES, bf16_grouped_fn, fp8_modules, hf_fn, hf_implementations, make_experts, make_routing  # noqa: E402
+from bench_moe import (SHAPES, bf16_grouped_fn, fp8_modules, hf_fn, hf_implementations,  # noqa: E402
+                       make_experts, make_routing)
 from profile_linear import host_profile, host_us  # noqa: E402
 
 

@@ -7,8 +7,8 @@ pre-quantized operands with uniform top-k routing: gate_up (rows="gather", N = 2
 band T * k / E falls in, and under the built-in tiles (`triton_grouped.config_for`). At every point a
 candidate's output must equal the built-in tiles' bit for bit (the K loop's order is the same; only the
 tiling differs), else it is refused there: tiles below 64 rows multiply with mma.sync and larger ones
-with wgmma, which round differently, so candidates of another band than the built-in tiles' are refused. Timing: bench_linear.bench_us (do_bench medians, L2
-flushed). Prints, per point, the built-in tiles' time and the best candidate's, and writes the rows as
+with wgmma, which round differently, so candidates of another band than the built-in tiles' are refused.
+Timing: bench_linear.bench_us (do_bench medians, L2 flushed). Prints, per point, the built-in tiles' time and the best candidate's, and writes the rows as
 JSON with --out: the evidence behind `triton_grouped._CONFIGS`. With --deepgemm, DeepGEMM's contiguous
 grouped GEMM is timed beside at each point on the same pairs (each expert's segment padded to its 128
 rows, random operands: the GEMM alone, without the gathers FP8Experts would need around it).

@@ -25,6 +25,11 @@ happens, so CUDA graphs capture every layout.
            GROUP_M consecutive tiles (those of one expert, mostly) across every column block before the
            next GROUP_M, so an expert's weight columns are read about once and the rows stay in L2.
 
+pairwise (decode sizes, backends.PairwiseGroupedBackend; a second kernel): no sort; one program per
+    (token, slot) pair and column block (rows="tokens" or "pairs"), or per token and column block with
+    its k pairs and their combine (combine_weights: fp8linear.moe_combine's arithmetic). Each pair is a
+    tile of the sorted layout's shape at that size holding one real row, so its row has the same bits.
+
 Rows past a tile's end are masked on load and store: other experts' rows and -1 rows are never written
 (their output is unspecified, as the protocol allows). Pointer offsets are 64-bit (E * N * K passes 2^31
 at DeepSeek-V3's 256 experts of 4096 x 7168).
@@ -378,7 +383,6 @@ def grouped_gemm_indexed(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torch
 #: inside the down GEMM; two launches fewer, which is what an eager step of a few tokens is bound by).
 #: Beyond, pairs of one expert share its weight tiles only in the sorted layout.
 PAIRWISE_MAX_PAIRS = 32
-_PAIRWISE_TILES = _CONFIGS[0][1]  # the tiles of the sorted layout at these sizes: the same bits per row
 
 
 def _unit_inner_stride(t: torch.Tensor) -> torch.Tensor:
@@ -412,7 +416,7 @@ def grouped_gemm_pairwise(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torc
     q, s = _unit_inner_stride(q), _unit_inner_stride(s)
     weight, weight_scale_inv = _unit_inner_stride(weight), _unit_inner_stride(weight_scale_inv)
     rw = combine_weights if combine else top_k_index
-    cfg = _PAIRWISE_TILES
+    cfg = config_for(-(-(T * k) // E), N, K, weight.dtype)  # the sorted layout's tiles here: the same bits per row
     sq, ss, sw, sws, si, sr = q.stride(), s.stride(), weight.stride(), weight_scale_inv.stride(), \
         top_k_index.stride(), rw.stride()
     _pairwise_kernel(_interpret())[(units, -(-N // cfg["BLOCK_N"]))](
