@@ -60,6 +60,7 @@ module expert by expert with `load_expert_`, never holding a bf16 copy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -275,6 +276,14 @@ def route(top_k_index: torch.Tensor, E: int, grouping: str, align: int = 1,
     dest = torch.where(valid_sorted, expert * max_m + rank, E * max_m + rank.clamp(max=max_m - 1))
     return Routing(perm, token, valid_sorted, dest, S, grouping, max_m, None, counts[:E].to(torch.int32),
                    expected_m)
+
+
+def _on_device_of(x: torch.Tensor) -> "contextlib.AbstractContextManager":
+    """x's CUDA device made current where it is not (our kernels and DeepGEMM launch on the current device;
+    a model split over GPUs calls each layer with another current); nothing to do otherwise."""
+    if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _pairwise_max_pairs(b13: types.ModuleType, b2: types.ModuleType) -> int:
@@ -598,15 +607,14 @@ class FP8Experts(nn.Module):
 
     def _pairwise_forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                           b13: types.ModuleType, b2: types.ModuleType) -> torch.Tensor:
-        if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return self._pairwise_forward(x, top_k_index, top_k_weights, b13, b2)
-        q_x, s_x = self._quantize_tokens(x, b13.SCALE_LAYOUT)
-        h = b13.grouped_gemm_pairwise(q_x, s_x, self._prepared_for("gate_up_proj", b13), top_k_index, "tokens",
-                                      x.dtype)
-        q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
-        return b2.grouped_gemm_pairwise(q2, s2, self._prepared_for("down_proj", b2), top_k_index, "pairs", x.dtype,
-                                        combine_weights=top_k_weights)
+        with _on_device_of(x):
+            q_x, s_x = self._quantize_tokens(x, b13.SCALE_LAYOUT)
+            h = b13.grouped_gemm_pairwise(q_x, s_x, self._prepared_for("gate_up_proj", b13), top_k_index, "tokens",
+                                          x.dtype)
+            q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT,
+                                        scale_ue8m0=self.scale_ue8m0)
+            return b2.grouped_gemm_pairwise(q2, s2, self._prepared_for("down_proj", b2), top_k_index, "pairs",
+                                            x.dtype, combine_weights=top_k_weights)
 
     def expert_outputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """[T, k, H] in hidden_states' dtype: expert index[t, j] applied to token t, before the routing weights
@@ -618,10 +626,8 @@ class FP8Experts(nn.Module):
         T, k = top_k_index.shape
         if T == 0 or k == 0:
             return x.new_zeros((T, k, self.hidden_size))
-        if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
-            with torch.cuda.device(x.device):
-                return self._expert_outputs(x, top_k_index)
-        return self._expert_outputs(x, top_k_index)
+        with _on_device_of(x):
+            return self._expert_outputs(x, top_k_index)
 
     def _expert_outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         T, k = top_k_index.shape
@@ -629,7 +635,6 @@ class FP8Experts(nn.Module):
         device = x.device
         grouping = self.grouping_for(T, device)
         b13, b2 = self.backends_for(grouping, device)
-        Hp = padded_k(H)
         if grouping == "indexed":
             pairs = sort_pairs(top_k_index, E)
             q_x, s_x = self._quantize_tokens(x, b13.SCALE_LAYOUT)
@@ -653,6 +658,7 @@ class FP8Experts(nn.Module):
         # Quantize each token once (row scales), then gather its bytes into the grouped layout.
         q_x, s_x = self._quantize_tokens(x, ScaleLayout.ROW)
         dest_w, token_w = r.dest[:r.writes], r.token[:r.writes]
+        Hp = q_x.shape[1]
         G1 = Hp // BLOCK
         if grouping == "contiguous":
             q = torch.empty((r.rows, Hp), dtype=self.dtype, device=device)

@@ -59,7 +59,7 @@ def _check(y: torch.Tensor, weights: torch.Tensor) -> None:
         raise ValueError(f"weights must be a float tensor [T, k] = {list(y.shape[:2])} (y's first two dims); got "
                          f"{getattr(weights, 'dtype', type(weights).__name__)} {list(getattr(weights, 'shape', []))}")
     if weights.device != y.device:
-        raise ValueError(f"weights is on {weights.device}, y on {y.device}")
+        raise ValueError(f"weights is on {weights.device} but y on {y.device}; both must be on one device")
 
 
 def combine_slots(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

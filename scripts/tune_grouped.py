@@ -69,10 +69,8 @@ def experts(E: int, N: int, K: int, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 
 def deepgemm_reason() -> "str | None":
-    from fp8linear.backends import deepgemm_grouped
-
-    return deepgemm_grouped.grouped_unsupported_reason(8, 256, 256, torch.float8_e4m3fn, torch.device("cuda"),
-                                                       "contiguous")
+    return backends.grouped_unsupported_reason("deepgemm", 8, 256, 256, torch.float8_e4m3fn, torch.device("cuda"),
+                                               "contiguous")
 
 
 def deepgemm_us(index: torch.Tensor, E: int, K: int, weight: tuple[torch.Tensor, torch.Tensor],

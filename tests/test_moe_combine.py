@@ -118,6 +118,7 @@ def test_edge_shapes(path, T, k, H):
     (torch.randint(0, 5, (3, 4, 8)), torch.rand(3, 4), "y must be a float tensor"),
     (torch.randn(3, 4, 8), torch.rand(3, 2), "weights must be a float tensor \\[T, k\\] = \\[3, 4\\]"),
     (torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.int64), "weights must be a float tensor"),
+    (torch.randn(3, 4, 8), torch.rand(3, 4, device="meta"), "weights is on meta but y on cpu; both must be on one"),
 ])
 def test_bad_input_names_the_argument(y, w, what):
     with pytest.raises(ValueError, match=what):

@@ -416,7 +416,7 @@ def grouped_gemm_pairwise(q: torch.Tensor, s: torch.Tensor, prepared: tuple[torc
     q, s = _unit_inner_stride(q), _unit_inner_stride(s)
     weight, weight_scale_inv = _unit_inner_stride(weight), _unit_inner_stride(weight_scale_inv)
     rw = combine_weights if combine else top_k_index
-    cfg = config_for(-(-(T * k) // E), N, K, weight.dtype)  # the sorted layout's tiles here: the same bits per row
+    cfg = _config(None, -(-(T * k) // E), weight)  # grouped_gemm_indexed's tiles here: the same bits per row
     sq, ss, sw, sws, si, sr = q.stride(), s.stride(), weight.stride(), weight_scale_inv.stride(), \
         top_k_index.stride(), rw.stride()
     _pairwise_kernel(_interpret())[(units, -(-N // cfg["BLOCK_N"]))](
