@@ -50,7 +50,9 @@ hf-bf16, quant % <= 10 at 4096 tokens.
 --e2e: a Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM of --layers layers (random weights), bf16 and then
 after fp8linear.quantize_model: weight memory, one prefill of --prefill tokens, and decode tokens/s of a
 one-token step captured as a CUDA graph and replayed (fp8linear.decode.GraphDecoder, as bench_e2e.py's
-graphs-manual mode); on a CPU a tiny model, eager steps.
+graphs-manual mode); on a CPU a tiny model, eager steps. On a GPU the prefill also reports the host time
+to issue it: an eager prefill whose issuing takes nearly its whole wall time is bound by the host (Python,
+dispatch, launches), and its FP8-vs-bf16 ratio then follows the host CPU, not the GPU.
 
     python scripts/bench_moe.py --quick --cuda-graph                  # ~2-3 min on an H100
     python scripts/bench_moe.py --cuda-graph --out bench-moe.md       # the whole grid (+ .json beside)
@@ -101,6 +103,7 @@ BATCHED_MM_MAX_BYTES = 8 << 30
 #: the same quantized weights; bf16 ones against the fp32 math of the bf16 weights.
 BOUNDS = {"fp8": ("fp8-reference", 0.03), "bf16": ("exact", 0.02)}
 TARGETS = {"prefill": 1.5, "decode": 1.3, "quant_pct": 10.0}
+HOST_BOUND = 0.9  # an e2e prefill whose issuing takes this share of its wall time is bound by the host
 LOG = logging.getLogger("bench_moe")
 
 
@@ -330,6 +333,19 @@ def cpu_us(fn, rep_ms: float) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def issue_ms(fn, n: int = 5) -> float:
+    """Median milliseconds the host takes to issue fn's work (the GPU idle before, no synchronize inside
+    the timing). Near fn's timed wall time, fn is bound by its Python and launches, not by the GPU."""
+    times = []
+    for _ in range(n + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times[1:]) * 1e3
 
 
 def time_all(fns: dict, rounds: int, rep_ms: float, device, salt) -> dict:
@@ -591,6 +607,8 @@ def run_e2e(args, device, log) -> dict:
 
         try:
             res["prefill_ms"] = time_all({"p": forward}, 1, args.rep_ms * 4, device, ("e2e", label))["p"] / 1e3
+            if device.type == "cuda":
+                res["prefill_issue_ms"] = issue_ms(forward)
         except Exception as exc:  # noqa: BLE001
             res["prefill_error"] = f"{type(exc).__name__}: {exc}"
         use_graph = device.type == "cuda"
@@ -624,12 +642,20 @@ def format_e2e(res: dict, layers: int) -> str:
 
     rows = [("weights MiB", "weights_mib", ratio("weights_mib")),
             ("prefill ms", "prefill_ms", ratio("prefill_ms", invert=True)),
+            ("prefill host ms (issuing it)", "prefill_issue_ms", "-"),
             (f"decode tok/s ({b.get('decode_mode', '-')})", "decode_tok_s", ratio("decode_tok_s"))]
     lines = [f"end to end: {res['model']}, {layers} layers, random weights",
              "| metric | bf16 | fp8 | fp8 vs bf16 |", "| --- | --- | --- | --- |"]
     for name, key, r in rows:
+        if key == "prefill_issue_ms" and key not in b and key not in f:
+            continue  # timed on a GPU only
         lines.append(f"| {name} | {_fmt(b.get(key), '.2f', b.get(key.split('_')[0] + '_error', '-'))} | "
                      f"{_fmt(f.get(key), '.2f', f.get(key.split('_')[0] + '_error', '-'))} | {r} |")
+    for label, r in (("bf16", b), ("fp8", f)):
+        if r.get("prefill_issue_ms", 0) >= HOST_BOUND * r.get("prefill_ms", math.inf):
+            lines.append(f"{label}'s prefill is bound by the host: issuing it takes {r['prefill_issue_ms']:.2f} ms "
+                         f"against {r['prefill_ms']:.2f} ms of wall time, so its time follows the host CPU more "
+                         "than the GPU.")
     return "\n".join(lines)
 
 

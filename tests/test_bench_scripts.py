@@ -285,6 +285,23 @@ def test_bench_moe_cpu_e2e(tmp_path):
     assert "| weights MiB |" in text and "| decode tok/s (eager steps) |" in text
 
 
+def test_bench_moe_e2e_names_a_host_bound_prefill():
+    """The e2e table says which prefill is bound by the host (issuing it takes >= 90% of its wall time) and
+    only that one; without a host timing (a CPU run) it has no such row."""
+    bench_moe = importlib.import_module("bench_moe")
+    res = {"model": "m", "bf16": {"weights_mib": 10.0, "prefill_ms": 9.4, "prefill_issue_ms": 7.4},
+           "fp8": {"weights_mib": 6.0, "prefill_ms": 9.3, "prefill_issue_ms": 9.2}}
+    text = bench_moe.format_e2e(res, 4)
+    assert "| prefill host ms (issuing it) | 7.40 | 9.20 | - |" in text
+    assert "fp8's prefill is bound by the host: issuing it takes 9.20 ms against 9.30 ms of wall time" in text
+    assert "bf16's prefill is bound" not in text
+    for r in res.values():
+        if isinstance(r, dict):
+            r.pop("prefill_issue_ms")
+    text = bench_moe.format_e2e(res, 4)
+    assert "host" not in text and "| prefill ms | 9.40 | 9.30 | 1.01x |" in text
+
+
 @pytest.mark.parametrize("argv,message", [(["--device", "cpu", "--shape", "deepseek-v3"], "runs --shape tiny only"),
                                           (["--device", "cpu", "--tokens", "0"], "--tokens must be >= 1")])
 def test_bench_moe_rejects_bad_arguments(argv, message, capsys):
