@@ -30,8 +30,8 @@ No copy of the activations, no host synchronisation: the same launches at every 
 capture any size. Up to the backends' PAIRWISE_MAX_PAIRS pairs (a decode step of a few tokens), backends
 that serve it (backends.PairwiseGroupedBackend: triton) skip the sort and run each pair through its
 expert, with the combine inside the down GEMM: four launches instead of six, the same bits. The
-contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the grouped layout first and
-scatter the outputs after (below).
+contiguous and masked layouts (DeepGEMM's) gather the quantized rows into the grouped layout first
+(below).
 
 The combine is what transformers' default experts forward ("grouped_mm") computes: each product in the
 promoted dtype of y and the routing weights (x's dtype for Qwen's routers, fp32 for DeepSeek-V3's), then
@@ -47,9 +47,14 @@ Grouped layouts (fp8linear.backends.GroupedBackend):
 - masked (decode, CUDA graphs): [E, max_m, K] with masked_m[e] valid rows per expert, max_m from T
   alone, so nothing is read on the host. It holds what top-k routing guarantees, at most T pairs per
   expert (a token naming each expert once); more raise, checked on the device with torch._assert_async.
-`grouping="auto"` takes indexed where both backends serve it; else contiguous where it needs no
-synchronisation, else masked while a CUDA graph is being captured or for T <= MASKED_MAX_TOKENS tokens
-(decode sizes), contiguous beyond.
+`grouping="auto"` takes indexed where both backends serve it, except for large prefills where DeepGEMM
+serves the contiguous layout (DEEPGEMM_MIN_ROWS_PER_EXPERT, DEEPGEMM_MIN_PAIR_MACS; never under CUDA-graph
+capture or torch.compile): there its GEMMs are faster than ours by more than the gather and the one host
+read cost. Where indexed is not
+served: contiguous where it needs no synchronisation, else masked while a CUDA graph is being captured
+or for T <= MASKED_MAX_TOKENS tokens (decode sizes), contiguous beyond. The contiguous and masked layouts
+copy each pair's quantized row into place with one gather, and the combine reads each pair's output row
+where the down GEMM wrote it (fp8linear.moe_combine's `rows`).
 
 Slots whose expert index is outside [0, E) (transformers' expert-parallel sentinel) contribute zero.
 The state dict is the published per-expert layout (`{e}.gate_proj.weight`, `.weight_scale_inv`,
@@ -95,6 +100,14 @@ LEAVES = ("weight", "weight_scale_inv")
 BLOCK = 128
 #: `grouping="auto"` takes the masked layout up to this many tokens when contiguous would synchronise.
 MASKED_MAX_TOKENS = 64
+#: `grouping="auto"` runs DeepGEMM's contiguous GEMMs rather than the indexed layout where DeepGEMM serves
+#: both GEMMs and a forward has at least this many pairs per expert (below, DeepGEMM's GEMMs alone are no
+#: faster than ours) and at least DEEPGEMM_MIN_PAIR_MACS = pairs * H * I (the gathers and the host read of
+#: the row count must be paid back). On the H100 this takes DeepSeek-V3's experts from 8192 tokens and
+#: Qwen3-30B-A3B's at 16384, where DeepGEMM's layer was faster; not at the sizes below, where it was slower
+#: (docs/runs/2026-12-06-moe-e2e-prefill.md).
+DEEPGEMM_MIN_ROWS_PER_EXPERT = 256
+DEEPGEMM_MIN_PAIR_MACS = 1.5e11
 GROUPINGS = ("auto", *backends.GROUPINGS)
 
 _EXPERT_KEY = re.compile(r"(?:(.*)\.)?(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv|weight_scale)")
@@ -534,19 +547,29 @@ class FP8Experts(nn.Module):
             raise backends.BackendUnsupportedError(pair)
         return pair
 
-    def grouping_for(self, T: int, device: torch.device) -> str:
-        """The layout a forward of T tokens on `device` runs in (module docstring)."""
+    def grouping_for(self, T: int, device: torch.device, k: int = 1) -> str:
+        """The layout a forward of T tokens with k slots each (top-k) on `device` runs in (module docstring)."""
         if self.grouping != "auto":
             return self.grouping
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         try:
             self.backends_for("indexed", device)
-            return "indexed"
         except backends.BackendUnsupportedError:
             pass
+        else:
+            S = T * k
+            if (S >= DEEPGEMM_MIN_ROWS_PER_EXPERT * self.num_experts
+                    and S * self.hidden_size * self.intermediate_size >= DEEPGEMM_MIN_PAIR_MACS
+                    and not capturing and not torch.compiler.is_compiling()):
+                try:
+                    if all(b.NAME == "deepgemm" for b in self.backends_for("contiguous", device)):
+                        return "contiguous"
+                except backends.BackendUnsupportedError:
+                    pass
+            return "indexed"
         b13, b2 = self.backends_for("contiguous", device)
         if max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN) == 1:
             return "contiguous"
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         return "masked" if capturing or T <= MASKED_MAX_TOKENS else "contiguous"
 
     # -- the hot path ----------------------------------------------------------------------------------
@@ -583,8 +606,8 @@ class FP8Experts(nn.Module):
         pairwise = self._pairwise_backends(hidden_states, top_k_index, top_k_weights)
         if pairwise is not None:
             return self._pairwise_forward(hidden_states, top_k_index, top_k_weights, *pairwise)
-        y = self._outputs(hidden_states, top_k_index)  # [T, k, H]
-        return combine_slots(y, top_k_weights, hidden_states.dtype)  # transformers' combine, one pass
+        y, rows = self._outputs(hidden_states, top_k_index)
+        return combine_slots(y, top_k_weights, hidden_states.dtype, rows=rows)  # transformers' combine, one pass
 
     def _quantize_tokens(self, x: torch.Tensor, layout: ScaleLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's row of x [T, H] quantized once per 1x128 group, H padded with zero columns to whole
@@ -597,7 +620,7 @@ class FP8Experts(nn.Module):
                            ) -> "tuple[types.ModuleType, types.ModuleType] | None":
         """(gate_up's, down's) backend where this forward runs pairwise (module docstring), else None."""
         T, k = top_k_index.shape
-        if T * k == 0 or self.grouping_for(T, x.device) != "indexed":
+        if T * k == 0 or self.grouping_for(T, x.device, k) != "indexed":
             return None
         b13, b2 = self.backends_for("indexed", x.device)
         if T * k > _pairwise_max_pairs(b13, b2):
@@ -620,20 +643,26 @@ class FP8Experts(nn.Module):
         """[T, k, H] in hidden_states' dtype: expert index[t, j] applied to token t, before the routing weights
         (zeros where the index names no expert in [0, E))."""
         self._check_inputs(hidden_states, top_k_index, None)
-        return self._outputs(hidden_states, top_k_index)
+        y, rows = self._outputs(hidden_states, top_k_index)
+        if rows is None:
+            return y
+        return y[rows.clamp(min=0)].masked_fill((rows < 0).unsqueeze(-1), 0)
 
-    def _outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor | None]":
+        """(y [T, k, H], None) in pair order, or (y [R, H], rows [T, k]): the grouped layout's output rows
+        and each pair's row in them, -1 where the pair names no expert (moe_combine reads them in place)."""
         T, k = top_k_index.shape
         if T == 0 or k == 0:
-            return x.new_zeros((T, k, self.hidden_size))
+            return x.new_zeros((T, k, self.hidden_size)), None
         with _on_device_of(x):
             return self._expert_outputs(x, top_k_index)
 
-    def _expert_outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+    def _expert_outputs(self, x: torch.Tensor, top_k_index: torch.Tensor
+                        ) -> "tuple[torch.Tensor, torch.Tensor | None]":
         T, k = top_k_index.shape
         E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
         device = x.device
-        grouping = self.grouping_for(T, device)
+        grouping = self.grouping_for(T, device, k)
         b13, b2 = self.backends_for(grouping, device)
         if grouping == "indexed":
             pairs = sort_pairs(top_k_index, E)
@@ -641,11 +670,11 @@ class FP8Experts(nn.Module):
             h = b13.grouped_gemm_indexed(q_x, s_x, self._prepared_for("gate_up_proj", b13), pairs, "gather", x.dtype)
             q2, s2 = silu_and_mul_quant(h, BLOCK, self.dtype, scale_layout=b2.SCALE_LAYOUT, scale_ue8m0=self.scale_ue8m0)
             y = b2.grouped_gemm_indexed(q2, s2, self._prepared_for("down_proj", b2), pairs, "scatter", x.dtype)
-            return y.view(T, k, H)
+            return y.view(T, k, H), None
         if grouping == "contiguous":
             r = route(top_k_index, E, grouping, align=max(b13.CONTIGUOUS_ALIGN, b2.CONTIGUOUS_ALIGN))
             if r.rows == 0:  # aligned segments of no pair: every index names no expert
-                return x.new_zeros((T, k, H))
+                return x.new_zeros((T, k, H)), None
         else:
             def masked_rows(m: int) -> int:  # rows both backends accept (a fixed point of both roundings)
                 while True:
@@ -655,22 +684,23 @@ class FP8Experts(nn.Module):
                     m = n
             r = route(top_k_index, E, grouping, masked_rows=masked_rows)
 
-        # Quantize each token once (row scales), then gather its bytes into the grouped layout.
+        # Quantize each token once (row scales), then copy its bytes into the grouped layout.
         q_x, s_x = self._quantize_tokens(x, ScaleLayout.ROW)
         dest_w, token_w = r.dest[:r.writes], r.token[:r.writes]
         Hp = q_x.shape[1]
         G1 = Hp // BLOCK
-        if grouping == "contiguous":
-            q = torch.empty((r.rows, Hp), dtype=self.dtype, device=device)
-            s = empty_scales((), r.rows, G1, b13.SCALE_LAYOUT, device)
-            s[dest_w] = s_x[token_w]
+        if grouping == "contiguous":  # one gather per tensor; padding rows copy token 0, their outputs unread
+            row_token = torch.zeros(r.rows, dtype=torch.int64, device=device)
+            row_token[dest_w] = token_w
+            q = q_x.view(torch.uint8).index_select(0, row_token).view(self.dtype)
+            s = empty_scales((), r.rows, G1, b13.SCALE_LAYOUT, device).copy_(s_x.index_select(0, row_token))
         else:
             max_m = r.rows
             q = torch.empty(((E + 1) * max_m, Hp), dtype=self.dtype, device=device)  # group E: scratch
             s3 = empty_scales((E + 1,), max_m, G1, b13.SCALE_LAYOUT, device)
             s3[torch.div(dest_w, max_m, rounding_mode="floor"), dest_w % max_m] = s_x[token_w]
             s = s3[:E]
-        q.view(torch.uint8)[dest_w] = q_x.view(torch.uint8)[token_w]
+            q.view(torch.uint8)[dest_w] = q_x.view(torch.uint8)[token_w]
 
         # gate_up, then SiLU-and-mul fused into the quantization of the down GEMM's input.
         G2 = I // BLOCK
@@ -691,13 +721,10 @@ class FP8Experts(nn.Module):
                 s2 = empty_scales((E,), max_m, G2, b2.SCALE_LAYOUT, device).copy_(s2.view(E, max_m, G2))
             y = b2.grouped_gemm_masked(q2, s2, self._prepared_for("down_proj", b2), r.masked_m, r.expected_m, x.dtype)
 
-        # Back to (token, slot) order; pairs naming no expert get zeros.
-        y = y.reshape(-1, H)
-        rows = y[torch.where(r.valid, r.dest, torch.zeros_like(r.dest))]  # [S, H], sorted order
-        rows = torch.where(r.valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=device))
-        out = torch.empty_like(rows)
-        out[r.perm] = rows
-        return out.view(T, k, H)
+        # Each pair's output row, -1 where it names no expert: the combine reads y where it lies.
+        rows = torch.empty(T * k, dtype=torch.int64, device=device)
+        rows[r.perm] = torch.where(r.valid, r.dest, torch.full_like(r.dest, -1))
+        return y.reshape(-1, H), rows.view(T, k)
 
     # -- the published per-expert state dict -------------------------------------------------------------
     @staticmethod

@@ -157,20 +157,20 @@ def fp8_modules(experts, names: list[str], groupings: list[str]) -> tuple[dict, 
     return mods, base
 
 
-def fp8_unsupported(mod, T: int, device) -> "str | None":
+def fp8_unsupported(mod, T: int, k: int, device) -> "str | None":
     """Why this FP8Experts cannot run T tokens on `device` (the BackendUnsupportedError's message, which holds
     fp8linear.backends.grouped_unsupported_reason), or None."""
     from fp8linear import backends
 
     try:
-        mod.backends_for(mod.grouping_for(T, device), device)
+        mod.backends_for(mod.grouping_for(T, device, k), device)
     except backends.BackendUnsupportedError as exc:
         return str(exc)
     return None
 
 
-def fp8_pick(mod, T: int, device) -> str:
-    grouping = mod.grouping_for(T, device)
+def fp8_pick(mod, T: int, k: int, device) -> str:
+    grouping = mod.grouping_for(T, device, k)
     b13, b2 = mod.backends_for(grouping, device)
     return f"{grouping}: {b13.NAME}/{b2.NAME}"
 
@@ -291,7 +291,7 @@ def quant_fn(mod, x, T: int, k: int, device):
     from fp8linear.ops import quantize_for_gemm
 
     try:
-        layout = mod.backends_for(mod.grouping_for(T, device), device)[1].SCALE_LAYOUT
+        layout = mod.backends_for(mod.grouping_for(T, device, k), device)[1].SCALE_LAYOUT
     except Exception:  # noqa: BLE001 - the row layout stands in
         layout = ScaleLayout.ROW
     h = torch.randn(T * k, 2 * mod.intermediate_size, device=device, dtype=torch.bfloat16)
@@ -318,7 +318,7 @@ def exact_output(experts, x, idx, w) -> torch.Tensor:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
+    a, b = a.detach().float(), b.detach().float()  # transformers' experts hold parameters that want gradients
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
@@ -381,12 +381,12 @@ def run_point(shape: str, routing: str, T: int, experts, mods: dict, oracle, pee
     idx, w = make_routing(T, E, k, routing, device, seed=T + 1)
     fns, notes = {}, {}
     for name, mod in mods.items():
-        why = fp8_unsupported(mod, T, device)
+        why = fp8_unsupported(mod, T, k, device)
         if why is not None:
             notes[name] = f"skipped: {why}"
             continue
         fns[name] = (lambda m: lambda: m(x, idx, w))(mod)
-        notes[name] = fp8_pick(mod, T, device)
+        notes[name] = fp8_pick(mod, T, k, device)
     if not args.no_hf:
         for impl in hf_implementations(experts):
             if impl == "batched_mm" and T * k * 3 * H * I * 2 > BATCHED_MM_MAX_BYTES:

@@ -8,6 +8,8 @@ to bf16) or, for accuracy, with cosine similarity against the dequantized weight
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -311,6 +313,58 @@ def test_auto_grouping_without_an_indexed_layout_takes_contiguous(monkeypatch):
     assert asked.count("indexed") == 1  # gate_up's refusal, cached with its reason
     with pytest.raises(BackendUnsupportedError, match="no indexed layout here"):
         fresh.backends_for("indexed", x.device)
+
+
+def test_padded_contiguous_layout_equals_the_indexed_one(monkeypatch):
+    """Segments padded to 8 rows (DeepGEMM pads to 128): the padding rows are computed and never read, the
+    combine reads each pair's row where it lies, and slots naming no expert still contribute zero. Within
+    bf16 rounding, not bit for bit: the reference's fp32 GEMM goes through BLAS, whose order of the sum
+    depends on a segment's row count, which the padding changes."""
+    experts = FP8Experts.from_experts(make_experts(E=6, H=300, dtype=torch.bfloat16))
+    x = torch.randn(11, 300, dtype=torch.bfloat16)
+    index, weights = random_routing(11, 6, 3)
+    index[index == 2] = 4  # an expert with no pair
+    index[3, 1], index[7, 0] = -1, 6  # slots naming no expert
+    expected_slots, expected = experts.expert_outputs(x, index), experts(x, index, weights)
+    monkeypatch.setattr(backends.get_grouped("reference"), "CONTIGUOUS_ALIGN", 8)
+    padded = FP8Experts.from_experts(make_experts(E=6, H=300, dtype=torch.bfloat16), grouping="contiguous")
+    padded.load_state_dict(experts.state_dict())
+    r = route(index, 6, "contiguous", align=8)
+    assert r.rows % 8 == 0 and r.rows > 11 * 3  # each segment padded: padding rows exist
+    x_before = x.clone()
+    slots = padded.expert_outputs(x, index)
+    assert not slots[3, 1].any() and not slots[7, 0].any()
+    torch.testing.assert_close(slots, expected_slots, rtol=2**-7, atol=1e-4)
+    torch.testing.assert_close(padded(x, index, weights), expected, rtol=2**-7, atol=2e-3)  # a sum of 3: cancellation
+    assert torch.equal(x, x_before)
+
+
+def test_auto_runs_deepgemms_contiguous_gemms_for_large_prefills(monkeypatch):
+    """Where an indexed backend and DeepGEMM's contiguous GEMMs both serve, auto takes DeepGEMM's contiguous
+    layout once a forward has DEEPGEMM_MIN_ROWS_PER_EXPERT pairs per expert and DEEPGEMM_MIN_PAIR_MACS
+    (pairs * H * I), whichever binds; the indexed one below; never where a backend other than DeepGEMM
+    would run the contiguous layout (a CPU's reference) or a layout was asked for."""
+    from fp8linear import moe as moe_module
+
+    experts = FP8Experts.from_experts(make_experts(E=4))
+    cpu, H, I = torch.device("cpu"), experts.hidden_size, experts.intermediate_size
+    monkeypatch.setattr(moe_module, "DEEPGEMM_MIN_ROWS_PER_EXPERT", 10)  # 40 pairs over 4 experts
+    monkeypatch.setattr(moe_module, "DEEPGEMM_MIN_PAIR_MACS", 100 * H * I)  # 100 pairs
+    assert experts.grouping_for(10**6, cpu, 8) == "indexed"  # the reference serves the contiguous layout
+    fake_deepgemm = types.SimpleNamespace(NAME="deepgemm", CONTIGUOUS_ALIGN=128)
+    real = experts.backends_for
+
+    def backends_for(grouping, device):
+        return (fake_deepgemm, fake_deepgemm) if grouping == "contiguous" else real(grouping, device)
+
+    monkeypatch.setattr(experts, "backends_for", backends_for)
+    assert [experts.grouping_for(T, cpu, 2) for T in (1, 49, 50, 4000)] == ["indexed", "indexed", "contiguous",
+                                                                            "contiguous"]
+    assert [experts.grouping_for(T, cpu) for T in (99, 100)] == ["indexed", "contiguous"]  # k defaults to 1
+    monkeypatch.setattr(moe_module, "DEEPGEMM_MIN_PAIR_MACS", 1)
+    assert [experts.grouping_for(T, cpu, 2) for T in (19, 20)] == ["indexed", "contiguous"]  # rows bind
+    experts.grouping = "indexed"
+    assert experts.grouping_for(4000, cpu, 2) == "indexed"
 
 
 @pytest.mark.parametrize("name", backends.GROUPED_NAMES[1:])

@@ -123,3 +123,59 @@ def test_edge_shapes(path, T, k, H):
 def test_bad_input_names_the_argument(y, w, what):
     with pytest.raises(ValueError, match=what):
         combine_slots(y, w, BF16)
+
+
+# -- rows: slots read from a grouped layout [R, H] ------------------------------------------------------------
+
+def _grouped(y: torch.Tensor, missing: torch.Tensor, rows_dtype, seed: int):
+    """y [T, k, H] scattered to random distinct rows of a [R, H] layout whose other rows are NaN (a slot
+    that read one would show), slots in `missing` pointing at no row (-1)."""
+    T, k, H = y.shape
+    g = torch.Generator().manual_seed(seed)
+    R = 2 * T * k + 3
+    rows = torch.randperm(R, generator=g)[:T * k].view(T, k)
+    rows = torch.where(missing, torch.full_like(rows, -1), rows).to(rows_dtype)
+    layout = torch.full((R, H), float("nan"), dtype=y.dtype)
+    layout[rows[~missing].long()] = y[~missing]
+    return layout, rows
+
+
+@pytest.mark.parametrize("dtypes", [d for d in DTYPES if BF16 not in d[:2]], ids=[i for i, d in zip(IDS, DTYPES)
+                                                                                    if BF16 not in d[:2]])
+@pytest.mark.parametrize("rows_dtype", [torch.int32, torch.int64])
+def test_rows_read_the_grouped_layout(path, dtypes, rows_dtype):
+    y_dtype, w_dtype, out_dtype = dtypes
+    y, w = _inputs(6, 8, 300, y_dtype, w_dtype, seed=11)
+    missing = torch.rand(6, 8, generator=torch.Generator().manual_seed(12)) < 0.25
+    missing[0] = True  # a token with no expert at all
+    layout, rows = _grouped(y, missing, rows_dtype, seed=13)
+    expected = _slot_order_numpy(y.masked_fill(missing.unsqueeze(-1), 0), w, out_dtype)
+    before = (layout.clone(), rows.clone())
+    assert torch.equal(combine_slots(layout, w, out_dtype, rows=rows), expected)
+    assert torch.equal(layout.nan_to_num(7.0), before[0].nan_to_num(7.0)) and torch.equal(rows, before[1])
+
+
+def test_rows_in_bf16_equal_the_pair_order_combine(path):
+    y, w = _inputs(5, 8, 1100, BF16, BF16, seed=21)
+    missing = torch.zeros(5, 8, dtype=torch.bool)
+    missing[2, 3] = True
+    layout, rows = _grouped(y, missing, torch.int64, seed=22)
+    assert torch.equal(combine_slots(layout, w, BF16, rows=rows),
+                       combine_slots(y.masked_fill(missing.unsqueeze(-1), 0), w, BF16))
+
+
+def test_rows_naming_no_row_of_an_empty_layout(path):
+    w = torch.rand(3, 2)
+    out = combine_slots(torch.empty(0, 260), w, BF16, rows=torch.full((3, 2), -1))
+    assert out.shape == (3, 260) and not out.any()
+
+
+@pytest.mark.parametrize("rows,what,error", [
+    (torch.zeros(3, 4), "rows must be an int32 or int64 tensor \\[T, k\\]", ValueError),
+    (torch.zeros(12, dtype=torch.int64), "rows must be an int32 or int64 tensor", ValueError),
+    (torch.zeros(3, 2, dtype=torch.int64), "weights must be a float tensor \\[T, k\\] = \\[3, 2\\] \\(rows'", ValueError),
+    (torch.full((3, 4), 9), "rows names a row past y's first dimension", RuntimeError),
+])
+def test_bad_rows_name_the_argument(path, rows, what, error):
+    with pytest.raises(error, match=what):
+        combine_slots(torch.randn(9, 16), torch.rand(3, 4), BF16, rows=rows)

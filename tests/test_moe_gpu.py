@@ -176,6 +176,33 @@ def test_fp8experts_on_gpu_backends_match_the_reference(kernels_built, name, gro
     assert err < 2e-2, f"{name} {grouping} T={T}: relative error {err.item()}"
 
 
+def test_auto_prefill_runs_deepgemms_contiguous_gemms(kernels_built, monkeypatch):
+    """A large prefill (here made large by lowering the bar: 256 pairs per expert, any size) runs DeepGEMM's
+    contiguous GEMMs under auto (padded segments, the combine reading rows in place); the layer agrees with
+    the reference and slots naming no expert add nothing."""
+    from fp8linear import moe
+
+    E, H, I, k = 12, 1024, 512, 4
+    _skip_unless_serves("deepgemm", E, 2 * I, H, FP8, "contiguous")
+    monkeypatch.setattr(moe, "DEEPGEMM_MIN_ROWS_PER_EXPERT", 256)
+    monkeypatch.setattr(moe, "DEEPGEMM_MIN_PAIR_MACS", 0)
+    T = 1000  # 4000 pairs, 333 per expert
+    experts = _experts(E, H, I, "auto", "auto")
+    reference = _experts(E, H, I, "reference", "auto")
+    assert experts.grouping_for(T, torch.device("cuda"), k) == "contiguous"
+    assert experts.grouping_for(700, torch.device("cuda"), k) == "indexed"
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    index, weights = _routing(T, E, k)
+    index[5, 2] = -1
+    index[9] = E  # a token naming no expert at all
+    y, expected = experts(x, index, weights), reference(x, index, weights)
+    err = (y.float() - expected.float()).norm() / expected.float().norm()
+    assert err < 2e-2, f"relative error {err.item()}"
+    assert not y[9].any()
+    slots = experts.expert_outputs(x, index)
+    assert not slots[5, 2].any() and slots[5, 1].any()
+
+
 @pytest.mark.parametrize("name,grouping", [("triton", "masked"), ("deepgemm", "masked"), ("triton", "indexed")])
 @pytest.mark.parametrize("T", [1, 4, 16, 300])
 def test_decode_under_cuda_graph_equals_eager(kernels_built, name, grouping, T):
