@@ -50,11 +50,11 @@ Grouped layouts (fp8linear.backends.GroupedBackend):
 `grouping="auto"` takes indexed where both backends serve it, except for large prefills where DeepGEMM
 serves the contiguous layout (DEEPGEMM_MIN_ROWS_PER_EXPERT, DEEPGEMM_MIN_PAIR_MACS; never under CUDA-graph
 capture or torch.compile): there its GEMMs are faster than ours by more than the gather and the one host
-read cost. Where indexed is not
-served: contiguous where it needs no synchronisation, else masked while a CUDA graph is being captured
-or for T <= MASKED_MAX_TOKENS tokens (decode sizes), contiguous beyond. The contiguous and masked layouts
-copy each pair's quantized row into place with one gather, and the combine reads each pair's output row
-where the down GEMM wrote it (fp8linear.moe_combine's `rows`).
+read cost. Where indexed is not served: contiguous where it needs no synchronisation, else masked while a
+CUDA graph is being captured or for T <= MASKED_MAX_TOKENS tokens (decode sizes), contiguous beyond.
+The contiguous layout gathers each row's quantized token in one pass per tensor (the masked one
+scatters the pairs' rows into place); in both the combine reads each pair's output row where the down
+GEMM wrote it (fp8linear.moe_combine's `rows`).
 
 Slots whose expert index is outside [0, E) (transformers' expert-parallel sentinel) contribute zero.
 The state dict is the published per-expert layout (`{e}.gate_proj.weight`, `.weight_scale_inv`,
@@ -105,7 +105,7 @@ MASKED_MAX_TOKENS = 64
 #: faster than ours) and at least DEEPGEMM_MIN_PAIR_MACS = pairs * H * I (the gathers and the host read of
 #: the row count must be paid back). On the H100 this takes DeepSeek-V3's experts from 8192 tokens and
 #: Qwen3-30B-A3B's at 16384, where DeepGEMM's layer was faster; not at the sizes below, where it was slower
-#: (docs/runs/2026-12-06-moe-e2e-prefill.md).
+#: (docs/runs/2026-12-06-moe-deepgemm-prefill-h100.md).
 DEEPGEMM_MIN_ROWS_PER_EXPERT = 256
 DEEPGEMM_MIN_PAIR_MACS = 1.5e11
 GROUPINGS = ("auto", *backends.GROUPINGS)

@@ -60,12 +60,12 @@ def _kernel(interpret: bool):
 
 
 def _check(y: torch.Tensor, weights: torch.Tensor, rows: "torch.Tensor | None") -> None:
-    want = "[R, H]" if rows is not None else "[T, k, H]"
-    if not isinstance(y, torch.Tensor) or y.dim() != len(want.split(",")) or not y.is_floating_point():
+    want, dims = ("[R, H]", 2) if rows is not None else ("[T, k, H]", 3)
+    if not isinstance(y, torch.Tensor) or y.dim() != dims or not y.is_floating_point():
         raise ValueError(f"y must be a float tensor {want}; got "
                          f"{getattr(y, 'dtype', type(y).__name__)} {list(getattr(y, 'shape', []))}")
     if rows is not None:
-        if (not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64)):
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"rows must be an int32 or int64 tensor [T, k]; got "
                              f"{getattr(rows, 'dtype', type(rows).__name__)} {list(getattr(rows, 'shape', []))}")
         if rows.device != y.device:
@@ -84,7 +84,8 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype
     """y [T, k, H] (expert outputs per (token, slot)), weights [T, k] (routing weights) -> [T, H] in
     out_dtype: sum_j y[t, j] * weights[t, j], as transformers combines (module docstring). With rows
     [T, k] (int32 or int64), y is [R, H] and slot (t, j) reads y[rows[t, j]], zeros where that is below
-    zero; a row >= R raises (on a GPU asynchronously, as a device-side assert). Any strides; no input is modified."""
+    zero; a row >= R raises (on a GPU asynchronously, as a device-side assert). Any strides; no input is
+    modified."""
     _check(y, weights, rows)
     P = torch.promote_types(y.dtype, weights.dtype)
     T, k = weights.shape

@@ -173,7 +173,8 @@ def test_rows_naming_no_row_of_an_empty_layout(path):
 @pytest.mark.parametrize("rows,what,error", [
     (torch.zeros(3, 4), "rows must be an int32 or int64 tensor \\[T, k\\]", ValueError),
     (torch.zeros(12, dtype=torch.int64), "rows must be an int32 or int64 tensor", ValueError),
-    (torch.zeros(3, 2, dtype=torch.int64), "weights must be a float tensor \\[T, k\\] = \\[3, 2\\] \\(rows'", ValueError),
+    (torch.zeros(3, 2, dtype=torch.int64), "weights must be a float tensor \\[T, k\\] = \\[3, 2\\] \\(rows'",
+     ValueError),
     (torch.full((3, 4), 9), "rows names a row past y's first dimension", RuntimeError),
 ])
 def test_bad_rows_name_the_argument(path, rows, what, error):
