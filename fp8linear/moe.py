@@ -82,7 +82,7 @@ from .config import FP8Config, dtype_short_str
 from .fused import silu_and_mul_quant
 from .layouts import ScaleLayout, empty_scales
 from .mlp import is_silu
-from .moe_combine import combine_slots
+from .moe_combine import combine_slots, slots_at_rows
 from .moe_routing import sort_pairs
 from .ops import quantize_for_gemm
 from .weights import dequantize_weight_blockwise, quantize_weight_blockwise
@@ -644,9 +644,7 @@ class FP8Experts(nn.Module):
         (zeros where the index names no expert in [0, E))."""
         self._check_inputs(hidden_states, top_k_index, None)
         y, rows = self._outputs(hidden_states, top_k_index)
-        if rows is None:
-            return y
-        return y[rows.clamp(min=0)].masked_fill((rows < 0).unsqueeze(-1), 0)
+        return y if rows is None else slots_at_rows(y, rows)
 
     def _outputs(self, x: torch.Tensor, top_k_index: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor | None]":
         """(y [T, k, H], None) in pair order, or (y [R, H], rows [T, k]): the grouped layout's output rows

@@ -79,6 +79,15 @@ def _check(y: torch.Tensor, weights: torch.Tensor, rows: "torch.Tensor | None") 
         raise ValueError(f"weights is on {weights.device} but y on {y.device}; both must be on one device")
 
 
+def slots_at_rows(y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """y [R, H] read at rows [T, k] -> [T, k, H], zeros where a row is below zero: the [T, k, H] that
+    `combine_slots(y, weights, out_dtype, rows=rows)` combines."""
+    T, k = rows.shape
+    if y.shape[0] == 0:  # every row below zero (combine_slots checks that before it gets here)
+        return y.new_zeros((T, k, y.shape[-1]))
+    return y[rows.clamp(min=0)].masked_fill((rows < 0).unsqueeze(-1), 0)
+
+
 def combine_slots(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype,
                   rows: "torch.Tensor | None" = None) -> torch.Tensor:
     """y [T, k, H] (expert outputs per (token, slot)), weights [T, k] (routing weights) -> [T, H] in
@@ -96,8 +105,7 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype
                   and y.dtype in (torch.float32, torch.bfloat16, torch.float16))
     if not use_kernel or T == 0 or H == 0:
         if rows is not None:
-            missing = (rows < 0).unsqueeze(-1)
-            y = y[rows.clamp(min=0)].masked_fill(missing, 0) if y.shape[0] else y.new_zeros((T, k, H))
+            y = slots_at_rows(y, rows)
         acc = torch.zeros((T, H), dtype=torch.float32, device=y.device)
         for j in range(k):
             acc += (y[:, j] * weights[:, j, None]).float()  # the product rounded to P by torch's multiply
